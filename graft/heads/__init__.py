@@ -1,0 +1,91 @@
+"""The four head families behind one small registry.
+
+Every family implements the same two faces:
+- training: `hidden(bb, trunk, final, ids)` -> K per-head representations (B, T, d), and
+  `logits(bb, k, h)` -> vocabulary logits, so losses can be computed in vocabulary chunks;
+- decoding: `new_state`, `commit` (feed the backbone states of newly accepted positions) and
+  `draft` (logits for the next K tokens after the last accepted one).
+
+Head k (0-based) at position i predicts token i+k+2: the backbone itself predicts i+1.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..config import GraftError, HeadSpec
+
+
+class Heads(nn.Module):
+    family = ""
+    parallel = True  # heads draft independently of each other's choices -> tree drafting works
+
+    def __init__(self, spec: HeadSpec, bb):
+        super().__init__()
+        self.spec = spec
+        self.num_heads = spec.num_heads
+
+    def hidden(self, bb, trunk, final, ids) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def logits(self, bb, k: int, h: torch.Tensor) -> torch.Tensor:
+        """Default: the backbone's shared final norm and unembedding."""
+        return bb.lm_head(bb.norm(h.to(bb.dtype))).float()
+
+    def new_state(self, bb, max_len: int) -> dict:
+        return {}
+
+    def commit(self, bb, state, trunk, final, next_tokens, start: int) -> None:
+        """Positions start..start+a-1 are accepted; trunk/final: (1, a, d); next_tokens: (1, a)."""
+        state["final"] = final[:, -1:]
+
+    def draft(self, bb, state, pick) -> list[torch.Tensor]:
+        """Logits (V,) for the K tokens after the last accepted one. `pick(k, logits) -> token id`
+        chooses draft k; chained families feed it forward, parallel families may ignore it."""
+        raise NotImplementedError
+
+
+def copy_last_layer(bb, init: str) -> nn.Module:
+    """A trainable full-precision layer of the backbone's own architecture.
+
+    init="copy" copies the backbone's last decoder layer (dequantizing 4-bit weights);
+    init="random" draws it with the backbone's own initializer.
+    """
+    from ..backbone import dense_weight
+
+    src = bb.layers[-1]
+    layer = type(src)(bb.config, len(bb.layers) - 1)
+    if init == "random":
+        layer.apply(bb.hf._init_weights)
+    else:
+        src_modules = dict(src.named_modules())
+        with torch.no_grad():
+            for name, mod in layer.named_modules():
+                own = dict(mod.named_parameters(recurse=False))
+                if "weight" in own:
+                    mod.weight.copy_(dense_weight(src_modules[name]).view_as(mod.weight))
+                if "bias" in own:
+                    mod.bias.copy_(src_modules[name].bias.detach().float())
+    return layer.float().train().requires_grad_(True)
+
+
+def rms_eps(bb) -> float:
+    return float(getattr(bb.config, "rms_norm_eps", None) or getattr(bb.config, "layer_norm_epsilon", 1e-6))
+
+
+def build_heads(spec: HeadSpec, bb) -> Heads:
+    from .blockwise import BlockwiseHeads
+    from .deepseek_mtp import DeepSeekMTPHeads
+    from .medusa import MedusaHeads
+    from .meta_mtp import MetaMTPHeads
+
+    registry = {c.family: c for c in (BlockwiseHeads, MedusaHeads, MetaMTPHeads, DeepSeekMTPHeads)}
+    if spec.family not in registry:
+        raise GraftError(f"unknown head family {spec.family!r}: choose one of {', '.join(registry)}")
+    heads = registry[spec.family](spec, bb)
+    return heads.to(bb.device)
+
+
+__all__ = ["Heads", "build_heads", "copy_last_layer", "rms_eps", "copy"]

@@ -1,0 +1,127 @@
+"""DeepSeek-V3 multi-token prediction modules (DeepSeek-V3 technical report, section 2.2).
+
+A causal chain of K modules. Module k (1-based) at position i takes the previous depth's hidden
+state h^{k-1}_i (h^0: the backbone's final hidden state) and the embedding of token t_{i+k},
+normalises both with RMSNorm, concatenates them, projects 2d -> d, runs one transformer layer
+and predicts t_{i+k+1} through the backbone's shared final norm and unembedding. Embedding and
+head are the backbone's, shared, never copied.
+
+Decoding keeps each module's KV cache for the positions whose inputs are all real tokens
+(module k: positions up to N-k when tokens t_0..t_N are known) and recomputes the short
+draft-dependent tail (k-1 positions) at every step, so drafting sees exactly what training saw.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..modeling import KVCache, additive_mask, causal_allowed
+from . import Heads, copy_last_layer, rms_eps
+
+
+class MTPModule(nn.Module):
+    def __init__(self, spec, bb):
+        super().__init__()
+        d = bb.hidden_size
+        self.norm_h = nn.RMSNorm(d, eps=rms_eps(bb))
+        self.norm_e = nn.RMSNorm(d, eps=rms_eps(bb))
+        self.proj = nn.Linear(2 * d, d, bias=False)
+        with torch.no_grad():  # start from [I | 0]: the module first sees the normalised hidden state
+            self.proj.weight.zero_()
+            self.proj.weight[:, :d].copy_(torch.eye(d))
+        self.layers = nn.ModuleList(copy_last_layer(bb, spec.init) for _ in range(spec.head_layers))
+
+    def forward(self, bb, h, e, positions, cache=None, cache_base=0, start=0, mask=None):
+        x = self.proj(torch.cat([self.norm_h(h), self.norm_e(e)], dim=-1))  # (B, T, 2d) -> (B, T, d)
+        rope = bb.rope(x, positions)
+        for j, layer in enumerate(self.layers):
+            x = bb.layer_fn(layer, x, rope, cache=cache, cache_layer=cache_base + j, start=start, mask=mask)
+        return x
+
+
+class DeepSeekMTPHeads(Heads):
+    family = "deepseek-mtp"
+    parallel = False
+
+    def __init__(self, spec, bb):
+        super().__init__(spec, bb)
+        self.modules_ = nn.ModuleList(MTPModule(spec, bb) for _ in range(spec.num_heads))
+
+    @property
+    def _dtype(self):
+        return self.modules_[0].proj.weight.dtype
+
+    def _emb(self, bb, ids):
+        return bb.embed_tokens(ids).to(self._dtype)
+
+    def hidden(self, bb, trunk, final, ids):
+        B, T = ids.shape
+        positions = torch.arange(T, device=ids.device).expand(B, T)
+        h, out = final.to(self._dtype), []
+        for k, module in enumerate(self.modules_, start=1):
+            # token t_{i+k} at position i; the last k positions have no such token (and no target)
+            shifted = torch.cat([ids[:, k:], ids[:, -1:].expand(B, min(k, T))], dim=1)[:, :T]
+            h = module(bb, h, self._emb(bb, shifted), positions)
+            out.append(h)
+        return out
+
+    def new_state(self, bb, max_len):
+        L = self.spec.head_layers
+        d = bb.hidden_size
+        return {
+            "cache": KVCache(self.num_heads * L, 1, bb.n_kv_heads, bb.head_dim, max_len, self._dtype, bb.device),
+            # H[k][j]: depth-k hidden state at position j (H[0] = backbone final); tokens: t_0..t_N
+            "H": torch.zeros(self.num_heads + 1, max_len, d, dtype=self._dtype, device=bb.device),
+            "tokens": torch.zeros(max_len + 1, dtype=torch.long, device=bb.device),
+            "n": 0,  # number of backbone positions with known hidden state; tokens known: n + 1
+            "done": [0] * (self.num_heads + 1),  # committed positions per depth
+        }
+
+    def commit(self, bb, state, trunk, final, next_tokens, start):
+        a = final.shape[1]
+        H, tokens = state["H"], state["tokens"]
+        H[0, start:start + a] = final[0].to(self._dtype)
+        tokens[start + 1:start + a + 1] = next_tokens[0]
+        state["n"] = n = start + a
+        state["done"][0] = n
+        L = self.spec.head_layers
+        for k, module in enumerate(self.modules_, start=1):
+            lo, hi = state["done"][k], min(n - k + 1, state["done"][k - 1])  # positions lo..hi-1
+            if hi <= lo:
+                continue
+            pos = torch.arange(lo, hi, device=bb.device)
+            mask = additive_mask(causal_allowed(hi - lo, lo, bb.device), self._dtype)
+            h = module(bb, H[k - 1, lo:hi][None], self._emb(bb, tokens[lo + k:hi + k][None]), pos[None],
+                       state["cache"], (k - 1) * L, lo, mask)
+            H[k, lo:hi] = h[0]
+            state["done"][k] = hi
+
+    def draft(self, bb, state, pick):
+        """Module k's draft for t_{N+k}: positions N-k+1..N-1 run on drafted tokens, uncommitted."""
+        H, tokens, n = state["H"], state["tokens"], state["n"]
+        L = self.spec.head_layers
+        logits, drafts = [], []
+        prev = None  # depth k-1 hidden states on the draft tail, positions n-k+1..n-1
+        for k, module in enumerate(self.modules_, start=1):
+            lo = state["done"][k]  # first uncommitted position of depth k (n - k + 1 once warmed up)
+            if lo >= n:
+                h_last = H[k, n - 1]
+                cur = H[k, n - 1:n][None]
+            else:
+                # inputs: depth k-1 states for lo..n-1 (committed ones from H, the tail from prev)
+                n_prev_committed = state["done"][k - 1] - lo
+                parts = [H[k - 1, lo:lo + n_prev_committed][None]]
+                if prev is not None and n - (lo + n_prev_committed) > 0:
+                    parts.append(prev[:, prev.shape[1] - (n - lo - n_prev_committed):])
+                hin = torch.cat(parts, dim=1)
+                toks = torch.cat([tokens[lo + k:n + 1], torch.tensor(drafts, dtype=torch.long, device=bb.device)])
+                toks = toks[-(n - lo):]
+                pos = torch.arange(lo, n, device=bb.device)
+                mask = additive_mask(causal_allowed(n - lo, lo, bb.device), self._dtype)
+                cur = module(bb, hin, self._emb(bb, toks[None]), pos[None], state["cache"], (k - 1) * L, lo, mask)
+                h_last = cur[0, -1]
+            lg = self.logits(bb, k - 1, h_last)
+            logits.append(lg)
+            drafts.append(int(pick(k - 1, lg)))
+            prev = cur
+        return logits

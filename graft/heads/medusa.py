@@ -1,0 +1,60 @@
+"""Medusa heads (Cai et al. 2024, section 2.1.1).
+
+Per head: L residual blocks x + SiLU(W x + b) on the backbone's last hidden state, then the
+head's own LM head, initialised from the backbone's (or the backbone's itself with
+shared_lm_head). W and b start at zero (Medusa zeroes only W, which leaves SiLU(b) != 0), so a
+fresh head reproduces the backbone's next-token prediction exactly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import Heads
+
+
+class ResBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.linear = nn.Linear(d, d)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return x + self.act(self.linear(x))
+
+
+class MedusaHeads(Heads):
+    family = "medusa"
+
+    def __init__(self, spec, bb):
+        from ..backbone import dense_weight
+
+        super().__init__(spec, bb)
+        d, V = bb.hidden_size, bb.vocab_size
+        # Each block is built separately: `[ResBlock(d)] * L` would share one module's weights.
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*[ResBlock(d) for _ in range(spec.head_layers)]) for _ in range(spec.num_heads)
+        )
+        if spec.shared_lm_head:
+            self.lm_heads = None
+        else:
+            w = dense_weight(bb.lm_head)
+            self.lm_heads = nn.ModuleList(nn.Linear(d, V, bias=False) for _ in range(spec.num_heads))
+            with torch.no_grad():
+                for lin in self.lm_heads:
+                    lin.weight.copy_(w)
+
+    def hidden(self, bb, trunk, final, ids):
+        normed = bb.norm(final).float()
+        return [blocks(normed) for blocks in self.blocks]
+
+    def logits(self, bb, k, h):
+        if self.lm_heads is None:
+            return bb.lm_head(h.to(bb.dtype)).float()
+        return self.lm_heads[k](h.to(self.lm_heads[k].weight.dtype)).float()
+
+    def draft(self, bb, state, pick):
+        normed = bb.norm(state["final"][0, -1]).to(self.blocks[0][0].linear.weight.dtype)
+        return [self.logits(bb, k, blocks(normed)) for k, blocks in enumerate(self.blocks)]

@@ -1,0 +1,118 @@
+"""A functional decoder forward over a Hugging Face model's own modules.
+
+graft runs the backbone's layers itself, calling the layer's submodules (projections, norms,
+MLP) but owning the attention call, the KV cache and the mask. Two reasons: speculative
+verification needs a tree attention mask and in-place KV compaction, and the layer-call
+signatures of transformers change between releases (`past_key_values` in 5.17, `cache` in
+5.24), while the submodules do not. Quantized (bitsandbytes) and LoRA-wrapped (peft)
+projections are ordinary callables here, so they work unchanged.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+GPT2_LIKE = ("gpt2",)
+SUPPORTED = LLAMA_LIKE + GPT2_LIKE
+
+
+class KVCache:
+    """Preallocated keys and values for `n_layers` attention layers.
+
+    Tensors are (L, B, H_kv, S, D). The caller tracks how many positions are valid; `update`
+    writes new entries at `start` and returns every entry before `start + q`.
+    """
+
+    def __init__(self, n_layers, batch, n_kv_heads, head_dim, max_len, dtype, device):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} > {self.max_len}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def keep(self, start: int, offsets: torch.Tensor) -> None:
+        """Move entries at `start + offsets` to `start, start+1, ...` (accepted tree path)."""
+        n = offsets.numel()
+        src = start + offsets
+        self.k[:, :, :, start:start + n] = self.k[:, :, :, src]
+        self.v[:, :, :, start:start + n] = self.v[:, :, :, src]
+
+
+def additive_mask(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """(q, kv) boolean -> (1, 1, q, kv) additive float mask for scaled_dot_product_attention."""
+    m = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    m.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return m[None, None]
+
+
+def causal_allowed(q: int, start: int, device) -> torch.Tensor:
+    """Query i (at absolute position start+i) may see keys 0..start+i."""
+    rows = torch.arange(q, device=device)[:, None] + start
+    cols = torch.arange(start + q, device=device)[None, :]
+    return cols <= rows
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _sdpa(q, k, v, mask, scale, causal):
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: (B, H_kv, S, D) -> (B, H, S, D)
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None):
+    """One Llama-family decoder layer (Llama, Mistral, Qwen2, Qwen3). h: (B, T, d)."""
+    attn = layer.self_attn
+    B, T, _ = h.shape
+    x = layer.input_layernorm(h)
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(B, T, -1, hd)
+    k = attn.k_proj(x).view(B, T, -1, hd)
+    v = attn.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises queries and keys per head
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
+    cos, sin = rope
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    if cache is not None:
+        k, v = cache.update(cache_layer, start, k, v)
+    o = _sdpa(q, k, v, mask, attn.scaling, causal=mask is None and cache is None)
+    h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def gpt2_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None):
+    """One GPT-2 block. Positions enter GPT-2 through the input embedding, so `rope` is unused."""
+    attn = layer.attn
+    B, T, _ = h.shape
+    x = layer.ln_1(h)
+    q, k, v = attn.c_attn(x).split(attn.split_size, dim=2)
+    q, k, v = (t.view(B, T, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+    scale = 1.0 / math.sqrt(attn.head_dim) if attn.scale_attn_weights else 1.0
+    if attn.scale_attn_by_inverse_layer_idx:
+        scale /= float(attn.layer_idx + 1)
+    if cache is not None:
+        k, v = cache.update(cache_layer, start, k, v)
+    o = _sdpa(q, k, v, mask, scale, causal=mask is None and cache is None)
+    h = h + attn.c_proj(o.transpose(1, 2).reshape(B, T, -1))
+    return h + layer.mlp(layer.ln_2(h))
+
+
+LAYER_FNS = {**{t: llama_layer for t in LLAMA_LIKE}, **{t: gpt2_layer for t in GPT2_LIKE}}

@@ -1,0 +1,368 @@
+"""Self-speculative decoding: the heads draft, one backbone forward verifies, the longest
+agreeing prefix is kept, and the backbone's own next token after it is emitted as a bonus.
+
+- Greedy (temperature 0): parallel heads (blockwise, medusa, meta-mtp) propose a sparse tree of
+  top-k candidates (Medusa, section 2.1.2) verified in one forward with a tree attention mask;
+  deepseek-mtp drafts a chain through its modules. A draft is kept only where it equals the
+  backbone's argmax, so the output is the backbone's greedy output.
+- Sampling: a single chain, accepted by speculative rejection sampling (Leviathan et al. 2023,
+  Chen et al. 2023): keep draft x ~ q with probability min(1, p(x)/q(x)), else resample from
+  norm(max(0, p - q)). The output is distributed exactly as the backbone's samples.
+
+The KV cache is preallocated once; the prefix is never recomputed. After a tree step the
+accepted path's KV entries are compacted in place and the rest is overwritten later.
+"""
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import GraftError
+from .modeling import additive_mask, causal_allowed
+
+
+@dataclass
+class DecodeConfig:
+    """Options of `graft generate` and `GraftModel.generate`.
+
+    max_new_tokens: stop after this many new tokens.
+    temperature: 0 is greedy; > 0 samples (with top_p) by speculative rejection sampling.
+    top_p: nucleus sampling threshold, as in transformers.
+    seed: random seed for sampling.
+    tree: "auto" uses the calibrated tree for parallel heads at temperature 0, "chain" one path.
+    tree_size: nodes in the draft tree (0: the calibrated tree from graft.json, else a default).
+    draft: False runs graft's own loop without drafting (one token per forward): a baseline.
+    stop: strings that end generation once the generated text contains one.
+    eos: stop at the tokenizer's end-of-sequence token(s).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    tree: str = "auto"
+    tree_size: int = 0
+    draft: bool = True
+    stop: tuple = ()
+    eos: bool = True
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise GraftError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise GraftError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise GraftError("--max-new-tokens must be at least 1")
+        if self.tree not in ("auto", "chain"):
+            raise GraftError(f"--tree must be auto or chain, got {self.tree!r}")
+        if self.tree_size < 0:
+            raise GraftError("--tree-size must be >= 0")
+        self.stop = tuple(self.stop or ())
+
+
+@dataclass
+class Generation:
+    prompt_ids: list
+    ids: list  # new tokens only
+    text: str | None = None
+    steps: int = 0  # verification forwards (prefill excluded)
+    step_tokens: int = 0  # tokens produced by verification forwards
+    accepted: list = field(default_factory=list)  # per depth: drafts accepted
+    proposed: list = field(default_factory=list)  # per depth: steps in which depth was drafted
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stopped: str = ""  # eos, stop, length, context
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens per verification forward, bonus included (prefill excluded)."""
+        return self.step_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        t = self.prefill_s + self.decode_s
+        return len(self.ids) / t if t > 0 else 0.0
+
+    def acceptance(self) -> list:
+        return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)]
+
+
+def default_accuracies(num_heads: int, ranks: int = 8) -> list[list[float]]:
+    """A prior for untrained heads: head k's rank-r candidate is right with 0.6^(k+1) * 0.5^r."""
+    return [[0.6 ** (k + 1) * 0.5 ** r for r in range(ranks)] for k in range(num_heads)]
+
+
+def build_tree(acc: list[list[float]], size: int) -> list[list[int]]:
+    """The `size` draft paths of highest expected acceptance (Medusa, section 2.1.2).
+
+    acc[k][r]: the measured chance that head k's rank-r candidate is the backbone's token. A path
+    (r_1, ..., r_d) is worth prod_k acc[k][r_k]; children are never worth more than their parent,
+    so taking the best paths from a frontier keeps the tree prefix-closed.
+    """
+    heap = [(-acc[0][r], (r,)) for r in range(len(acc[0]))]
+    heapq.heapify(heap)
+    paths = []
+    while heap and len(paths) < size:
+        negv, path = heapq.heappop(heap)
+        paths.append(list(path))
+        d = len(path)
+        if d < len(acc):
+            for r in range(len(acc[d])):
+                heapq.heappush(heap, (negv * acc[d][r], path + (r,)))
+    return sorted(paths, key=lambda p: (len(p), p))
+
+
+class Tree:
+    """Static structure of a draft tree: node 0 is the root (the last known token)."""
+
+    def __init__(self, paths: list[list[int]], device):
+        paths = sorted((tuple(p) for p in paths), key=lambda p: (len(p), p))
+        index = {(): 0}
+        parent, depth, rank = [-1], [0], [0]
+        for p in paths:
+            if p[:-1] not in index:
+                raise GraftError(f"draft tree path {list(p)} has no parent path: the tree must be prefix-closed")
+            index[p] = len(parent)
+            parent.append(index[p[:-1]])
+            depth.append(len(p))
+            rank.append(p[-1])
+        n = len(parent)
+        anc = torch.zeros(n, n, dtype=torch.bool)
+        for i in range(n):
+            j = i
+            while j >= 0:
+                anc[i, j] = True
+                j = parent[j]
+        self.n = n
+        self.max_depth = max(depth)
+        self.max_rank = max(rank) + 1
+        self.parent = torch.tensor(parent[1:], device=device)  # for nodes 1..n-1
+        self.depth = torch.tensor(depth, device=device)
+        self.rank = torch.tensor(rank, device=device)
+        self.anc = anc.to(device)  # (n, n) ancestor-or-self
+
+
+def warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Logits -> the sampling distribution of transformers' temperature and top-p warpers."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(dim=-1)  # ascending, as TopPLogitsWarper
+        cum = sp.cumsum(dim=-1)
+        remove = cum <= (1 - top_p)
+        remove[..., -1] = False
+        probs = probs.scatter(-1, si, sp.masked_fill(remove, 0.0))
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def accept_sample(p: torch.Tensor, q: torch.Tensor, draft: int, gen) -> tuple[bool, int]:
+    """One speculative rejection-sampling decision. p, q: (V,) target and draft distributions.
+
+    Returns (accepted, token): the draft itself, or a token from norm(max(0, p - q)).
+    """
+    px, qx = p[draft].item(), q[draft].item()
+    u = torch.rand((), generator=gen, device=p.device).item()
+    if qx > 0 and u < min(1.0, px / qx):
+        return True, draft
+    residual = (p - q).clamp_min(0)
+    s = residual.sum()
+    if s.item() <= 0:  # p == q: any rejection is measure-zero; fall back to p itself
+        residual, s = p, p.sum()
+    return False, int(torch.multinomial(residual / s, 1, generator=gen).item())
+
+
+class SpeculativeDecoder:
+    def __init__(self, model):
+        self.model = model
+        self.bb = model.backbone
+        self.heads = model.heads
+
+    def _tree(self, cfg: DecodeConfig) -> Tree | None:
+        K = self.heads.num_heads
+        if not cfg.draft:
+            return None
+        chain = [[0] * d for d in range(1, K + 1)]
+        if cfg.temperature > 0 or cfg.tree == "chain" or not self.heads.parallel:
+            return Tree(chain, self.bb.device)
+        if cfg.tree_size == 0 and self.model.config.tree:
+            return Tree(self.model.config.tree, self.bb.device)
+        acc = (self.model.config.training or {}).get("rank_accuracy") or default_accuracies(K)
+        return Tree(build_tree(acc, cfg.tree_size or 24), self.bb.device)
+
+    def _eos_ids(self, cfg) -> set:
+        if not cfg.eos:
+            return set()
+        ids = set()
+        tok = self.bb.tokenizer
+        gc = getattr(self.bb.hf, "generation_config", None)
+        for src in (getattr(gc, "eos_token_id", None), getattr(tok, "eos_token_id", None) if tok else None):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src:
+                ids.update(src)
+        return ids
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids, cfg: DecodeConfig, on_tokens=None) -> Generation:
+        """Decode from `prompt_ids` (list or 1-D tensor). `on_tokens(list)` streams new tokens."""
+        bb, heads = self.bb, self.heads
+        dev = bb.device
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=dev).flatten()
+        P = ids.numel()
+        if P == 0:
+            raise GraftError("the prompt is empty: give some text")
+        ctx = bb.max_positions or (P + cfg.max_new_tokens + 1)
+        if P >= ctx:
+            raise GraftError(f"the prompt is {P} tokens, longer than the context window ({ctx}): shorten it")
+        max_new = min(cfg.max_new_tokens, ctx - P)
+        tree = self._tree(cfg)
+        K = heads.num_heads if tree is not None else 0
+        n_tree = tree.n if tree is not None else 1
+        max_len = P + max_new + n_tree + 1
+        gen = torch.Generator(device=dev)
+        if cfg.seed is not None:
+            gen.manual_seed(cfg.seed)
+        else:
+            gen.seed()
+        eos = self._eos_ids(cfg)
+        greedy = cfg.temperature == 0
+        out = Generation(prompt_ids=ids.tolist(), ids=[], accepted=[0] * K, proposed=[0] * K)
+
+        t0 = time.perf_counter()
+        cache = bb.new_cache(max_len)
+        state = heads.new_state(bb, max_len) if K else None
+        mask = additive_mask(causal_allowed(P, 0, dev), bb.dtype)
+        trunk, final = bb.forward(ids[None], torch.arange(P, device=dev)[None], cache, 0, mask)
+        first = self._choose(bb.logits(final[0, -1]), cfg, gen)
+        if K:
+            heads.commit(bb, state, trunk, final, torch.cat([ids[1:], ids.new_tensor([first])])[None], 0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        out.prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n = P  # positions in the cache; the last known token (not yet in the cache) is `last`
+        last = first
+        if self._emit(out, [first], eos, cfg, max_new, on_tokens):
+            out.decode_s = time.perf_counter() - t0
+            return self._finish(out)
+        while True:
+            if tree is None:
+                trunk, final = bb.forward(ids.new_tensor([[last]]), torch.tensor([[n]], device=dev), cache, n,
+                                          additive_mask(causal_allowed(1, n, dev), bb.dtype))
+                new = [self._choose(bb.logits(final[0, -1]), cfg, gen)]
+                path = torch.zeros(1, dtype=torch.long, device=dev)
+            else:
+                path, new = self._step(tree, cfg, gen, state, cache, n, last, out)
+                trunk, final = self._last_forward
+                trunk, final = trunk[:, path], final[:, path]
+            a = path.numel()
+            if K:
+                heads.commit(bb, state, trunk, final, torch.tensor([new], device=dev), n)
+            n += a
+            last = new[-1]
+            out.steps += 1
+            out.step_tokens += len(new)
+            if self._emit(out, new, eos, cfg, max_new, on_tokens):
+                break
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        out.decode_s = time.perf_counter() - t0
+        return self._finish(out)
+
+    def _finish(self, out):
+        if self.bb.tokenizer is not None:
+            out.text = self.bb.tokenizer.decode(out.ids, skip_special_tokens=True)
+        return out
+
+    def _choose(self, logits, cfg, gen) -> int:
+        if cfg.temperature == 0:
+            return int(logits.argmax().item())
+        return int(torch.multinomial(warp(logits, cfg.temperature, cfg.top_p), 1, generator=gen).item())
+
+    def _emit(self, out, new, eos, cfg, max_new, on_tokens) -> bool:
+        """Append new tokens, cutting exactly where plain decoding would stop. True when done."""
+        done = False
+        take = []
+        for t in new:
+            take.append(t)
+            if t in eos:
+                out.stopped, done = "eos", True
+                break
+            if len(out.ids) + len(take) >= max_new:
+                out.stopped, done = ("length" if max_new == cfg.max_new_tokens else "context"), True
+                break
+            if cfg.stop and self._hit_stop(out.ids + take, cfg.stop):
+                out.stopped, done = "stop", True
+                break
+        out.ids.extend(take)
+        if on_tokens and take:
+            on_tokens(take)
+        return done
+
+    def _hit_stop(self, ids, stops) -> bool:
+        tail = self.bb.tokenizer.decode(ids[-64:], skip_special_tokens=False)
+        return any(s in tail for s in stops)
+
+    def _step(self, tree: Tree, cfg, gen, state, cache, n, last, out):
+        """Draft, verify in one forward, accept. Returns (path node indices, new tokens)."""
+        bb, heads = self.bb, self.heads
+        dev = bb.device
+        greedy = cfg.temperature == 0
+        picked = []  # (token, q) per depth, for chains
+
+        def pick(k, logits):
+            if greedy:
+                tok = int(logits.argmax().item())
+                picked.append((tok, None))
+            else:
+                q = warp(logits, cfg.temperature, cfg.top_p)
+                tok = int(torch.multinomial(q, 1, generator=gen).item())
+                picked.append((tok, q))
+            return tok
+
+        head_logits = heads.draft(bb, state, pick)
+        if heads.parallel and not greedy:  # sampling: a chain drawn from each head's distribution
+            for k, lg in enumerate(head_logits):
+                pick(k, lg)
+        if heads.parallel and greedy:
+            # (K, R) top candidates per depth -> node tokens by (depth, rank)
+            top = torch.stack([lg.topk(tree.max_rank).indices for lg in head_logits[:tree.max_depth]])
+            node_tok = top[tree.depth[1:] - 1, tree.rank[1:]]
+        else:
+            node_tok = torch.tensor([t for t, _ in picked[:tree.n - 1]], device=dev)
+        tokens = torch.cat([node_tok.new_tensor([last]), node_tok])[None]  # (1, n)
+        positions = (n + tree.depth)[None]
+        allowed = torch.cat([torch.ones(tree.n, n, dtype=torch.bool, device=dev), tree.anc], dim=1)
+        trunk, final = bb.forward(tokens, positions, cache, n, additive_mask(allowed, bb.dtype))
+        self._last_forward = (trunk, final)
+        logits = bb.logits(final[0])  # (n, V)
+        for d in range(1, tree.max_depth + 1):
+            out.proposed[d - 1] += 1
+        if greedy:
+            target = logits.argmax(dim=-1)  # (n,)
+            ok = torch.ones(tree.n, dtype=torch.bool, device=dev)
+            ok[1:] = tokens[0, 1:] == target[tree.parent]
+            good = ~(tree.anc & ~ok[None, :]).any(dim=1)  # all ancestors-or-self match
+            best = int(torch.where(good, tree.depth, -1).argmax().item())
+            path = torch.nonzero(tree.anc[best], as_tuple=False).flatten()  # ascending = by depth
+            new = tokens[0, path[1:]].tolist() + [int(target[best].item())]
+        else:
+            new, a = [], 0
+            for d in range(tree.n - 1):  # chain: node d+1 holds draft d
+                p = warp(logits[d], cfg.temperature, cfg.top_p)
+                ok, tok = accept_sample(p, picked[d][1], picked[d][0], gen)
+                new.append(tok)
+                if not ok:
+                    break
+                a += 1
+            else:
+                new.append(self._choose(logits[tree.n - 1], cfg, gen))
+            path = torch.arange(a + 1, device=dev)
+        for d in range(len(new) - 1):
+            out.accepted[d] += 1
+        if path.numel() > 1 and not bool((path == torch.arange(path.numel(), device=dev)).all()):
+            cache.keep(n, path)
+        return path, new
