@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .config import BackboneIdentity, GraftError
+from .config import HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE, BackboneIdentity, GraftError
 from .modeling import LAYER_FNS, SUPPORTED, KVCache
 
 # Built-in aliases: name -> (python package that ships the file, file name inside it).
@@ -55,7 +55,7 @@ def _folder_fingerprint(path: str) -> str:
     with open(os.path.join(path, "config.json"), "rb") as f:
         h.update(f.read())
     for name in sorted(os.listdir(path)):
-        if name.endswith((".safetensors", ".bin", ".gguf")):
+        if name.endswith((".safetensors", ".bin", ".gguf")) and name not in (HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE):
             h.update(f"{name}:{os.path.getsize(os.path.join(path, name))}".encode())
     return h.hexdigest()
 

@@ -14,14 +14,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import GRAFT_VERSION, GraftConfig, GraftError, atomic_write_bytes, read_json, write_json
+from .config import GRAFT_VERSION, HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE, GraftConfig, GraftError, atomic_write_bytes, read_json, write_json
 
 CONFIG_NAME = "graft.json"
-HEADS_NAME = "heads.safetensors"
+HEADS_NAME = HEADS_FILE
 METRICS_NAME = "metrics.jsonl"
-TRAIN_STATE_NAME = "train_state.safetensors"
+TRAIN_STATE_NAME = TRAIN_STATE_FILE
 TRAIN_META_NAME = "train_state.json"
 HEADS_FORMAT = "graft-heads"
+LORA_NAME = LORA_FILE
 
 
 def prepare_out_dir(path: str, force: bool, what: str = "--out") -> None:
@@ -100,3 +101,99 @@ def load_heads_into(path: str, heads, config: GraftConfig) -> None:
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise GraftError(f"{file}: tensor {k} holds NaN or inf: {fix}")
     heads.load_state_dict(tensors, strict=True)
+
+
+def load_lora_into(path: str, model, lora: dict) -> None:
+    """Re-apply LoRA adapters trained with --lora-r (the backbone then differs from the original)."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise GraftError(f"{path} has LoRA adapters on its backbone; loading them needs peft: `pip install peft`")
+    from peft import LoraConfig, inject_adapter_in_model
+
+    tensors, _ = load_tensors(os.path.join(path, LORA_NAME), "re-run `graft train` with --lora-r")
+    cfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=lora["target_modules"], lora_dropout=0.0)
+    hf = model.backbone.hf
+    inject_adapter_in_model(cfg, hf)
+    params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if name not in params:
+                raise GraftError(f"{path}/{LORA_NAME} holds {name}, which the backbone lacks: re-train")
+            params[name].copy_(t.to(params[name].dtype))
+    hf.requires_grad_(False)
+
+
+def _merge_lora(hf) -> None:
+    """Fold each LoRA adapter into its base weight and put the plain layer back."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(hf.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent = hf.get_submodule(name.rsplit(".", 1)[0]) if "." in name else hf
+            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+
+
+def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False, tree_size: int = 0,
+           force: bool = False, max_shard_size: str = "2GB") -> None:
+    """Write a self-contained export of the graft folder `src` into `out` (see `graft export --help`)."""
+    import shutil
+    import tempfile
+
+    from .backbone import _folder_fingerprint
+    from .model import load
+    from .speculative import build_tree, default_accuracies
+
+    config = load_config(src)
+    if config.lora and not merge_lora:
+        raise GraftError(f"{src} trained LoRA adapters on the backbone: pass --merge-lora to fold them into the "
+                         "exported backbone")
+    if os.path.abspath(src) == os.path.abspath(out):
+        raise GraftError("--out must differ from the graft folder: choose a new folder")
+    if os.path.exists(out) and (not os.path.isdir(out) or (os.listdir(out) and not force)):
+        raise GraftError(f"--out {out} exists and is not empty: choose another folder or pass --force")
+    target = config.backbone.dtype if dtype == "auto" else dtype
+    # The export holds a full-precision backbone: a 4-bit training backbone is reloaded unquantized.
+    model = load(src, device="cpu", dtype=target, load_in_4bit=False, heads_dtype="float32")
+    hf = model.backbone.hf
+    if config.lora:
+        _merge_lora(hf)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".graft-export-")
+    if ident_is_gguf(hf):
+        # A GGUF load is already dequantized in memory; only the quantizer tag forbids saving it.
+        hf.hf_quantizer = None
+        if hasattr(hf.config, "quantization_config"):
+            del hf.config.quantization_config
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(tmp)
+        ident = config.backbone
+        training = dict(config.training or {})
+        training["trained_on"] = ident.describe()
+        acc = training.get("rank_accuracy") or default_accuracies(config.heads.num_heads)
+        size = tree_size or (64 if torch.cuda.is_available() else 24)
+        new_ident = type(ident)(**{**ident.__dict__, "source": ".", "sha256": _folder_fingerprint(tmp),
+                                   "gguf_file": None, "dtype": target, "load_in_4bit": False, "revision": None})
+        new = GraftConfig(backbone=new_ident, heads=config.heads, training=training,
+                          tree=build_tree(acc, size) if model.heads.parallel else None, lora=None)
+        save_heads(tmp, model.heads, new)
+        save_config(tmp, new)
+        if os.path.exists(out):
+            old = out.rstrip("/") + ".old-" + os.path.basename(tmp)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def ident_is_gguf(hf) -> bool:
+    q = getattr(hf, "hf_quantizer", None)
+    return q is not None and type(q).__name__.lower().startswith("gguf")

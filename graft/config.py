@@ -15,6 +15,8 @@ from typing import Any
 GRAFT_VERSION = "0.1.0"
 HEAD_FAMILIES = ("blockwise", "medusa", "meta-mtp", "deepseek-mtp")
 MAX_HEADS = 8
+# graft's own tensor files; they sit beside an exported backbone but are not part of it
+HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE = "heads.safetensors", "lora.safetensors", "train_state.safetensors"
 
 
 class GraftError(Exception):

@@ -147,6 +147,8 @@ def load(path: str, *, device: str = "auto", dtype: str | None = None, backbone:
     if not backbone.identity.same_model(ident):
         raise GraftError(f"heads in {path} were made for {ident.describe()}, not {backbone.identity.describe()}: "
                          "load them with their own backbone or graft new heads")
+    if config.lora:
+        ckpt.load_lora_into(path, GraftModel(backbone, None, config), config.lora)
     heads = build_heads(config.heads, backbone)
     ckpt.load_heads_into(path, heads, config)
     target = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(

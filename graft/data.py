@@ -1,0 +1,200 @@
+"""Data: records from files or the hub -> chat text -> packed token blocks; and self-distillation
+data, where the backbone answers the prompts itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .config import GraftError
+
+EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+def load_records(source: str):
+    """A local JSONL/JSON/Parquet/CSV/text file or folder, or a hub dataset name -> datasets.Dataset."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if os.path.isdir(source):
+        files = sorted(os.path.join(source, f) for f in os.listdir(source)
+                       if os.path.splitext(f)[1] in EXTENSIONS)
+        if not files:
+            raise GraftError(f"{source} holds no .jsonl/.json/.parquet/.csv/.txt files: point --data at one")
+        kinds = {EXTENSIONS[os.path.splitext(f)[1]] for f in files}
+        if len(kinds) > 1:
+            raise GraftError(f"{source} mixes file types ({', '.join(sorted(kinds))}): keep one kind per folder")
+        kind = kinds.pop()
+    elif os.path.isfile(source):
+        ext = os.path.splitext(source)[1]
+        if ext not in EXTENSIONS:
+            raise GraftError(f"{source}: unknown data file type {ext!r}: use .jsonl, .json, .parquet, .csv or .txt")
+        if os.path.getsize(source) == 0:
+            raise GraftError(f"{source} is empty: give a file with records")
+        files, kind = [source], EXTENSIONS[ext]
+    elif source.startswith((".", "/", "~")) or os.path.splitext(source)[1] in EXTENSIONS:
+        raise GraftError(f"data file {source} does not exist: check the path")
+    else:
+        try:
+            return datasets.load_dataset(source, split="train")
+        except Exception as e:  # the hub raises many types; all mean "could not get it"
+            raise GraftError(f"could not load dataset {source!r} from the hub ({e.__class__.__name__}): "
+                             "give a local file, or run where the hub is reachable")
+    try:
+        ds = datasets.load_dataset(kind, data_files=files, split="train")
+    except Exception as e:  # datasets wraps parse errors in several exception types
+        raise GraftError(f"{source} could not be parsed as {kind} ({str(e).splitlines()[0][:120]}): fix the file")
+    if len(ds) == 0:
+        raise GraftError(f"{source} holds no records: give a file with records")
+    return ds
+
+
+def record_text(rec: dict, tokenizer) -> str:
+    """One record -> training text. `messages` (chat), `prompt` + `response`, or `text`."""
+    chat = getattr(tokenizer, "chat_template", None)
+    if rec.get("messages"):
+        msgs = rec["messages"]
+        if chat:
+            return tokenizer.apply_chat_template(msgs, tokenize=False)
+        return "\n".join(f"{m['role']}: {m['content']}" for m in msgs)
+    if rec.get("prompt") is not None and rec.get("response") is not None:
+        msgs = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
+        return tokenizer.apply_chat_template(msgs, tokenize=False) if chat else rec["prompt"] + rec["response"]
+    if rec.get("text") is not None:
+        return rec["text"]
+    raise GraftError(f"a record has none of the fields `messages`, `prompt`+`response` or `text` "
+                     f"(it has {', '.join(sorted(rec)) or 'nothing'}): rename the fields")
+
+
+def pack(ds, tokenizer, seq_len: int) -> torch.Tensor:
+    """Tokenize every record, join them (each ends with EOS unless its text already does), and cut
+    into (N, seq_len) blocks; the remainder is dropped."""
+    eos = tokenizer.eos_token_id
+    stream = []
+    for rec in ds:
+        ids = tokenizer(record_text(rec, tokenizer), add_special_tokens=False)["input_ids"]
+        stream.extend(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            stream.append(eos)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise GraftError(f"the data holds {len(stream)} tokens, fewer than one sequence of --seq-len {seq_len}: "
+                         "add data or lower --seq-len")
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def split_blocks(blocks: torch.Tensor, eval_fraction: float, seed: int):
+    """Hold out a fixed random slice for evaluation (at least one block when there are two)."""
+    n = blocks.shape[0]
+    n_eval = max(1, int(round(n * eval_fraction))) if n >= 2 else 0
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return blocks[perm[n_eval:]], blocks[perm[:n_eval]]
+
+
+def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
+    """The sequence indices of micro-batch `step`: an endless stream of per-epoch permutations,
+    a pure function of (step, seed) so a resumed run sees exactly the same data."""
+    out = []
+    for p in range(step * batch, step * batch + batch):
+        epoch, i = divmod(p, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.append(int(perm[i]))
+    return torch.tensor(out)
+
+
+def prompt_of(rec: dict) -> list[dict]:
+    if rec.get("messages"):
+        msgs = [m for m in rec["messages"] if m.get("role") != "assistant"]
+        if msgs:
+            return msgs
+    for key in ("prompt", "instruction", "question", "text"):
+        if rec.get(key):
+            return [{"role": "user", "content": str(rec[key])}]
+    raise GraftError(f"a prompt record has no `prompt`, `messages` or `text` field (it has {', '.join(sorted(rec))}): "
+                     "rename the field")
+
+
+def _done_records(out: str) -> int:
+    """Count complete records in an existing output file, dropping a torn last line."""
+    if not os.path.exists(out):
+        return 0
+    with open(out, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    good = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+            good += 1
+        except json.JSONDecodeError:
+            break
+    keep = b"\n".join(lines[:good]) + (b"\n" if good else b"")
+    if keep != data:
+        with open(out, "wb") as f:
+            f.write(keep)
+    return good
+
+
+def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperature=0.0, num_samples=None,
+            batch_size=16, seed=0, dtype="auto", device="auto", load_in_4bit=False, trust_remote_code=False) -> int:
+    """Let the backbone answer every prompt; append chat records to `out` (resumable)."""
+    from tqdm.auto import tqdm
+
+    from .backbone import load_backbone
+    from .checkpoint import is_graft_dir, load_config
+
+    if max_new_tokens < 1 or batch_size < 1:
+        raise GraftError("--max-new-tokens and --batch-size must be at least 1")
+    if temperature < 0:
+        raise GraftError("--temperature must be >= 0")
+    ds = load_records(prompts)
+    if num_samples is not None:
+        ds = ds.select(range(min(num_samples, len(ds))))
+    convs = [prompt_of(r) for r in ds]
+    done = _done_records(out)
+    if done >= len(convs):
+        return done
+    if is_graft_dir(model):
+        ident = load_config(model).backbone
+        model = os.path.join(model, "") if ident.source == "." else ident.source
+    bb = load_backbone(model, dtype=dtype, device=device, load_in_4bit=load_in_4bit,
+                       trust_remote_code=trust_remote_code)
+    tok, hf = bb.tokenizer, bb.hf
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    torch.manual_seed(seed)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    bar = tqdm(total=len(convs), initial=done, desc="distill", unit="prompt")
+    with open(out, "a") as f:
+        for start in range(done, len(convs), batch_size):
+            batch = convs[start:start + batch_size]
+            enc = [_chat_ids(tok, c) for c in batch]
+            width = max(len(e) for e in enc)
+            ids = torch.full((len(enc), width), pad, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for i, e in enumerate(enc):  # left padding
+                ids[i, width - len(e):] = torch.tensor(e)
+                attn[i, width - len(e):] = 1
+            kw = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+            with torch.inference_mode():
+                gen = hf.generate(input_ids=ids.to(bb.device), attention_mask=attn.to(bb.device),
+                                  max_new_tokens=max_new_tokens, pad_token_id=pad, **kw)
+            lines = []
+            for i, c in enumerate(batch):
+                answer = tok.decode(gen[i, width:], skip_special_tokens=True)
+                lines.append(json.dumps({"messages": c + [{"role": "assistant", "content": answer}]}))
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            bar.update(len(batch))
+    bar.close()
+    return len(convs)
+
+
+def _chat_ids(tok, msgs) -> list[int]:
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tok("\n".join(m["content"] for m in msgs), add_special_tokens=True)["input_ids"]
