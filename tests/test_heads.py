@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from graft import checkpoint as ckpt
+from graft.config import HEAD_FAMILIES, GraftError, HeadSpec
+from graft.model import add_heads, load
+
+from conftest import tiny_backbone
+
+PARALLEL_IDENTITY = ["blockwise", "medusa", "meta-mtp"]
+
+
+@pytest.mark.parametrize("mt", ["llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize("family", HEAD_FAMILIES)
+def test_shapes(family, mt, tokenizer):
+    bb = tiny_backbone(mt, tokenizer)
+    m = add_heads(bb, heads=family, num_heads=3, head_layers=2)
+    out = m(torch.randint(0, len(tokenizer), (2, 9)))
+    assert out.logits.shape == (2, 9, len(tokenizer))
+    assert len(out.head_logits) == 3
+    assert all(h.shape == (2, 9, len(tokenizer)) for h in out.head_logits)
+    assert m.trainable_parameters() > 0
+    assert all(not p.requires_grad for p in bb.hf.parameters())
+
+
+@pytest.mark.parametrize("family", PARALLEL_IDENTITY)
+def test_fresh_heads_reproduce_the_backbone(family, tokenizer):
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads=family, num_heads=2)
+    out = m(torch.randint(0, len(tokenizer), (1, 7)))
+    for h in out.head_logits:
+        torch.testing.assert_close(h, out.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_random_init_does_not_reproduce(tokenizer):
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="meta-mtp", num_heads=1, init="random")
+    out = m(torch.randint(0, len(tokenizer), (1, 7)))
+    assert (out.head_logits[0] - out.logits).abs().max() > 1e-2
+
+
+def test_layers_are_separate_modules(tokenizer):
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="medusa", num_heads=2, head_layers=2)
+    blocks = [b for seq in m.heads.blocks for b in seq]
+    assert len({id(b.linear.weight) for b in blocks}) == 4
+    assert m.heads.lm_heads[0].weight.data_ptr() != bb.lm_head.weight.data_ptr()
+    shared = add_heads(bb, heads="medusa", num_heads=2, shared_lm_head=True)
+    assert shared.trainable_parameters() < m.trainable_parameters()
+
+
+def test_deepseek_shares_embedding_and_head(tokenizer):
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="deepseek-mtp", num_heads=2)
+    names = [n for n, _ in m.heads.named_parameters()]
+    assert not any("embed" in n or "lm_head" in n for n in names)
+    assert m.heads.modules_[0].proj.weight.shape == (64, 128)
+
+
+@pytest.mark.parametrize("family", HEAD_FAMILIES)
+def test_save_load_round_trip_is_bit_exact(family, tiny_dirs, tmp_path):
+    out = str(tmp_path / "g")
+    m = add_heads(tiny_dirs["llama"], heads=family, num_heads=2, out=out, device="cpu")
+    with torch.no_grad():
+        for p in m.heads.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    m.save(out, force=True)
+    m2 = load(out, device="cpu")
+    a, b = m.heads.state_dict(), m2.heads.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert m2.config.heads == m.config.heads
+
+
+def test_spec_validation():
+    with pytest.raises(GraftError, match="unknown head family"):
+        HeadSpec(family="hydra")
+    for k in (0, 9):
+        with pytest.raises(GraftError, match="between 1 and 8"):
+            HeadSpec(num_heads=k)
+
+
+def test_corrupt_and_foreign_files_are_refused(tiny_dirs, tmp_path):
+    out = str(tmp_path / "g")
+    add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=out, device="cpu")
+    heads_file = tmp_path / "g" / ckpt.HEADS_NAME
+    good = heads_file.read_bytes()
+    heads_file.write_bytes(good[: len(good) // 2])
+    with pytest.raises(GraftError, match="corrupt"):
+        load(out, device="cpu")
+    # a safetensors file of another graft (other family)
+    other = str(tmp_path / "o")
+    add_heads(tiny_dirs["llama"], heads="blockwise", num_heads=2, out=other, device="cpu")
+    heads_file.write_bytes((tmp_path / "o" / ckpt.HEADS_NAME).read_bytes())
+    with pytest.raises(GraftError, match="blockwise heads"):
+        load(out, device="cpu")
+    heads_file.write_bytes(good)
+    (tmp_path / "g" / ckpt.CONFIG_NAME).write_text("{not json")
+    with pytest.raises(GraftError, match="not valid JSON"):
+        load(out, device="cpu")
+    (tmp_path / "g" / ckpt.CONFIG_NAME).write_text('{"hello": 1}')
+    with pytest.raises(GraftError, match="not a graft config"):
+        load(out, device="cpu")
+
+
+def test_heads_for_another_backbone_are_refused(tiny_dirs, tmp_path):
+    from graft.backbone import load_backbone
+
+    out = str(tmp_path / "g")
+    add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=out, device="cpu")
+    other = load_backbone(tiny_dirs["gpt2"], device="cpu")
+    with pytest.raises(GraftError, match="were made for"):
+        load(out, backbone=other)

@@ -1,0 +1,190 @@
+"""Losslessness, tested: speculative output against plain decoding of the same backbone."""
+import json
+
+import pytest
+import torch
+
+from graft.config import HEAD_FAMILIES, GraftError
+from graft.model import add_heads, load
+from graft.speculative import DecodeConfig, SpeculativeDecoder, Tree, accept_sample, build_tree, warp
+
+from conftest import tiny_backbone
+
+PROMPTS = ["the quick brown", "to be or not", "hello world this is", "numbers one two", "say 3"]
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_dirs, tmp_path_factory):
+    """Each family trained briefly on text the tiny llama wrote itself."""
+    from graft.data import distill
+    from graft.train import train
+
+    d = tmp_path_factory.mktemp("trained")
+    prompts = d / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{w} {i}"}) + "\n" for i in range(6)
+                               for w in ("the", "hello", "numbers", "to be")))
+    data = str(d / "data.jsonl")
+    distill(tiny_dirs["llama"], str(prompts), data, max_new_tokens=48, batch_size=24, device="cpu")
+    out = {}
+    for fam in HEAD_FAMILIES:
+        g = str(d / fam)
+        add_heads(tiny_dirs["llama"], heads=fam, num_heads=3, out=g, device="cpu")
+        train(g, data, {"max_steps": 60, "seq_len": 32, "batch_size": 8, "lr": 3e-3, "warmup": 5,
+                        "eval_every": 1000, "save_every": 1000}, device="cpu", progress=False)
+        out[fam] = g
+    return out
+
+
+def plain_greedy(bb, ids, n):
+    out = bb.hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                         pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
+def encode(tok, p):
+    return tok(p)["input_ids"]
+
+
+def perturb(model, scale):
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+@pytest.mark.parametrize("mt", ["llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize("family", HEAD_FAMILIES)
+def test_greedy_identical_untrained_and_random(family, mt, tokenizer):
+    torch.manual_seed(0)
+    bb = tiny_backbone(mt, tokenizer)
+    m = add_heads(bb, heads=family, num_heads=3)
+    for heads_state in ("fresh", "random"):
+        if heads_state == "random":
+            perturb(m, 0.5)  # random heads must be slow, never wrong
+        for p in PROMPTS[:3]:
+            ids = encode(tokenizer, p)
+            ref = plain_greedy(bb, ids, 30)
+            for tree in ("auto", "chain"):
+                g = m.generate(input_ids=ids, max_new_tokens=30, tree=tree)
+                assert g.ids == ref, (family, mt, heads_state, p, tree)
+
+
+@pytest.mark.parametrize("family", HEAD_FAMILIES)
+def test_greedy_identical_trained(family, trained, tokenizer):
+    m = load(trained[family], device="cpu")
+    taus = []
+    for p in PROMPTS:
+        ids = encode(tokenizer, p)
+        ref = plain_greedy(m.backbone, ids, 40)
+        for kw in ({}, {"tree": "chain"}, {"tree_size": 6}):
+            g = m.generate(input_ids=ids, max_new_tokens=40, **kw)
+            assert g.ids == ref, (family, p, kw)
+            taus.append(g.tau)
+    # trained heads must actually speculate: more than one token per verification forward
+    assert sum(taus) / len(taus) > 1.2, taus
+
+
+def test_engine_without_drafting_is_plain_greedy(tokenizer):
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="medusa", num_heads=2)
+    ids = encode(tokenizer, PROMPTS[0])
+    g = m.generate(input_ids=ids, max_new_tokens=25, draft=False)
+    assert g.ids == plain_greedy(bb, ids, 25)
+    assert g.tau == 1.0
+
+
+def test_eos_max_tokens_and_stop_strings(tokenizer):
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="medusa", num_heads=3)
+    ids = max((encode(tokenizer, p) for p in PROMPTS), key=lambda i: len(plain_greedy(bb, i, 30)))
+    full = plain_greedy(bb, ids, 30)
+    assert len(full) >= 12
+    for n in (1, 2, 7):
+        assert m.generate(input_ids=ids, max_new_tokens=n).ids == full[:n]
+    # make the 6th generated token the end-of-sequence token: both decoders must stop there
+    eos = full[5]
+    bb.hf.generation_config.eos_token_id = eos
+    ref = plain_greedy(bb, ids, 30)
+    g = m.generate(input_ids=ids, max_new_tokens=30)
+    assert g.ids == ref and g.ids[-1] == eos and g.stopped == "eos"
+    bb.hf.generation_config.eos_token_id = 0
+    # a stop string: generation ends on the first token whose text completes it
+    text = [tokenizer.decode(full[:i]) for i in range(1, len(full) + 1)]
+    stop = text[9][-3:]
+    want = next(i for i, t in enumerate(text) if stop in t) + 1
+    g = m.generate(input_ids=ids, max_new_tokens=30, stop=(stop,), eos=False)
+    assert g.ids == full[:want] and g.stopped == "stop"
+
+
+def tv(a, b):
+    return 0.5 * (a - b).abs().sum().item()
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sampling_follows_the_backbone(temperature, top_p, tokenizer):
+    """Speculative sampling: the empirical law of the 2nd new token (which comes from an accepted
+    or corrected draft) matches the exact marginal sum_t1 p(t1) p(t2 | t1) of the backbone."""
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="medusa", num_heads=2)
+    perturb(m, 0.05)
+    ids = encode(tokenizer, "hello world")
+    V = len(tokenizer)
+    with torch.no_grad():
+        p1 = warp(bb.hf(torch.tensor([ids])).logits[0, -1], temperature, top_p)
+        batch = torch.tensor([ids + [t] for t in range(V)])
+        p2_given = warp(bb.hf(batch).logits[:, -1], temperature, top_p)  # (V, V)
+        exact = p1 @ p2_given
+        head_q = warp(m(torch.tensor([ids])).head_logits[0][0, -1], temperature, top_p)
+    N = 2500
+    counts = torch.zeros(V)
+    dec = SpeculativeDecoder(m)
+    accepted = 0
+    for s in range(N):
+        g = dec.generate(ids, DecodeConfig(max_new_tokens=2, temperature=temperature, top_p=top_p, seed=s,
+                                           eos=False))
+        counts[g.ids[1]] += 1
+        accepted += g.accepted[0]
+    emp = counts / N
+    assert accepted > N * 0.2  # drafts were really accepted, so the test exercises acceptance
+    assert tv(emp, exact) < 0.07, tv(emp, exact)
+    assert tv(head_q, exact) > 0.15  # blind acceptance of the head's draws would fail this test
+
+
+def test_accept_sample_reproduces_the_target():
+    torch.manual_seed(0)
+    V = 6
+    p = torch.tensor([0.4, 0.3, 0.1, 0.1, 0.05, 0.05])
+    q = torch.tensor([0.05, 0.05, 0.3, 0.3, 0.2, 0.1])
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.zeros(V)
+    for _ in range(20000):
+        x = int(torch.multinomial(q, 1, generator=gen))
+        _, t = accept_sample(p, q, x, gen)
+        counts[t] += 1
+    assert tv(counts / counts.sum(), p) < 0.015
+
+
+def test_build_tree_is_prefix_closed_and_best_first():
+    acc = [[0.8, 0.1, 0.05], [0.6, 0.2, 0.1], [0.4, 0.2, 0.1]]
+    paths = build_tree(acc, 8)
+    assert len(paths) == 8
+    assert all(tuple(p[:-1]) in {tuple(q) for q in paths} | {()} for p in paths)
+    assert [0] in paths and [0, 0] in paths and [0, 0, 0] in paths
+    t = Tree(paths, "cpu")
+    assert t.n == 9 and t.max_depth == 3
+    with pytest.raises(GraftError, match="prefix-closed"):
+        Tree([[0, 1]], "cpu")
+
+
+def test_bad_decode_options():
+    with pytest.raises(GraftError, match="temperature"):
+        DecodeConfig(temperature=-1)
+    with pytest.raises(GraftError, match="top-p"):
+        DecodeConfig(top_p=0)
+
+
+def test_prompt_longer_than_context(tokenizer):
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="medusa", num_heads=2)
+    with pytest.raises(GraftError, match="context window"):
+        m.generate(input_ids=[5] * 300, max_new_tokens=4)
