@@ -90,6 +90,7 @@ class TrainConfig:
     """Self-distillation settings for `graft train` (see `graft train --help`)."""
 
     max_steps: int | None = None
+    max_minutes: float | None = None
     epochs: float = 1.0
     seq_len: int = 512
     batch_size: int = 8

@@ -255,6 +255,9 @@ def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load
             if step % tc.save_every == 0 or step == total:
                 _save_checkpoint(graft_dir, model, opt, sched, step, tc, lora_params, {})
                 last_saved = step
+            if tc.max_minutes and (time.perf_counter() - t_start) / 60 >= tc.max_minutes and step < total:
+                _save_checkpoint(graft_dir, model, opt, sched, step, tc, lora_params, {})
+                break
             if kill_at and step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
     finally:

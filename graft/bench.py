@@ -1,0 +1,210 @@
+"""Side-by-side timing of graft's speculative decoding against plain decoding of the same backbone.
+
+Columns: transformers `generate` (default dynamic cache), `generate` with a static cache (which
+compiles the forward; warmed up before timing), graft's own loop with drafting off, and graft.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+
+import torch
+
+from .config import GraftError, write_json
+
+
+def read_prompts(path: str, limit: int | None) -> list[dict]:
+    if limit is not None and limit < 1:
+        raise GraftError(f"--limit must be at least 1, got {limit}")
+    if not os.path.isfile(path):
+        raise GraftError(f"prompts file {path} does not exist: check the path")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise GraftError(f"{path} line {n} is not valid JSON: fix or remove it")
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise GraftError(f"{path} line {n} has no string `prompt` field: each line needs one")
+            rows.append({"prompt": rec["prompt"], "category": str(rec.get("category") or rec.get("source") or "all")})
+            if limit and len(rows) >= limit:
+                break
+    if not rows:
+        raise GraftError(f"{path} holds no prompts: give a JSONL file with one {{\"prompt\": ...}} per line")
+    return rows
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _hf_generate(hf, ids, max_new, temperature, eos, **kw):
+    x = torch.tensor([ids], device=hf.device)
+    sample = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, pad_token_id=eos, **sample, **kw)
+    return out[0, len(ids):].tolist()
+
+
+def bench(graft_dir: str, prompts: str, *, limit=None, max_new_tokens=256, temperature=0.0, chat=True,
+          baselines=("eager", "static", "nodraft"), json_path=None, plot_path=None, device="auto", dtype=None,
+          progress=True) -> dict:
+    """Run every prompt through each decoder; returns the report (also written to json_path)."""
+    from tqdm.auto import tqdm
+
+    from .model import encode_prompt, load
+    from .speculative import DecodeConfig, SpeculativeDecoder
+
+    unknown = set(baselines) - {"eager", "static", "nodraft"}
+    if unknown:
+        raise GraftError(f"unknown baseline(s) {', '.join(sorted(unknown))}: choose from eager, static, nodraft")
+    if plot_path:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise GraftError("--plot needs matplotlib: run `pip install 'graft[plot]'`")
+    rows = read_prompts(prompts, limit)
+    model = load(graft_dir, device=device, dtype=dtype)
+    bb, hf, tok = model.backbone, model.backbone.hf, model.tokenizer
+    dev = bb.device
+    eos = tok.eos_token_id if tok is not None else 0
+    dec = SpeculativeDecoder(model)
+    cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
+    plain_cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=0, draft=False)
+    encoded = [encode_prompt(tok, r["prompt"], chat) for r in rows]
+    notes = {}
+    # warm-up: one short run of each decoder (CUDA kernels, allocator; compilation for `static`)
+    t0 = time.perf_counter()
+    warm = encoded[0]
+    dec.generate(warm, DecodeConfig(max_new_tokens=8, temperature=temperature, seed=0))
+    dec.generate(warm, DecodeConfig(max_new_tokens=8, temperature=temperature, seed=0, draft=False))
+    if "eager" in baselines:
+        _hf_generate(hf, warm, 8, temperature, eos)
+    if "static" in baselines:
+        try:
+            for _ in range(2):
+                _hf_generate(hf, warm, max_new_tokens, temperature, eos, cache_implementation="static")
+        except Exception as e:  # the compiled path fails on some setups; report instead of dying
+            notes["static"] = f"failed: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}"
+            baselines = [b for b in baselines if b != "static"]
+    notes["warmup_s"] = time.perf_counter() - t0
+
+    per = []
+    for r, ids in tqdm(list(zip(rows, encoded)), desc="bench", unit="prompt", disable=not progress):
+        rec = {"category": r["category"], "prompt_tokens": len(ids)}
+        _sync(dev)
+        g = dec.generate(ids, cfg)
+        rec["graft"] = {"tokens": len(g.ids), "seconds": g.prefill_s + g.decode_s, "tau": g.tau,
+                        "steps": g.steps, "step_tokens": g.step_tokens, "accepted": g.accepted,
+                        "proposed": g.proposed}
+        if "nodraft" in baselines:
+            p = dec.generate(ids, plain_cfg)
+            rec["nodraft"] = {"tokens": len(p.ids), "seconds": p.prefill_s + p.decode_s}
+        for name, kw in (("eager", {}), ("static", {"cache_implementation": "static"})):
+            if name in baselines:
+                _sync(dev)
+                t = time.perf_counter()
+                out = _hf_generate(hf, ids, max_new_tokens, temperature, eos, **kw)
+                _sync(dev)
+                rec[name] = {"tokens": len(out), "seconds": time.perf_counter() - t}
+                if name == "eager" and temperature == 0:
+                    rec["identical"] = out == g.ids
+                    if not rec["identical"]:
+                        rec["first_diff"] = next((i for i, (a, b) in enumerate(zip(out, g.ids)) if a != b),
+                                                 min(len(out), len(g.ids)))
+        per.append(rec)
+    report = summarize(per, baselines)
+    report.update({"graft_dir": graft_dir, "prompts": prompts, "n_prompts": len(per), "max_new_tokens": max_new_tokens,
+                   "temperature": temperature, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                   "dtype": str(bb.dtype).removeprefix("torch."), "family": model.config.heads.family,
+                   "num_heads": model.config.heads.num_heads,
+                   "tree_nodes": len(model.config.tree) if model.config.tree else None,
+                   "training_minutes": (model.config.training or {}).get("minutes_this_run"),
+                   "notes": notes, "per_prompt": per})
+    if json_path:
+        write_json(json_path, report)
+    if plot_path:
+        plot(report, plot_path)
+    return report
+
+
+def _rate(recs, key):
+    toks = sum(r[key]["tokens"] for r in recs)
+    secs = sum(r[key]["seconds"] for r in recs)
+    return toks / secs if secs else 0.0
+
+
+def summarize(per, baselines) -> dict:
+    def block(recs):
+        steps = sum(r["graft"]["steps"] for r in recs)
+        out = {"n": len(recs), "tau": sum(r["graft"]["step_tokens"] for r in recs) / max(steps, 1),
+               "tokens_per_s": {"graft": _rate(recs, "graft")}}
+        for b in baselines:
+            out["tokens_per_s"][b] = _rate(recs, b)
+        out["speedup"] = {b: out["tokens_per_s"]["graft"] / v for b, v in out["tokens_per_s"].items()
+                          if b != "graft" and v > 0}
+        ident = [r["identical"] for r in recs if "identical" in r]
+        out["identical_rate"] = sum(ident) / len(ident) if ident else None
+        return out
+
+    report = block(per)
+    K = len(per[0]["graft"]["accepted"])
+    acc = [sum(r["graft"]["accepted"][k] for r in per) for k in range(K)]
+    prop = [sum(r["graft"]["proposed"][k] for r in per) for k in range(K)]
+    # acceptance by depth: the share of verification steps that kept a draft at depth k+1
+    report["acceptance_by_depth"] = [a / p if p else 0.0 for a, p in zip(acc, prop)]
+    cats = defaultdict(list)
+    for r in per:
+        cats[r["category"]].append(r)
+    report["by_category"] = {c: block(rs) for c, rs in sorted(cats.items())}
+    return report
+
+
+def print_table(report: dict) -> None:
+    import click
+
+    tps = report["tokens_per_s"]
+    click.echo(f"\n{report['family']} x{report['num_heads']} on {report['device']} ({report['dtype']}), "
+               f"{report['n_prompts']} prompts, {report['max_new_tokens']} new tokens, T={report['temperature']}")
+    click.echo(f"{'decoder':<10}{'tok/s':>10}{'graft speedup':>16}")
+    for name, v in tps.items():
+        sp = "" if name == "graft" else f"{report['speedup'].get(name, 0):.2f}x"
+        click.echo(f"{name:<10}{v:>10.1f}{sp:>16}")
+    acc = " ".join(f"{a:.2f}" for a in report["acceptance_by_depth"])
+    ident = report["identical_rate"]
+    click.echo(f"tau (tokens per verification forward) {report['tau']:.2f}; acceptance by depth [{acc}]; "
+               f"identical_rate {'n/a' if ident is None else f'{ident:.2f}'}")
+    if len(report["by_category"]) > 1:
+        click.echo(f"{'category':<32}{'n':>4}{'tau':>7}  speedups")
+        for c, b in report["by_category"].items():
+            sp = " ".join(f"{k}:{v:.2f}x" for k, v in b["speedup"].items())
+            click.echo(f"{c[:31]:<32}{b['n']:>4}{b['tau']:>7.2f}  {sp}")
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    acc = report["acceptance_by_depth"]
+    a.bar([str(i + 1) for i in range(len(acc))], acc)
+    a.set_xlabel("draft depth (head)")
+    a.set_ylabel("acceptance rate")
+    a.set_title(f"{report['family']}: tau {report['tau']:.2f}")
+    cats = list(report["by_category"])
+    base = next(iter(report["speedup"]), None)
+    b.barh(cats, [report["by_category"][c]["speedup"].get(base, 0) for c in cats])
+    b.set_xlabel(f"speedup over {base}")
+    b.set_title("speedup by category")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
