@@ -186,13 +186,16 @@ def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load
                 if st:
                     opt.state[p] = st
         sched.load_state_dict(meta["sched"])
+        for group, lr in zip(opt.param_groups, sched.get_last_lr()):  # load_state_dict leaves lr stale
+            group["lr"] = lr
         torch.set_rng_state(state["rng.cpu"])
         if "rng.cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng.cuda"])
         _rewrite_metrics(graft_dir, step)
-    elif os.path.exists(os.path.join(graft_dir, ckpt.METRICS_NAME)):
-        os.unlink(os.path.join(graft_dir, ckpt.METRICS_NAME))
-    torch.manual_seed(tc.seed + step)
+    else:
+        if os.path.exists(os.path.join(graft_dir, ckpt.METRICS_NAME)):
+            os.unlink(os.path.join(graft_dir, ckpt.METRICS_NAME))
+        torch.manual_seed(tc.seed)
     cuda = bb.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     metrics = open(os.path.join(graft_dir, ckpt.METRICS_NAME), "a")

@@ -1,0 +1,196 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from graft import checkpoint as ckpt
+from graft.config import GraftError, TrainConfig
+from graft.data import load_records, pack, record_text
+from graft.losses import distill_step
+from graft.model import add_heads, load
+from graft.train import train
+
+from conftest import CORPUS, tiny_backbone
+
+FAST = {"max_steps": 6, "seq_len": 16, "batch_size": 4, "lr": 3e-3, "warmup": 2, "eval_every": 3,
+        "save_every": 3, "log_every": 1}
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_every_data_format(tmp_path, tokenizer):
+    import pandas as pd
+
+    msgs = [{"role": "user", "content": "say 1"}, {"role": "assistant", "content": CORPUS[0]}]
+    files = {
+        "chat.jsonl": json.dumps({"messages": msgs}) + "\n",
+        "pr.jsonl": json.dumps({"prompt": "say 1", "response": CORPUS[0]}) + "\n",
+        "text.json": json.dumps([{"text": CORPUS[0]}]),
+        "t.csv": "text\n" + CORPUS[0] + "\n",
+        "plain.txt": CORPUS[0] + "\n" + CORPUS[1] + "\n",
+    }
+    for name, body in files.items():
+        ds = load_records(write(tmp_path / name, body))
+        text = record_text(ds[0], tokenizer)
+        assert CORPUS[0].split()[0] in text
+    pd.DataFrame({"text": CORPUS}).to_parquet(tmp_path / "d.parquet")
+    assert len(load_records(str(tmp_path / "d.parquet"))) == len(CORPUS)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write(folder / "a.jsonl", files["chat.jsonl"])
+    write(folder / "b.jsonl", files["chat.jsonl"])
+    assert len(load_records(str(folder))) == 2
+    chat = record_text(load_records(str(tmp_path / "chat.jsonl"))[0], tokenizer)
+    assert chat.startswith("<|user|>")  # the tokenizer's chat template was applied
+
+
+def test_packing(tokenizer, tiny_data):
+    blocks = pack(load_records(tiny_data), tokenizer, 16)
+    assert blocks.ndim == 2 and blocks.shape[1] == 16
+    assert (blocks == tokenizer.eos_token_id).any()
+
+
+def test_bad_data(tmp_path, tokenizer):
+    with pytest.raises(GraftError, match="does not exist"):
+        load_records(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(GraftError, match="empty"):
+        load_records(write(tmp_path / "empty.jsonl", ""))
+    with pytest.raises(GraftError, match="could not be parsed"):
+        load_records(write(tmp_path / "bad.jsonl", "{not json\n"))
+    ds = load_records(write(tmp_path / "odd.jsonl", json.dumps({"foo": 1}) + "\n"))
+    with pytest.raises(GraftError, match="none of the fields"):
+        record_text(ds[0], tokenizer)
+    with pytest.raises(GraftError, match="fewer than one sequence"):
+        pack(load_records(write(tmp_path / "short.jsonl", json.dumps({"text": "hello"}) + "\n")), tokenizer, 64)
+
+
+def test_seq_len_must_exceed_heads():
+    with pytest.raises(GraftError, match="too short"):
+        TrainConfig(seq_len=4, num_heads=3)
+
+
+@pytest.mark.parametrize("family", ["medusa", "deepseek-mtp"])
+@pytest.mark.parametrize("kind", ["kl", "ce"])
+def test_chunked_loss_matches_direct_reference(family, kind, tokenizer):
+    """distill_step (chunked, per-chunk backward) against a plain full-logits computation."""
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads=family, num_heads=3)
+    with torch.no_grad():
+        for p in m.heads.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ids = torch.randint(0, len(tokenizer), (2, 10))
+    pos = torch.arange(10).expand(2, 10)
+    trunk, final = bb.forward(ids, pos)
+    hs = m.heads.hidden(bb, trunk, final, ids)
+    stats = distill_step(bb, m.heads, hs, final, ids, loss=kind, decay=0.5, chunk=3)
+    got = {n: p.grad.clone() for n, p in m.heads.named_parameters()}
+    m.heads.zero_grad()
+
+    # reference: full logits, explicit shifts
+    out = m(ids)
+    logp = torch.log_softmax(out.logits, -1)
+    w = torch.tensor([1.0, 0.5, 0.25]) / 1.75
+    ref = 0.0
+    for k, hl in enumerate(out.head_logits):
+        s = k + 1
+        logq = torch.log_softmax(hl[:, :10 - s], -1)
+        if kind == "kl":
+            p = logp[:, s:]
+            lk = (p.exp() * (p - logq)).sum(-1).mean()
+        else:
+            lk = torch.nn.functional.nll_loss(logq[:, :-1].reshape(-1, logq.shape[-1]), ids[:, s + 1:].reshape(-1))
+        ref = ref + w[k] * lk
+    ref.backward()
+    assert stats["loss"] == pytest.approx(ref.item(), rel=1e-4)
+    for n, p in m.heads.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["blockwise", "medusa", "meta-mtp", "deepseek-mtp"])
+def test_training_lowers_the_loss_and_logs(family, tiny_dirs, tiny_data, tmp_path):
+    g = str(tmp_path / "g")
+    add_heads(tiny_dirs["llama"], heads=family, num_heads=2, out=g, device="cpu")
+    s = train(g, tiny_data, {**FAST, "max_steps": 25, "eval_every": 25}, device="cpu", progress=False)
+    lines = [json.loads(l) for l in open(os.path.join(g, ckpt.METRICS_NAME))]
+    losses = [l["loss"] for l in lines if "loss" in l and "eval" not in l]
+    assert losses[-1] < losses[0]
+    assert {"step", "loss", "top1", "tokens_per_s"} <= set(lines[0])
+    assert any("eval" in l and len(l["eval"]["top5"]) == 2 for l in lines)
+    assert s["steps"] == 25 and len(s["rank_accuracy"]) == 2
+    assert load(g, device="cpu").config.training["steps"] == 25
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tiny_dirs, tiny_data, tmp_path):
+    """A run killed with SIGKILL after its step-3 checkpoint, then resumed, ends bit-identical."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for d in (a, b):
+        add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=d, device="cpu")
+    train(a, tiny_data, FAST, device="cpu", progress=False)
+    code = ("import sys; from graft.train import train; "
+            f"train({b!r}, {tiny_data!r}, {FAST!r}, device='cpu', progress=False)")
+    env = {**os.environ, "GRAFT_TEST_KILL_AT_STEP": "4"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
+    assert r.returncode == -9, r.stderr.decode()[-500:]
+    assert json.load(open(os.path.join(b, ckpt.TRAIN_META_NAME)))["step"] == 3
+    train(b, tiny_data, {}, resume=True, device="cpu", progress=False)
+    ha = load(a, device="cpu").heads.state_dict()
+    hb = load(b, device="cpu").heads.state_dict()
+    assert all(torch.equal(ha[k], hb[k]) for k in ha)
+    steps = [json.loads(l)["step"] for l in open(os.path.join(b, ckpt.METRICS_NAME)) if '"eval"' not in l]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
+
+
+def test_train_bad_inputs(tiny_dirs, tiny_data, tmp_path):
+    with pytest.raises(GraftError, match="has no graft.json"):
+        train(str(tmp_path), tiny_data, FAST, device="cpu")
+    g = str(tmp_path / "g")
+    add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=g, device="cpu")
+    with pytest.raises(GraftError, match="no checkpoint"):
+        train(g, tiny_data, FAST, resume=True, device="cpu")
+    with pytest.raises(GraftError, match="unknown training option"):
+        train(g, tiny_data, {"learning_rate": 1}, device="cpu")
+    with pytest.raises(GraftError, match="does not exist"):
+        train(g, str(tmp_path / "nope.jsonl"), FAST, device="cpu")
+
+
+def test_nan_loss_stops_and_keeps_the_checkpoint(tiny_dirs, tiny_data, tmp_path):
+    g = str(tmp_path / "g")
+    add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=g, device="cpu")
+    train(g, tiny_data, {**FAST, "max_steps": 3}, device="cpu", progress=False)
+    before = open(os.path.join(g, ckpt.HEADS_NAME), "rb").read()
+    with pytest.raises(GraftError, match="loss became"):
+        train(g, tiny_data, {**FAST, "lr": 1e30, "max_grad_norm": 1e30}, device="cpu", progress=False)
+    assert open(os.path.join(g, ckpt.HEADS_NAME), "rb").read() == before  # the last good heads stay
+    load(g, device="cpu")
+
+
+def test_lora_without_peft(monkeypatch, tiny_dirs, tiny_data, tmp_path):
+    import importlib.util
+
+    g = str(tmp_path / "g")
+    add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=g, device="cpu")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "peft" else real(n, *a))
+    with pytest.raises(GraftError, match="peft"):
+        train(g, tiny_data, {**FAST, "lora_r": 4}, device="cpu")
+
+
+def test_lora_training_and_export_merge(tiny_dirs, tiny_data, tmp_path):
+    g, out = str(tmp_path / "g"), str(tmp_path / "e")
+    add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=g, device="cpu")
+    train(g, tiny_data, {**FAST, "lora_r": 4}, device="cpu", progress=False)
+    m = load(g, device="cpu")
+    with pytest.raises(GraftError, match="--merge-lora"):
+        ckpt.export(g, out)
+    ckpt.export(g, out, merge_lora=True)
+    e = load(out, device="cpu")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(e(ids).logits, m(ids).logits, atol=1e-5, rtol=1e-5)
