@@ -1,0 +1,154 @@
+"""The command line, through click's CliRunner: output, files, and one-line errors."""
+import json
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from graft.cli import main
+
+transformers = pytest.importorskip("transformers")
+transformers.utils.logging.disable_progress_bar()  # CliRunner merges the bars into the output
+
+
+def run(*args, ok=True):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert r.exit_code == 0, r.output + repr(r.exception)
+    return r
+
+
+def one_line_error(r, pattern):
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output
+    lines = [l for l in r.output.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and pattern in lines[0], r.output
+
+
+def test_help_teaches():
+    r = run("--help")
+    for cmd in ("add-heads", "distill-data", "train", "export", "generate", "bench"):
+        assert cmd in r.output
+    assert "lossless" in r.output
+    assert "smollm2-135m" in run("add-heads", "--help").output
+    assert "CHANGES" in run("train", "--help").output  # LoRA warning
+
+
+def test_add_heads_summary_and_files(tiny_dirs, tmp_path):
+    out = tmp_path / "g"
+    r = run("add-heads", tiny_dirs["llama"], "--heads", "deepseek-mtp", "--num-heads", "3", "--out", out,
+            "--device", "cpu")
+    assert "deepseek-mtp x 3" in r.output and "trainable params" in r.output and "MiB" in r.output
+    cfg = json.loads((out / "graft.json").read_text())
+    assert cfg["heads"]["num_heads"] == 3 and cfg["backbone"]["model_type"] == "llama"
+    assert cfg["graft_version"]
+    assert (out / "heads.safetensors").exists()
+
+
+def test_add_heads_bad_inputs(tiny_dirs, tmp_path):
+    one_line_error(run("add-heads", tmp_path / "missing", "--out", tmp_path / "o", ok=False), "does not exist")
+    r = run("add-heads", tiny_dirs["llama"], "--heads", "hydra", "--out", tmp_path / "o", ok=False)
+    assert r.exit_code == 2 and "hydra" in r.output  # click's own choice error
+    one_line_error(run("add-heads", tiny_dirs["llama"], "--num-heads", "9", "--out", tmp_path / "o", ok=False),
+                   "between 1 and 8")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    one_line_error(run("add-heads", tiny_dirs["llama"], "--out", full, ok=False), "--force")
+    run("add-heads", tiny_dirs["llama"], "--out", full, "--force", "--device", "cpu")
+
+
+def test_export_generate_matches_plain_greedy(tiny_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    g, e = tmp_path / "g", tmp_path / "e"
+    run("add-heads", tiny_dirs["llama"], "--heads", "medusa", "-k", "2", "--out", g, "--device", "cpu")
+    run("export", g, "--out", e)
+    one_line_error(run("export", g, "--out", e, ok=False), "not empty")
+    run("export", g, "--out", e, "--force")
+    # the export is a plain HF folder too
+    hf = AutoModelForCausalLM.from_pretrained(e)
+    tok = AutoTokenizer.from_pretrained(e)
+    ids = tok.apply_chat_template([{"role": "user", "content": "the quick"}], add_generation_prompt=True,
+                                  tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=0)[0, len(ids):]
+    r = run("generate", e, "--prompt", "the quick", "--max-new-tokens", "20", "--stats", "--device", "cpu")
+    assert r.stdout.strip() == tok.decode(ref, skip_special_tokens=True).strip()
+    assert "tokens/step" in r.output
+    one_line_error(run("generate", e, "--prompt", "x", "--temperature", "-1", ok=False), "temperature")
+    one_line_error(run("generate", tmp_path, "--prompt", "x", ok=False), "graft.json")
+    # sampling runs and is reproducible with a seed
+    a = run("generate", e, "--prompt", "hello", "--temperature", "1", "--seed", "3", "--max-new-tokens", "8")
+    b = run("generate", e, "--prompt", "hello", "--temperature", "1", "--seed", "3", "--max-new-tokens", "8")
+    assert a.output == b.output
+
+
+def test_export_refuses_a_truncated_weights_file(tiny_dirs, tmp_path):
+    g, e = tmp_path / "g", tmp_path / "e"
+    run("add-heads", tiny_dirs["gpt2"], "--heads", "blockwise", "-k", "2", "--out", g, "--device", "cpu")
+    run("export", g, "--out", e)
+    f = e / "heads.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    one_line_error(run("generate", e, "--prompt", "x", ok=False), "corrupt")
+
+
+def test_distill_data_resumes(tiny_dirs, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(5)))
+    out = tmp_path / "d.jsonl"
+    run("distill-data", tiny_dirs["llama"], "--prompts", prompts, "--out", out, "--num-samples", "3",
+        "--max-new-tokens", "6", "--batch-size", "2", "--device", "cpu")
+    assert len(out.read_text().splitlines()) == 3
+    with open(out, "a") as f:
+        f.write('{"messages": [{"role": "us')  # a torn line from a killed run
+    run("distill-data", tiny_dirs["llama"], "--prompts", prompts, "--out", out, "--max-new-tokens", "6",
+        "--batch-size", "2", "--device", "cpu")
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(recs) == 5 and recs[4]["messages"][0]["content"] == "say 4"
+    assert recs[0]["messages"][-1]["role"] == "assistant"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"nothing": 1}) + "\n")
+    one_line_error(run("distill-data", tiny_dirs["llama"], "--prompts", bad, "--out", tmp_path / "x.jsonl",
+                       ok=False), "no `prompt`")
+
+
+def test_train_cli_and_recipe(tiny_dirs, tiny_data, tmp_path):
+    g = tmp_path / "g"
+    run("add-heads", tiny_dirs["llama"], "--heads", "blockwise", "-k", "2", "--out", g, "--device", "cpu")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  seq_len: 16\n  batch_size: 4\n  max_steps: 4\n  warmup: 1\n")
+    r = run("train", g, "--data", tiny_data, "--config", recipe, "--device", "cpu")
+    assert "done: 4 steps" in r.output
+    one_line_error(run("train", g, "--data", tiny_data, "--seq-len", "3", ok=False), "too short")
+    one_line_error(run("train", tmp_path, "--data", tiny_data, ok=False), "graft.json")
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    one_line_error(run("train", g, "--data", empty, ok=False), "empty")
+
+
+def test_bench_report_and_bad_prompts(tiny_dirs, tmp_path):
+    g, e = tmp_path / "g", tmp_path / "e"
+    run("add-heads", tiny_dirs["llama"], "--heads", "medusa", "-k", "2", "--out", g, "--device", "cpu")
+    run("export", g, "--out", e)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "category": c}) + "\n"
+                               for p, c in [("the quick", "a"), ("hello world", "b"), ("to be", "a")]))
+    rep = tmp_path / "r.json"
+    r = run("bench", e, "--prompts", prompts, "--max-new-tokens", "12", "--baselines", "eager,nodraft",
+            "--json", rep, "--device", "cpu")
+    assert "tau" in r.output and "speedup" in r.output
+    d = json.loads(rep.read_text())
+    assert d["identical_rate"] == 1.0  # float32 on CPU: token for token
+    assert d["tau"] >= 1.0 and set(d["speedup"]) == {"eager", "nodraft"}
+    assert set(d["by_category"]) == {"a", "b"} and len(d["per_prompt"]) == 3
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    one_line_error(run("bench", e, "--prompts", empty, ok=False), "holds no prompts")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    one_line_error(run("bench", e, "--prompts", bad, ok=False), "`prompt`")
+    bad.write_text('{oops\n')
+    one_line_error(run("bench", e, "--prompts", bad, ok=False), "not valid JSON")
+    one_line_error(run("bench", e, "--prompts", prompts, "--limit", "0", ok=False), "--limit")
