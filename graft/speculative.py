@@ -228,7 +228,6 @@ class SpeculativeDecoder:
         else:
             gen.seed()
         eos = self._eos_ids(cfg)
-        greedy = cfg.temperature == 0
         out = Generation(prompt_ids=ids.tolist(), ids=[], accepted=[0] * K, proposed=[0] * K)
 
         t0 = time.perf_counter()

@@ -158,8 +158,6 @@ def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load
                              f"log step {meta['step']}): start again without --resume")
         tc = make_train_config({k: v for k, v in meta["train_config"].items() if k != "num_heads"},
                                config.heads.num_heads)
-    if tc.lora_r and load_in_4bit:
-        pass  # QLoRA-style: adapters on a 4-bit backbone are fine
     model = load(graft_dir, device=device, load_in_4bit=load_in_4bit or None, heads_dtype="float32")
     bb, heads = model.backbone, model.heads
     heads.train().requires_grad_(True)

@@ -1,6 +1,5 @@
 """The command line, through click's CliRunner: output, files, and one-line errors."""
 import json
-import os
 
 import pytest
 import torch

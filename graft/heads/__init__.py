@@ -10,8 +10,6 @@ Head k (0-based) at position i predicts token i+k+2: the backbone itself predict
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -88,4 +86,4 @@ def build_heads(spec: HeadSpec, bb) -> Heads:
     return heads.to(bb.device)
 
 
-__all__ = ["Heads", "build_heads", "copy_last_layer", "rms_eps", "copy"]
+__all__ = ["Heads", "build_heads", "copy_last_layer", "rms_eps"]

@@ -6,7 +6,6 @@ predicts exactly what the backbone predicts at the same position.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from . import Heads
