@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from .config import GRAFT_VERSION, HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE, GraftConfig, GraftError, atomic_write_bytes, read_json, write_json
@@ -61,13 +60,9 @@ def save_tensors(file: str, tensors: dict[str, torch.Tensor], metadata: dict[str
 def load_tensors(file: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not os.path.isfile(file):
         raise GraftError(f"{file} is missing: {what}")
-    with open(file, "rb") as f:
-        data = f.read()
     try:
-        from safetensors import safe_open
-
-        tensors = st_load(data)
-        with safe_open(file, framework="pt") as f:
+        with safe_open(file, framework="pt") as f:  # one read: tensors and metadata together
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
             meta = f.metadata() or {}
     except (SafetensorError, ValueError, OSError, RuntimeError, ImportError) as e:
         raise GraftError(f"{file} is corrupt or not safetensors ({str(e).splitlines()[0][:80]}): {what}")

@@ -254,9 +254,7 @@ class SpeculativeDecoder:
                 new = [self._choose(bb.logits(final[0, -1]), cfg, gen)]
                 path = torch.zeros(1, dtype=torch.long, device=dev)
             else:
-                path, new = self._step(tree, cfg, gen, state, cache, n, last, out)
-                trunk, final = self._last_forward
-                trunk, final = trunk[:, path], final[:, path]
+                path, new, trunk, final = self._step(tree, cfg, gen, state, cache, n, last, out)
             a = path.numel()
             if K:
                 heads.commit(bb, state, trunk, final, torch.tensor([new], device=dev), n)
@@ -306,7 +304,9 @@ class SpeculativeDecoder:
         return any(s in tail for s in stops)
 
     def _step(self, tree: Tree, cfg, gen, state, cache, n, last, out):
-        """Draft, verify in one forward, accept. Returns (path node indices, new tokens)."""
+        """Draft, verify in one forward, accept.
+
+        Returns (path node indices, new tokens, trunk and final states of the path nodes)."""
         bb, heads = self.bb, self.heads
         dev = bb.device
         greedy = cfg.temperature == 0
@@ -336,7 +336,6 @@ class SpeculativeDecoder:
         positions = (n + tree.depth)[None]
         allowed = torch.cat([torch.ones(tree.n, n, dtype=torch.bool, device=dev), tree.anc], dim=1)
         trunk, final = bb.forward(tokens, positions, cache, n, additive_mask(allowed, bb.dtype))
-        self._last_forward = (trunk, final)
         logits = bb.logits(final[0])  # (n, V)
         for d in range(1, tree.max_depth + 1):
             out.proposed[d - 1] += 1
@@ -364,4 +363,4 @@ class SpeculativeDecoder:
             out.accepted[d] += 1
         if path.numel() > 1 and not bool((path == torch.arange(path.numel(), device=dev)).all()):
             cache.keep(n, path)
-        return path, new
+        return path, new, trunk[:, path], final[:, path]
