@@ -5,6 +5,7 @@ compiles the forward; warmed up before timing), graft's own loop with drafting o
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -51,18 +52,23 @@ def _hf_generate(hf, ids, max_new, temperature, eos, **kw):
     return out[0, len(ids):].tolist()
 
 
+BASELINES = {"eager": {}, "static": {"cache_implementation": "static"}, "lookup": {"prompt_lookup_num_tokens": 10},
+             "nodraft": None}
+
+
 def bench(graft_dir: str, prompts: str, *, limit=None, max_new_tokens=256, temperature=0.0, chat=True,
-          baselines=("eager", "static", "nodraft"), json_path=None, plot_path=None, device="auto", dtype=None,
-          progress=True) -> dict:
+          baselines=("eager", "static", "nodraft"), engine="auto", json_path=None, plot_path=None, device="auto",
+          dtype=None, progress=True) -> dict:
     """Run every prompt through each decoder; returns the report (also written to json_path)."""
     from tqdm.auto import tqdm
 
     from .model import encode_prompt, load
+    from .engine import resolve_engine
     from .speculative import DecodeConfig, SpeculativeDecoder
 
-    unknown = set(baselines) - {"eager", "static", "nodraft"}
+    unknown = set(baselines) - set(BASELINES)
     if unknown:
-        raise GraftError(f"unknown baseline(s) {', '.join(sorted(unknown))}: choose from eager, static, nodraft")
+        raise GraftError(f"unknown baseline(s) {', '.join(sorted(unknown))}: choose from {', '.join(BASELINES)}")
     if plot_path:
         import importlib.util
 
@@ -74,24 +80,28 @@ def bench(graft_dir: str, prompts: str, *, limit=None, max_new_tokens=256, tempe
     dev = bb.device
     eos = tok.eos_token_id if tok is not None else 0
     dec = SpeculativeDecoder(model)
-    cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
-    plain_cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=0, draft=False)
+    cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=0, engine=engine)
+    plain_cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=0, draft=False,
+                             engine=engine)
     encoded = [encode_prompt(tok, r["prompt"], chat) for r in rows]
-    notes = {}
-    # warm-up: one short run of each decoder (CUDA kernels, allocator; compilation for `static`)
+    notes = {"engine": resolve_engine(engine, bb)}
+    # Warm-up on the longest prompt at full length, so that no timed run allocates a larger cache:
+    # graft's static/graph engines size their cache and capture graphs once, and transformers'
+    # static cache keeps the largest length it has seen, so torch.compile does not recompile.
     t0 = time.perf_counter()
-    warm = encoded[0]
-    dec.generate(warm, DecodeConfig(max_new_tokens=8, temperature=temperature, seed=0))
-    dec.generate(warm, DecodeConfig(max_new_tokens=8, temperature=temperature, seed=0, draft=False))
-    if "eager" in baselines:
-        _hf_generate(hf, warm, 8, temperature, eos)
-    if "static" in baselines:
+    warm = max(encoded, key=len)
+    short = dataclasses.replace(cfg, max_new_tokens=8)
+    for c in (cfg, plain_cfg) if notes["engine"] != "eager" else (short, dataclasses.replace(short, draft=False)):
+        dec.generate(warm, c)
+    hf_kw = {b: kw for b, kw in BASELINES.items() if b in baselines and kw is not None}
+    for name, kw in list(hf_kw.items()):
         try:
-            for _ in range(2):
-                _hf_generate(hf, warm, max_new_tokens, temperature, eos, cache_implementation="static")
+            for _ in range(2 if name == "static" else 1):
+                _hf_generate(hf, warm, max_new_tokens if name == "static" else 8, temperature, eos, **kw)
         except Exception as e:  # the compiled path fails on some setups; report instead of dying
-            notes["static"] = f"failed: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}"
-            baselines = [b for b in baselines if b != "static"]
+            notes[name] = f"failed: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}"
+            baselines = [b for b in baselines if b != name]
+            del hf_kw[name]
     notes["warmup_s"] = time.perf_counter() - t0
 
     per = []
@@ -105,7 +115,7 @@ def bench(graft_dir: str, prompts: str, *, limit=None, max_new_tokens=256, tempe
         if "nodraft" in baselines:
             p = dec.generate(ids, plain_cfg)
             rec["nodraft"] = {"tokens": len(p.ids), "seconds": p.prefill_s + p.decode_s}
-        for name, kw in (("eager", {}), ("static", {"cache_implementation": "static"})):
+        for name, kw in hf_kw.items():
             if name in baselines:
                 _sync(dev)
                 t = time.perf_counter()

@@ -199,11 +199,14 @@ def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, for
 @click.option("--stop", multiple=True, help="Stop once the text contains this string (repeatable).")
 @click.option("--no-draft", is_flag=True, help="Plain decoding through graft's engine (for comparison).")
 @click.option("--stats", is_flag=True, help="Print tokens per step, per-head acceptance and tokens/s to stderr.")
+@click.option("--engine", type=click.Choice(["auto", "eager", "static", "graph"]), default="auto", show_default=True,
+              help="How the verification step runs: graph replays a captured CUDA graph (auto on an "
+                   "unquantized CUDA backbone), static fixes shapes without a graph, eager (auto on CPU).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True)
 def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, seed, tree, tree_size, stop,
-                 no_draft, stats, device, dtype):
+                 no_draft, stats, engine, device, dtype):
     """Generate from GRAFT_DIR (an export or a graft folder) by self-speculative decoding.
 
     stdout carries only the generated text, streamed as it is accepted.
@@ -212,7 +215,7 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
     from .speculative import DecodeConfig, SpeculativeDecoder
 
     cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, tree=tree,
-                       tree_size=tree_size, draft=not no_draft, stop=stop)
+                       tree_size=tree_size, draft=not no_draft, stop=stop, engine=engine)
     if prompt == "-":
         prompt = sys.stdin.read()
     model = load(graft_dir, device=device, dtype=None if dtype == "auto" else dtype)
@@ -248,18 +251,21 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
 @click.option("--baselines", default="eager,static,nodraft", show_default=True,
               help="Comma list of baselines: eager (transformers generate), static (static cache + "
                    "torch.compile), nodraft (graft's loop with drafting off).")
+@click.option("--engine", type=click.Choice(["auto", "eager", "static", "graph"]), default="auto", show_default=True,
+              help="How the verification step runs: graph replays a captured CUDA graph (auto on an "
+                   "unquantized CUDA backbone), static fixes shapes without a graph, eager (auto on CPU).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot here (matplotlib).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True)
-def bench_cmd(graft_dir, prompts, limit, max_new_tokens, temperature, chat, baselines, json_path, plot_path,
-              device, dtype):
+def bench_cmd(graft_dir, prompts, limit, max_new_tokens, temperature, chat, baselines, engine, json_path,
+              plot_path, device, dtype):
     """Measure acceptance and speedup against plain decoding of the same backbone."""
     from .bench import bench, print_table
 
     report = bench(graft_dir, prompts, limit=limit, max_new_tokens=max_new_tokens, temperature=temperature,
-                   chat=chat, baselines=[b for b in baselines.split(",") if b], json_path=json_path,
+                   chat=chat, baselines=[b for b in baselines.split(",") if b], engine=engine, json_path=json_path,
                    plot_path=plot_path, device=device, dtype=None if dtype == "auto" else dtype)
     print_table(report)
 

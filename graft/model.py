@@ -78,7 +78,9 @@ class GraftModel(nn.Module):
             if prompt is None:
                 raise GraftError("generate needs a prompt or input_ids")
             input_ids = encode_prompt(self.tokenizer, prompt, chat)
-        return SpeculativeDecoder(self).generate(input_ids, cfg)
+        if getattr(self, "_decoder", None) is None:  # keeps the static engines' cache and graphs
+            self._decoder = SpeculativeDecoder(self)
+        return self._decoder.generate(input_ids, cfg)
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:

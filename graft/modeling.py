@@ -22,8 +22,7 @@ SUPPORTED = LLAMA_LIKE + GPT2_LIKE
 class KVCache:
     """Preallocated keys and values for `n_layers` attention layers.
 
-    Tensors are (L, B, H_kv, S, D). The caller tracks how many positions are valid; `update`
-    writes new entries at `start` and returns every entry before `start + q`.
+    Tensors are (L, B, H_kv, S, D). The caller tracks how many positions are valid.
     """
 
     def __init__(self, n_layers, batch, n_kv_heads, head_dim, max_len, dtype, device):
@@ -32,7 +31,17 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, start, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, H_kv, T, D) and return the keys and values attention should read.
+
+        `start` an int: write at start..start+T-1 and return the entries before start+T.
+        `start` a (T,) tensor of slots: write there and return the whole cache, so that every
+        shape is fixed (CUDA graphs); the caller's mask then hides the slots not yet valid.
+        """
+        if torch.is_tensor(start):
+            self.k[layer].index_copy_(2, start, k)
+            self.v[layer].index_copy_(2, start, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} > {self.max_len}")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import GraftError
+from .engine import ENGINES, Step, resolve_engine
 from .modeling import additive_mask, causal_allowed
 
 
@@ -37,6 +38,9 @@ class DecodeConfig:
     draft: False runs graft's own loop without drafting (one token per forward): a baseline.
     stop: strings that end generation once the generated text contains one.
     eos: stop at the tokenizer's end-of-sequence token(s).
+    engine: how the verification step runs (see graft.engine): "auto" is "graph" (CUDA graphs)
+        on a CUDA device with an unquantized backbone, else "eager"; "static" fixes all shapes
+        without capturing a graph.
     """
 
     max_new_tokens: int = 256
@@ -48,6 +52,7 @@ class DecodeConfig:
     draft: bool = True
     stop: tuple = ()
     eos: bool = True
+    engine: str = "auto"
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -58,6 +63,8 @@ class DecodeConfig:
             raise GraftError("--max-new-tokens must be at least 1")
         if self.tree not in ("auto", "chain"):
             raise GraftError(f"--tree must be auto or chain, got {self.tree!r}")
+        if self.engine not in ENGINES:
+            raise GraftError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.tree_size < 0:
             raise GraftError("--tree-size must be >= 0")
         self.stop = tuple(self.stop or ())
@@ -137,12 +144,28 @@ class Tree:
                 anc[i, j] = True
                 j = parent[j]
         self.n = n
+        self.paths = [tuple(p) for p in paths]
+        self.parents, self.depths, self.ranks = parent, depth, rank
+        self.lineage = [torch.nonzero(anc[i], as_tuple=False).flatten().tolist() for i in range(n)]  # root..i
         self.max_depth = max(depth)
         self.max_rank = max(rank) + 1
         self.parent = torch.tensor(parent[1:], device=device)  # for nodes 1..n-1
         self.depth = torch.tensor(depth, device=device)
         self.rank = torch.tensor(rank, device=device)
         self.anc = anc.to(device)  # (n, n) ancestor-or-self
+        self.anc_cpu = anc
+
+    def accept(self, tokens: list, target: list) -> int:
+        """The deepest node whose whole lineage matches the backbone's argmax (first such on ties).
+
+        tokens[i]: node i's token; target[i]: the backbone's argmax after node i."""
+        good = [True] * self.n
+        best = 0
+        for i in range(1, self.n):  # parents come before children
+            good[i] = good[self.parents[i]] and tokens[i] == target[self.parents[i]]
+            if good[i] and self.depths[i] > self.depths[best]:
+                best = i
+        return best
 
 
 def warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -175,10 +198,14 @@ def accept_sample(p: torch.Tensor, q: torch.Tensor, draft: int, gen) -> tuple[bo
 
 
 class SpeculativeDecoder:
+    """Decodes with a GraftModel. Reuse one decoder across calls: with the static and graph
+    engines it keeps the KV cache and the captured steps between generations."""
+
     def __init__(self, model):
         self.model = model
         self.bb = model.backbone
         self.heads = model.heads
+        self._pool = {}  # engine -> {"max_len", "cache", "state", "steps"} (static and graph)
 
     def _tree(self, cfg: DecodeConfig) -> Tree | None:
         K = self.heads.num_heads
@@ -191,6 +218,23 @@ class SpeculativeDecoder:
             return Tree(self.model.config.tree, self.bb.device)
         acc = (self.model.config.training or {}).get("rank_accuracy") or default_accuracies(K)
         return Tree(build_tree(acc, cfg.tree_size or 24), self.bb.device)
+
+    def _buffers(self, engine: str, need: int, drafting: bool):
+        """KV cache, head state and a cache of Steps for one generation of up to `need` slots."""
+        bb, heads = self.bb, self.heads
+        if engine == "eager":
+            return bb.new_cache(need), (heads.new_state(bb, need) if drafting else None), {}
+        pool = self._pool.get(engine)
+        if pool is None or pool["max_len"] < need:
+            self._pool.pop(engine, None)  # free the old cache and graphs first
+            max_len = max(256, 1 << (need - 1).bit_length())
+            pool = {"max_len": max_len, "cache": bb.new_cache(max_len), "state": None, "steps": {}}
+            self._pool[engine] = pool
+        if drafting:
+            # graphs capture parallel heads' state (meta-mtp's cache); chained heads start afresh
+            if pool["state"] is None or not heads.parallel:
+                pool["state"] = heads.new_state(bb, pool["max_len"])
+        return pool["cache"], pool["state"], pool["steps"]
 
     def _eos_ids(self, cfg) -> set:
         if not cfg.eos:
@@ -218,10 +262,13 @@ class SpeculativeDecoder:
         if P >= ctx:
             raise GraftError(f"the prompt is {P} tokens, longer than the context window ({ctx}): shorten it")
         max_new = min(cfg.max_new_tokens, ctx - P)
+        engine = resolve_engine(cfg.engine, bb)
         tree = self._tree(cfg)
         K = heads.num_heads if tree is not None else 0
-        n_tree = tree.n if tree is not None else 1
-        max_len = P + max_new + n_tree + 1
+        greedy = cfg.temperature == 0
+        fast = greedy and tree is not None and heads.parallel  # drafts come out of the step itself
+        root_only = Tree([], dev)
+        shape = tree or root_only
         gen = torch.Generator(device=dev)
         if cfg.seed is not None:
             gen.manual_seed(cfg.seed)
@@ -231,13 +278,23 @@ class SpeculativeDecoder:
         out = Generation(prompt_ids=ids.tolist(), ids=[], accepted=[0] * K, proposed=[0] * K)
 
         t0 = time.perf_counter()
-        cache = bb.new_cache(max_len)
-        state = heads.new_state(bb, max_len) if K else None
+        cache, state, steps = self._buffers(engine, P + max_new + shape.n + 1, K > 0)
+        # The static engines draft for every node inside the step (no second pass, no extra sync);
+        # eager drafts only at the accepted node, after the step, which is cheaper on a CPU.
+        ranks = shape.max_rank if fast and engine != "eager" else 0
+        key = (tuple(shape.paths), ranks, greedy)
+        if key not in steps:
+            steps[key] = Step(bb, cache, shape.anc_cpu, shape.depths, mode=engine, heads=heads, head_state=state,
+                              ranks=ranks, greedy=greedy)
+        step = steps[key]
         mask = additive_mask(causal_allowed(P, 0, dev), bb.dtype)
         trunk, final = bb.forward(ids[None], torch.arange(P, device=dev)[None], cache, 0, mask)
         first = self._choose(bb.logits(final[0, -1]), cfg, gen)
+        drafts = None
         if K:
             heads.commit(bb, state, trunk, final, torch.cat([ids[1:], ids.new_tensor([first])])[None], 0)
+            if fast:
+                drafts = self._drafts(state, tree.max_rank)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         out.prefill_s = time.perf_counter() - t0
@@ -249,15 +306,15 @@ class SpeculativeDecoder:
             return self._finish(out)
         while True:
             if tree is None:
-                trunk, final = bb.forward(ids.new_tensor([[last]]), torch.tensor([[n]], device=dev), cache, n,
-                                          additive_mask(causal_allowed(1, n, dev), bb.dtype))
-                new = [self._choose(bb.logits(final[0, -1]), cfg, gen)]
-                path = torch.zeros(1, dtype=torch.long, device=dev)
+                _, final, target, _ = step([last], n)
+                new = [int(target[0])] if greedy else [self._choose(bb.logits(final[0, -1]), cfg, gen)]
+                a = 1
+            elif fast:
+                new, a, drafts = self._tree_step(tree, step, cache, state, n, last, drafts, out)
             else:
-                path, new, trunk, final = self._step(tree, cfg, gen, state, cache, n, last, out)
-            a = path.numel()
-            if K:
+                path, new, trunk, final = self._chain_step(tree, step, cfg, gen, state, cache, n, last, out)
                 heads.commit(bb, state, trunk, final, torch.tensor([new], device=dev), n)
+                a = path.numel()
             n += a
             last = new[-1]
             out.steps += 1
@@ -268,6 +325,42 @@ class SpeculativeDecoder:
             torch.cuda.synchronize()
         out.decode_s = time.perf_counter() - t0
         return self._finish(out)
+
+    def _drafts(self, state, ranks: int) -> list[list[int]]:
+        """Each parallel head's top candidates after the last committed position."""
+        return [lg.topk(ranks).indices.tolist() for lg in self.heads.draft(self.bb, state, lambda k, lg: 0)]
+
+    def _tree_step(self, tree: Tree, step: Step, cache, state, n, last, drafts, out):
+        """Greedy step with parallel heads: verify the tree built from `drafts` (per head, its
+        top-R tokens), keep the longest matching path, and draft again at its end.
+
+        With drafts computed inside the step, one device-to-host copy per step carries the
+        backbone's argmax and the heads' candidates at every node. Returns (new tokens,
+        accepted tree nodes, next drafts)."""
+        N, R, K = tree.n, tree.max_rank, len(drafts)
+        tokens = [last] + [drafts[tree.depths[i] - 1][tree.ranks[i]] for i in range(1, N)]
+        trunk, final, target, top = step(tokens, n)
+        if top is not None:
+            host = torch.cat([target, top.flatten()]).tolist()
+            target, top = host[:N], host[N:]
+        else:
+            target = target.tolist()
+        best = tree.accept(tokens, target)
+        path = tree.lineage[best]
+        new = [tokens[j] for j in path[1:]] + [target[best]]
+        for d in range(tree.max_depth):
+            out.proposed[d] += 1
+        for d in range(len(new) - 1):
+            out.accepted[d] += 1
+        idx = torch.tensor(path, device=cache.k.device)
+        if path[-1] != len(path) - 1:  # the path's nodes are not already the first slots
+            cache.keep(n, idx)
+            if top is not None:  # the heads cached the whole tree too
+                self.heads.keep(state, n, idx)
+        if top is not None:
+            return new, len(path), [[top[(k * N + best) * R + r] for r in range(R)] for k in range(K)]
+        self.heads.commit(self.bb, state, trunk[:, idx], final[:, idx], torch.tensor([new], device=idx.device), n)
+        return new, len(path), self._drafts(state, R)
 
     def _finish(self, out):
         if self.bb.tokenizer is not None:
@@ -303,14 +396,14 @@ class SpeculativeDecoder:
         tail = self.bb.tokenizer.decode(ids[-64:], skip_special_tokens=False)
         return any(s in tail for s in stops)
 
-    def _step(self, tree: Tree, cfg, gen, state, cache, n, last, out):
-        """Draft, verify in one forward, accept.
+    def _chain_step(self, tree: Tree, step: Step, cfg, gen, state, cache, n, last, out):
+        """Draft a chain (deepseek-mtp, or any family when sampling), verify it, accept.
 
         Returns (path node indices, new tokens, trunk and final states of the path nodes)."""
         bb, heads = self.bb, self.heads
         dev = bb.device
         greedy = cfg.temperature == 0
-        picked = []  # (token, q) per depth, for chains
+        picked = []  # (token, q) per depth
 
         def pick(k, logits):
             if greedy:
@@ -323,31 +416,20 @@ class SpeculativeDecoder:
             return tok
 
         head_logits = heads.draft(bb, state, pick)
-        if heads.parallel and not greedy:  # sampling: a chain drawn from each head's distribution
+        if heads.parallel:  # parallel heads ignore `pick`: draw each depth from its head
             for k, lg in enumerate(head_logits):
                 pick(k, lg)
-        if heads.parallel and greedy:
-            # (K, R) top candidates per depth -> node tokens by (depth, rank)
-            top = torch.stack([lg.topk(tree.max_rank).indices for lg in head_logits[:tree.max_depth]])
-            node_tok = top[tree.depth[1:] - 1, tree.rank[1:]]
-        else:
-            node_tok = torch.tensor([t for t, _ in picked[:tree.n - 1]], device=dev)
-        tokens = torch.cat([node_tok.new_tensor([last]), node_tok])[None]  # (1, n)
-        positions = (n + tree.depth)[None]
-        allowed = torch.cat([torch.ones(tree.n, n, dtype=torch.bool, device=dev), tree.anc], dim=1)
-        trunk, final = bb.forward(tokens, positions, cache, n, additive_mask(allowed, bb.dtype))
-        logits = bb.logits(final[0])  # (n, V)
+        tokens = [last] + [t for t, _ in picked[:tree.n - 1]]
+        trunk, final, target, _ = step(tokens, n)
         for d in range(1, tree.max_depth + 1):
             out.proposed[d - 1] += 1
         if greedy:
-            target = logits.argmax(dim=-1)  # (n,)
-            ok = torch.ones(tree.n, dtype=torch.bool, device=dev)
-            ok[1:] = tokens[0, 1:] == target[tree.parent]
-            good = ~(tree.anc & ~ok[None, :]).any(dim=1)  # all ancestors-or-self match
-            best = int(torch.where(good, tree.depth, -1).argmax().item())
-            path = torch.nonzero(tree.anc[best], as_tuple=False).flatten()  # ascending = by depth
-            new = tokens[0, path[1:]].tolist() + [int(target[best].item())]
+            target = target.tolist()
+            best = tree.accept(tokens, target)
+            path = tree.lineage[best]
+            new = [tokens[j] for j in path[1:]] + [target[best]]
         else:
+            logits = bb.logits(final[0])  # (n, V)
             new, a = [], 0
             for d in range(tree.n - 1):  # chain: node d+1 holds draft d
                 p = warp(logits[d], cfg.temperature, cfg.top_p)
@@ -358,9 +440,8 @@ class SpeculativeDecoder:
                 a += 1
             else:
                 new.append(self._choose(logits[tree.n - 1], cfg, gen))
-            path = torch.arange(a + 1, device=dev)
+            path = list(range(a + 1))
         for d in range(len(new) - 1):
             out.accepted[d] += 1
-        if path.numel() > 1 and not bool((path == torch.arange(path.numel(), device=dev)).all()):
-            cache.keep(n, path)
+        path = torch.tensor(path, device=dev)  # a chain's path is always its first nodes: no compaction
         return path, new, trunk[:, path], final[:, path]

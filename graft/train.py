@@ -134,6 +134,18 @@ def evaluate(model, blocks: torch.Tensor, tc: TrainConfig, autocast) -> dict:
             "rank_accuracy": [[c / nk for c in row] for row, nk in zip(agg["rank"], n)]}
 
 
+def micro_step(bb, heads, ids, tc: TrainConfig, autocast, backbone_grad: bool = False) -> dict:
+    """One backbone forward (no grad unless LoRA trains it), all heads, the chunked loss and its
+    backward. Gradients accumulate in the heads; the optimizer step is the caller's."""
+    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    with autocast:
+        with contextlib.nullcontext() if backbone_grad else torch.no_grad():
+            trunk, final = bb.forward(ids, pos)
+        hs = heads.hidden(bb, trunk, final, ids)
+    return distill_step(bb, heads, hs, final.detach(), ids, loss=tc.loss, decay=tc.head_decay,
+                        chunk=tc.vocab_chunk, autocast=autocast)
+
+
 def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load_in_4bit: bool = False,
           device: str = "auto", progress: bool = True) -> dict:
     """Train the heads in `graft_dir` on `data`. Returns the training summary (also in graft.json)."""
@@ -210,16 +222,7 @@ def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load
             for micro in range(micro_per_step):
                 idx = batch_indices(step * micro_per_step + micro, tc.batch_size, len(train_blocks), tc.seed)
                 ids = train_blocks[idx].to(bb.device)
-                pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-                with autocast:
-                    if lora_params:
-                        trunk, final = bb.forward(ids, pos)
-                    else:
-                        with torch.no_grad():
-                            trunk, final = bb.forward(ids, pos)
-                    hs = heads.hidden(bb, trunk, final, ids)
-                st = distill_step(bb, heads, hs, final.detach(), ids, loss=tc.loss, decay=tc.head_decay,
-                                  chunk=tc.vocab_chunk, autocast=autocast)
+                st = micro_step(bb, heads, ids, tc, autocast, backbone_grad=bool(lora_params))
                 agg["loss"] += st["loss"] / micro_per_step
                 for k in range(heads.num_heads):
                     agg["n"][k] += st["n"][k]

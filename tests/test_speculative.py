@@ -64,8 +64,9 @@ def test_greedy_identical_untrained_and_random(family, mt, tokenizer):
             ids = encode(tokenizer, p)
             ref = plain_greedy(bb, ids, 30)
             for tree in ("auto", "chain"):
-                g = m.generate(input_ids=ids, max_new_tokens=30, tree=tree)
-                assert g.ids == ref, (family, mt, heads_state, p, tree)
+                for engine in ("eager", "static"):
+                    g = m.generate(input_ids=ids, max_new_tokens=30, tree=tree, engine=engine)
+                    assert g.ids == ref, (family, mt, heads_state, p, tree, engine)
 
 
 @pytest.mark.parametrize("family", HEAD_FAMILIES)
@@ -75,7 +76,7 @@ def test_greedy_identical_trained(family, trained, tokenizer):
     for p in PROMPTS:
         ids = encode(tokenizer, p)
         ref = plain_greedy(m.backbone, ids, 40)
-        for kw in ({}, {"tree": "chain"}, {"tree_size": 6}):
+        for kw in ({}, {"tree": "chain"}, {"tree_size": 6}, {"engine": "static"}, {"engine": "static", "tree_size": 40}):
             g = m.generate(input_ids=ids, max_new_tokens=40, **kw)
             assert g.ids == ref, (family, p, kw)
             taus.append(g.tau)
@@ -87,9 +88,10 @@ def test_engine_without_drafting_is_plain_greedy(tokenizer):
     bb = tiny_backbone("llama", tokenizer)
     m = add_heads(bb, heads="medusa", num_heads=2)
     ids = encode(tokenizer, PROMPTS[0])
-    g = m.generate(input_ids=ids, max_new_tokens=25, draft=False)
-    assert g.ids == plain_greedy(bb, ids, 25)
-    assert g.tau == 1.0
+    for engine in ("eager", "static"):
+        g = m.generate(input_ids=ids, max_new_tokens=25, draft=False, engine=engine)
+        assert g.ids == plain_greedy(bb, ids, 25)
+        assert g.tau == 1.0
 
 
 def test_eos_max_tokens_and_stop_strings(tokenizer):
@@ -188,3 +190,26 @@ def test_prompt_longer_than_context(tokenizer):
     m = add_heads(bb, heads="medusa", num_heads=2)
     with pytest.raises(GraftError, match="context window"):
         m.generate(input_ids=[5] * 300, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("family", ["medusa", "deepseek-mtp"])
+def test_static_engine_samples_as_eager(family, tokenizer):
+    """The static engine changes shapes, not results: seeded sampling draws the same tokens."""
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads=family, num_heads=3)
+    perturb(m, 0.05)
+    for seed, p in enumerate(PROMPTS):
+        ids = encode(tokenizer, p)
+        runs = [m.generate(input_ids=ids, max_new_tokens=20, temperature=0.8, seed=seed, engine=e).ids
+                for e in ("eager", "static")]
+        assert runs[0] == runs[1], (p, runs)
+    assert set(m._decoder._pool) == {"static"}  # the static run really used its preallocated cache
+
+
+def test_graph_engine_needs_cuda(tokenizer):
+    m = add_heads(tiny_backbone("llama", tokenizer), heads="medusa", num_heads=2)
+    with pytest.raises(GraftError, match="CUDA"):
+        m.generate(input_ids=[1, 2], max_new_tokens=2, engine="graph")
+    with pytest.raises(GraftError, match="engine"):
+        DecodeConfig(engine="fast")

@@ -39,6 +39,16 @@ class Heads(nn.Module):
         """Positions start..start+a-1 are accepted; trunk/final: (1, a, d); next_tokens: (1, a)."""
         state["final"] = final[:, -1:]
 
+    def tree_logits(self, bb, state, trunk, final, positions, start, mask) -> torch.Tensor:
+        """(K, N, V) logits of every head at every node of a verified tree (parallel heads only).
+
+        trunk, final: (1, N, d) backbone states of the nodes; positions, start and mask as the
+        backbone's forward got them, for heads that attend (meta-mtp)."""
+        raise NotImplementedError
+
+    def keep(self, state, start: int, path: torch.Tensor) -> None:
+        """The tree nodes `path` were accepted: compact whatever the heads cached for the tree."""
+
     def draft(self, bb, state, pick) -> list[torch.Tensor]:
         """Logits (V,) for the K tokens after the last accepted one. `pick(k, logits) -> token id`
         chooses draft k; chained families feed it forward, parallel families may ignore it."""

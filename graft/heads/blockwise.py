@@ -34,6 +34,10 @@ class BlockwiseHeads(Heads):
     def logits(self, bb, k, h):
         return bb.lm_head(h.to(bb.dtype)).float()  # h is already normalised
 
+    def tree_logits(self, bb, state, trunk, final, positions, start, mask):
+        hs = self._apply_heads(bb.norm(final[0]).to(self.out[0].weight.dtype))
+        return self.logits(bb, 0, torch.stack(hs))
+
     def draft(self, bb, state, pick):
         hs = self._apply_heads(bb.norm(state["final"][0, -1]).to(self.out[0].weight.dtype))
         # one (K, d) x (d, V) product reads the unembedding once instead of K times

@@ -55,6 +55,16 @@ class MetaMTPHeads(Heads):
         state["out"] = [self._run(bb, k, x, positions, state["cache"], start, mask)[:, -1]
                         for k in range(self.num_heads)]
 
+    def tree_logits(self, bb, state, trunk, final, positions, start, mask):
+        # Each head layer attends like the backbone: the accepted prefix and the node's ancestors.
+        # Its keys go to the same slots as the backbone's; `keep` compacts them with the path.
+        x, mask = trunk.to(self._dtype), mask.to(self._dtype)
+        hs = torch.cat([self._run(bb, k, x, positions, state["cache"], start, mask) for k in range(self.num_heads)])
+        return self.logits(bb, 0, hs)  # (K, N, V)
+
+    def keep(self, state, start, path):
+        state["cache"].keep(start, path)
+
     def draft(self, bb, state, pick):
         # one (K, d) x (d, V) product reads the shared unembedding once instead of K times
         return list(self.logits(bb, 0, torch.cat(state["out"], dim=0)).unbind(0))
