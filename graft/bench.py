@@ -115,6 +115,8 @@ def bench(graft_dir: str, prompts: str, *, limit=None, max_new_tokens=256, tempe
         if "nodraft" in baselines:
             p = dec.generate(ids, plain_cfg)
             rec["nodraft"] = {"tokens": len(p.ids), "seconds": p.prefill_s + p.decode_s}
+            if temperature == 0:
+                rec["identical_nodraft"] = p.ids == g.ids
         for name, kw in hf_kw.items():
             if name in baselines:
                 _sync(dev)
@@ -160,6 +162,9 @@ def summarize(per, baselines) -> dict:
                           if b != "graft" and v > 0}
         ident = [r["identical"] for r in recs if "identical" in r]
         out["identical_rate"] = sum(ident) / len(ident) if ident else None
+        ident = [r["identical_nodraft"] for r in recs if "identical_nodraft" in r]
+        # the same check against graft's own loop without drafting, where no eager run was made
+        out["identical_nodraft_rate"] = sum(ident) / len(ident) if ident else None
         return out
 
     report = block(per)

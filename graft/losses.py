@@ -19,17 +19,23 @@ def head_weights(K: int, decay: float) -> list[float]:
 
 
 def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 0.8, chunk: int = 1024,
-                 backward: bool = True, autocast=None) -> dict:
+                 backward: bool = True, autocast=None, ranks: bool = False) -> dict:
     """Loss over all heads; backpropagates into the heads (and anything upstream of `hs`).
+
+    The work is chunked over target positions: per chunk the backbone's log-distribution is
+    computed once and serves every head (head k reads its hidden state k+1 positions earlier).
+    Statistics stay on the device until the end: one synchronisation per call.
 
     Args:
         hs: K head representations (B, T, d) with autograd history.
         final: the backbone's pre-norm final hidden state (B, T, d), no grad.
         ids: (B, T) tokens (for loss="ce").
-        chunk: rows per chunk of logits.
+        chunk: rows (batch x positions) of logits per chunk.
+        ranks: also count the rank of the backbone's token among each head's top RANKS (eval).
 
     Returns:
-        dict with `loss` (float), per-head `loss_k`, and counts `n`, `top1`, `top5`, `rank` (K x RANKS).
+        dict with `loss` (float), per-head `loss_k`, and counts `n`, `top1`, `top5`, `rank` (K x RANKS;
+        top5 and rank are zero unless `ranks`).
     """
     import contextlib
 
@@ -37,52 +43,62 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
     B, T, d = final.shape
     w = head_weights(K, decay)
     ctx = autocast or contextlib.nullcontext()
-    stats = {"loss": 0.0, "loss_k": [0.0] * K, "n": [0] * K, "top1": [0] * K, "top5": [0] * K,
-             "rank": [[0] * RANKS for _ in range(K)]}
+    dev = final.device
     with torch.no_grad():
         normed = bb.norm(final)
-    grads, used = [], []
+    # head k's rows: positions 0..T-k-2, targets at positions k+1..T-1
+    leaves = []
     for k, h in enumerate(hs):
-        s = k + 1
-        if T - s <= 0:
-            continue
-        rows_h = h[:, : T - s].reshape(-1, d)
-        leaf = rows_h.detach().requires_grad_(backward and rows_h.requires_grad)
-        tgt_h = normed[:, s:].reshape(-1, d)
-        # actual token i+k+2 for ce; the last row of each sequence has none
-        tok = torch.cat([ids[:, s + 1:], ids.new_full((B, 1), -100)], dim=1).reshape(-1)
-        n_rows = leaf.shape[0] if loss == "kl" else int((tok != -100).sum())
-        total = 0.0
-        for r0 in range(0, leaf.shape[0], chunk):
-            r1 = min(r0 + chunk, leaf.shape[0])
+        rows = h[:, : max(T - k - 1, 0)]
+        leaves.append(rows.detach().requires_grad_(backward and rows.requires_grad))
+    # ce: the token after target position j is ids[:, j+1]; the last position has none
+    nxt = torch.cat([ids[:, 1:], ids.new_full((B, 1), -100)], dim=1)
+    if loss == "kl":
+        n_rows = [B * max(T - k - 1, 0) for k in range(K)]
+    else:
+        n_rows = [int((nxt[:, k + 1:] != -100).sum()) for k in range(K)]
+    loss_k = torch.zeros(K, device=dev)
+    top1 = torch.zeros(K, dtype=torch.long, device=dev)
+    hits = torch.zeros(K, RANKS, dtype=torch.long, device=dev)
+    step = max(1, chunk // B)
+    for c0 in range(1, T, step):  # target positions c0..c1-1
+        c1 = min(c0 + step, T)
+        with torch.no_grad():
+            p_logits = bb.lm_head(normed[:, c0:c1]).float()
+            logp = F.log_softmax(p_logits, dim=-1)
+            target = p_logits.argmax(-1)
+        del p_logits
+        for k in range(K):
+            s = k + 1
+            j0 = max(c0, s)
+            if j0 >= c1:
+                continue
             with ctx:
-                q_logits = heads.logits(bb, k, leaf[r0:r1]).float()
-            with torch.no_grad():
-                p_logits = bb.lm_head(tgt_h[r0:r1]).float()
+                q_logits = heads.logits(bb, k, leaves[k][:, j0 - s:c1 - s]).float()
             logq = F.log_softmax(q_logits, dim=-1)
             if loss == "kl":
-                logp = F.log_softmax(p_logits, dim=-1)
-                l_sum = (logp.exp() * (logp - logq)).sum()
+                lp = logp[:, j0 - c0:]
+                l_sum = (lp.exp() * (lp - logq)).sum()
             else:
-                l_sum = F.nll_loss(logq, tok[r0:r1], ignore_index=-100, reduction="sum")
-            l_k = l_sum / max(n_rows, 1)
-            if leaf.requires_grad:
-                (l_k * w[k]).backward()
-            total += float(l_k.detach())
+                l_sum = F.nll_loss(logq.flatten(0, 1), nxt[:, j0:c1].flatten(), ignore_index=-100, reduction="sum")
+            l_chunk = l_sum / max(n_rows[k], 1)
+            if leaves[k].requires_grad:
+                (l_chunk * w[k]).backward()
             with torch.no_grad():
-                target = p_logits.argmax(-1)
-                top = q_logits.topk(RANKS, dim=-1).indices
-                hit = top == target[:, None]
-                stats["top1"][k] += int(hit[:, 0].sum())
-                stats["top5"][k] += int(hit[:, :5].any(-1).sum())
-                for r, c in enumerate(hit.sum(0).tolist()):
-                    stats["rank"][k][r] += c
-                stats["n"][k] += r1 - r0
-        stats["loss_k"][k] = total
-        stats["loss"] += w[k] * total
-        if leaf.requires_grad:
-            grads.append(leaf.grad.view_as(h[:, : T - s]))
-            used.append(h[:, : T - s])
+                loss_k[k] += l_chunk.detach()
+                tgt = target[:, j0 - c0:]
+                if ranks:
+                    hit = q_logits.topk(RANKS, dim=-1).indices == tgt[..., None]
+                    hits[k] += hit.flatten(0, 1).sum(0)
+                else:
+                    top1[k] += (q_logits.argmax(-1) == tgt).sum()
+    used = [(h[:, :leaf.shape[1]], leaf.grad) for h, leaf in zip(hs, leaves) if leaf.grad is not None]
     if used:
-        torch.autograd.backward(used, grads)
-    return stats
+        torch.autograd.backward([u for u, _ in used], [g for _, g in used])
+    if ranks:
+        top1 = hits[:, 0]
+    loss_k = loss_k.tolist()
+    rank = hits.tolist()
+    return {"loss": sum(wk * lk for wk, lk in zip(w, loss_k)), "loss_k": loss_k,
+            "n": [B * max(T - k - 1, 0) for k in range(K)], "top1": top1.tolist(),
+            "top5": [sum(r[:5]) for r in rank], "rank": rank}

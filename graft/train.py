@@ -120,7 +120,7 @@ def evaluate(model, blocks: torch.Tensor, tc: TrainConfig, autocast) -> dict:
             trunk, final = bb.forward(ids, pos)
             hs = heads.hidden(bb, trunk, final, ids)
         st = distill_step(bb, heads, hs, final, ids, loss=tc.loss, decay=tc.head_decay, chunk=tc.vocab_chunk,
-                          backward=False, autocast=autocast)
+                          backward=False, autocast=autocast, ranks=True)
         nb += 1
         agg["loss"] += st["loss"]
         for k in range(K):

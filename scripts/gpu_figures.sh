@@ -1,32 +1,71 @@
 #!/usr/bin/env bash
-# Produce the README's GPU figures on a lent H100/H200 (see ../shared/gpu/README.md for setup).
-#   train:  self-distill data with the backbone, then train each head family for $MIN minutes
-#   export: export each trained family
-#   bench:  bench each export against plain decoding (baselines once, on the first family:
-#           they do not depend on the heads)
-# Usage: bash scripts/gpu_figures.sh train|export|bench WORKDIR PROMPTS BENCH_PROMPTS
+# Produce the README's GPU figures on a lent H100/H200 machine of one or more GPUs
+# (see ../shared/gpu/README.md for getting the model and wheels there).
+#
+#   distill: the backbone answers PROMPTS (split over the GPUs) -> $W/data.jsonl
+#   train:   each head family trained for at most $MIN minutes, one family per GPU in parallel
+#   bench:   export every family; bench the first family against all baselines on GPU 0 and
+#            the others (graft and graft without drafting only) on the other GPUs; the
+#            baselines decode with the backbone alone, so they do not depend on the heads
+#   figures: training throughput and peak memory (scripts/train_figures.py), on GPUs 1..
+#
+# Usage: bash scripts/gpu_figures.sh distill|train|bench|figures WORKDIR [PROMPTS]
 set -euo pipefail
-stage=$1; W=$2; P=$3; B=$4
-MIN=${MIN:-1.5}; N=${N:-1536}; NEW=${NEW:-128}; MODEL=${MODEL:-smollm2-135m}
-FAMILIES=${FAMILIES:-medusa blockwise meta-mtp deepseek-mtp}
+stage=$1; W=$2; P=${3:-}
+MIN=${MIN:-5.5}; STEPS=${STEPS:-2000}; NEW=${NEW:-256}; LIMIT=${LIMIT:-8}; MODEL=${MODEL:-smollm2-135m}
+FAMILIES=(${FAMILIES:-medusa blockwise meta-mtp deepseek-mtp})
+BASELINES=${BASELINES:-eager,static,lookup,nodraft}
+NGPU=$(nvidia-smi -L | wc -l)
 g() { python3 -m graft "$@"; }
-quiet() { tr '\r' '\n' | grep --line-buffered -v "^train\|^bench\|^distill\|Converting\|Loading weights\|Writing model"; }
+quiet() { tr '\r' '\n' | grep --line-buffered -Ev "^(train|bench|distill|export)|Converting|Loading weights|Writing model|it/s\]$"; }
+on() { local gpu=$1; shift; CUDA_VISIBLE_DEVICES=$((gpu % NGPU)) "$@"; }
 mkdir -p "$W"
 case "$stage" in
+distill)
+  split -n "l/$NGPU" -d "$P" "$W/prompts."
+  i=0
+  for part in "$W"/prompts.*; do
+    on $i g distill-data "$MODEL" --prompts "$part" --out "$W/data.$i.jsonl" --max-new-tokens 256 \
+      --batch-size 512 2>&1 | quiet &
+    i=$((i + 1))
+  done
+  wait
+  cat "$W"/data.*.jsonl > "$W/data.jsonl"
+  echo "distilled $(wc -l < "$W/data.jsonl") responses" ;;
 train)
-  [ -f "$W/data.jsonl" ] && [ "$(wc -l < "$W/data.jsonl")" -ge "$N" ] || \
-    g distill-data "$MODEL" --prompts "$P" --out "$W/data.jsonl" --num-samples "$N" --max-new-tokens 256 --batch-size 256
-  for fam in $FAMILIES; do
-    [ -f "$W/$fam/train_state.json" ] && continue
-    g add-heads "$MODEL" --heads "$fam" --num-heads 4 --out "$W/$fam" --force 2>&1 | quiet
-    g train "$W/$fam" --data "$W/data.jsonl" --config "recipes/$fam.yaml" --max-minutes "$MIN" 2>&1 | quiet
-  done ;;
-export)
-  for fam in $FAMILIES; do g export "$W/$fam" --out "$W/$fam-export" --force 2>&1 | quiet; done ;;
+  i=0
+  for fam in "${FAMILIES[@]}"; do
+    (on $i g add-heads "$MODEL" --heads "$fam" --num-heads 4 --out "$W/$fam" --force >/dev/null 2>&1 &&
+     on $i g train "$W/$fam" --data "$W/data.jsonl" --config "recipes/$fam.yaml" --max-steps "$STEPS" \
+       --max-minutes "$MIN" 2>&1 | quiet) &
+    i=$((i + 1))
+    [ $((i % NGPU)) -eq 0 ] && wait
+  done
+  wait ;;
 bench)
-  base=${BASELINES:-eager,static,nodraft}
-  for fam in $FAMILIES; do
-    g bench "$W/$fam-export" --prompts "$B" --max-new-tokens "$NEW" --baselines "$base" --json "$W/bench-$fam.json" 2>&1 | quiet
-    base=""
+  i=0
+  for fam in "${FAMILIES[@]}"; do
+    on $i g export "$W/$fam" --out "$W/$fam-export" --force 2>&1 | quiet &
+    i=$((i + 1))
+    [ $((i % NGPU)) -eq 0 ] && wait
+  done
+  wait
+  i=0
+  for fam in "${FAMILIES[@]}"; do
+    base=$([ $i -eq 0 ] && echo "$BASELINES" || echo nodraft)
+    on $i g bench "$W/$fam-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" --baselines "$base" \
+      --json "$W/bench-$fam.json" 2>&1 | quiet > "$W/bench-$fam.log" &
+    i=$((i + 1))
+    [ $((i % NGPU)) -eq 0 ] && wait
+  done
+  wait
+  cat "$W"/bench-*.log
+  python3 scripts/bench_table.py "$W"/bench-*.json ;;
+figures)
+  F=scripts/train_figures.py
+  on 1 python3 $F memory --family medusa --heads 4 --seq 2048 --json "$W/figures.jsonl" 2>&1 | tail -1
+  on 1 python3 $F memory --family medusa --heads 4 --seq 2048 --shared-lm-head --json "$W/figures.jsonl" 2>&1 | tail -1
+  for fam in "${FAMILIES[@]}"; do
+    on 2 python3 $F throughput --model "$MODEL" --family "$fam" --batch 32 --seq 512 --json "$W/figures.jsonl" 2>&1 | tail -1
   done ;;
 esac
