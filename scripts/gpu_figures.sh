@@ -10,7 +10,7 @@
 #   figures: training throughput and peak memory (scripts/train_figures.py), on GPUs 1..
 #
 # Usage: bash scripts/gpu_figures.sh distill|train|bench|figures WORKDIR [PROMPTS]
-set -euo pipefail
+set -uo pipefail  # no -e: one failed family must not stop the others
 stage=$1; W=$2; P=${3:-}
 MIN=${MIN:-5.5}; STEPS=${STEPS:-2000}; NEW=${NEW:-256}; LIMIT=${LIMIT:-8}; MODEL=${MODEL:-smollm2-135m}
 FAMILIES=(${FAMILIES:-medusa blockwise meta-mtp deepseek-mtp})
@@ -34,12 +34,11 @@ distill)
   echo "distilled $(wc -l < "$W/data.jsonl") responses" ;;
 train)
   i=0
-  for fam in "${FAMILIES[@]}"; do
+  for fam in "${FAMILIES[@]}"; do  # one family per GPU; several share a GPU where there are fewer
     (on $i g add-heads "$MODEL" --heads "$fam" --num-heads 4 --out "$W/$fam" --force >/dev/null 2>&1 &&
      on $i g train "$W/$fam" --data "$W/data.jsonl" --config "recipes/$fam.yaml" --max-steps "$STEPS" \
        --max-minutes "$MIN" 2>&1 | quiet) &
     i=$((i + 1))
-    [ $((i % NGPU)) -eq 0 ] && wait
   done
   wait ;;
 bench)
@@ -47,25 +46,34 @@ bench)
   for fam in "${FAMILIES[@]}"; do
     on $i g export "$W/$fam" --out "$W/$fam-export" --force 2>&1 | quiet &
     i=$((i + 1))
-    [ $((i % NGPU)) -eq 0 ] && wait
   done
   wait
-  i=0
-  for fam in "${FAMILIES[@]}"; do
-    base=$([ $i -eq 0 ] && echo "$BASELINES" || echo nodraft)
-    on $i g bench "$W/$fam-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" --baselines "$base" \
-      --json "$W/bench-$fam.json" 2>&1 | quiet > "$W/bench-$fam.log" &
-    i=$((i + 1))
-    [ $((i % NGPU)) -eq 0 ] && wait
+  on 0 g bench "$W/${FAMILIES[0]}-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" \
+    --baselines "$BASELINES" --json "$W/bench-${FAMILIES[0]}.json" > "$W/bench-${FAMILIES[0]}.log" 2>&1 &
+  first=$!
+  for i in $(seq 1 $((${#FAMILIES[@]} - 1))); do
+    fam=${FAMILIES[$i]}
+    on $i g bench "$W/$fam-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" --baselines nodraft \
+      --json "$W/bench-$fam.json" > "$W/bench-$fam.log" 2>&1 &
   done
+  # wait for the other families, then (with AFTER=figures) use their GPUs while GPU 0 runs the baselines
+  for job in $(jobs -p); do [ "$job" != "$first" ] && wait "$job"; done
+  [ -n "${AFTER:-}" ] && [ "$NGPU" -gt 1 ] && bash "$0" "$AFTER" "$W" "$P" > "$W/$AFTER.log" 2>&1
   wait
-  cat "$W"/bench-*.log
+  for f in "$W"/bench-*.log; do quiet < "$f"; done
   python3 scripts/bench_table.py "$W"/bench-*.json ;;
 figures)
   F=scripts/train_figures.py
-  on 1 python3 $F memory --family medusa --heads 4 --seq 2048 --json "$W/figures.jsonl" 2>&1 | tail -1
-  on 1 python3 $F memory --family medusa --heads 4 --seq 2048 --shared-lm-head --json "$W/figures.jsonl" 2>&1 | tail -1
-  for fam in "${FAMILIES[@]}"; do
-    on 2 python3 $F throughput --model "$MODEL" --family "$fam" --batch 32 --seq 512 --json "$W/figures.jsonl" 2>&1 | tail -1
-  done ;;
+  (on 1 python3 $F memory --family medusa --heads 4 --seq 2048 --json "$W/figures.jsonl" 2>&1 | tail -1
+   on 1 python3 $F memory --family medusa --heads 4 --seq 2048 --shared-lm-head --json "$W/figures.jsonl" 2>&1 |
+     tail -1) &
+  (for fam in "${FAMILIES[@]}"; do
+     on 2 python3 $F throughput --model "$MODEL" --family "$fam" --batch 32 --seq 512 --json "$W/figures.jsonl" 2>&1 |
+       tail -1
+   done) &
+  # the opt-in compiled engine (torch.compile + CUDA graph) on the first family, without baselines
+  [ -n "$P" ] && (timeout 400 env CUDA_VISIBLE_DEVICES=$((3 % NGPU)) python3 -m graft bench "$W/${FAMILIES[0]}-export" \
+    --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" --baselines nodraft --engine compiled \
+    --json "$W/compiled-${FAMILIES[0]}.json" 2>&1 | quiet | tail -8) &
+  wait ;;
 esac
