@@ -48,32 +48,20 @@ bench)
     i=$((i + 1))
   done
   wait
-  on 0 g bench "$W/${FAMILIES[0]}-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" \
-    --baselines "$BASELINES" --json "$W/bench-${FAMILIES[0]}.json" > "$W/bench-${FAMILIES[0]}.log" 2>&1 &
-  first=$!
-  for i in $(seq 1 $((${#FAMILIES[@]} - 1))); do
-    fam=${FAMILIES[$i]}
-    on $i g bench "$W/$fam-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" --baselines nodraft \
-      --json "$W/bench-$fam.json" > "$W/bench-$fam.log" 2>&1 &
-  done
-  # wait for the other families, then (with AFTER=figures) use their GPUs while GPU 0 runs the baselines
-  for job in $(jobs -p); do [ "$job" != "$first" ] && wait "$job"; done
-  [ -n "${AFTER:-}" ] && [ "$NGPU" -gt 1 ] && bash "$0" "$AFTER" "$W" "$P" > "$W/$AFTER.log" 2>&1
-  wait
-  for f in "$W"/bench-*.log; do quiet < "$f"; done
-  python3 scripts/bench_table.py "$W"/bench-*.json ;;
-figures)
+  # GPU 0 times the first family and every baseline, alone; the other families, then the
+  # figures (AFTER=figures)  # one after another on GPU 1 (GPU 0 where there is one)
   F=scripts/train_figures.py
-  (on 1 python3 $F memory --family medusa --heads 4 --seq 2048 --json "$W/figures.jsonl" 2>&1 | tail -1
-   on 1 python3 $F memory --family medusa --heads 4 --seq 2048 --shared-lm-head --json "$W/figures.jsonl" 2>&1 |
-     tail -1) &
-  (for fam in "${FAMILIES[@]}"; do
-     on 2 python3 $F throughput --model "$MODEL" --family "$fam" --batch 32 --seq 512 --json "$W/figures.jsonl" 2>&1 |
-       tail -1
-   done) &
+  one=$((NGPU > 1 ? 1 : 0))
+  on $one python3 $F memory --family medusa --heads 4 --seq 2048 --json "$W/figures.jsonl" 2>&1 | tail -1
+  on $one python3 $F memory --family medusa --heads 4 --seq 2048 --shared-lm-head --json "$W/figures.jsonl" 2>&1 |
+    tail -1
+  for fam in ${THROUGHPUT:-medusa blockwise}; do
+    on $one python3 $F throughput --model "$MODEL" --family "$fam" --batch 32 --seq 512 --json "$W/figures.jsonl" \
+      2>&1 | tail -1
+  done
   # the opt-in compiled engine (torch.compile + CUDA graph) on the first family, without baselines
-  [ -n "$P" ] && (timeout 400 env CUDA_VISIBLE_DEVICES=$((3 % NGPU)) python3 -m graft bench "$W/${FAMILIES[0]}-export" \
-    --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" --baselines nodraft --engine compiled \
-    --json "$W/compiled-${FAMILIES[0]}.json" 2>&1 | quiet | tail -8) &
-  wait ;;
+  [ -n "$P" ] && timeout "${COMPILED_S:-150}" env CUDA_VISIBLE_DEVICES=$one python3 -m graft bench \
+    "$W/${FAMILIES[0]}-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" --baselines nodraft \
+    --engine compiled --json "$W/compiled-${FAMILIES[0]}.json" 2>&1 | quiet | tail -8
+  ;;
 esac
