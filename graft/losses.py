@@ -18,6 +18,28 @@ def head_weights(K: int, decay: float) -> list[float]:
     return [x / s for x in w]
 
 
+class _SoftKL(torch.autograd.Function):
+    """sum over rows of KL(p || softmax(q)), with the backbone's p fixed.
+
+    KL = sum_v p log p - sum_v p q + logsumexp(q) (as sum_v p = 1), and d/dq = softmax(q) - p:
+    a few passes over the (rows, V) logits instead of the dozen that log_softmax, exp, the
+    difference and their autograd graph take; on a GPU that memory traffic is the loss's cost.
+    """
+
+    @staticmethod
+    def forward(ctx, q, p, plogp):
+        qf = q.float()
+        lse = torch.logsumexp(qf, dim=-1)
+        ctx.save_for_backward(q, p, lse)
+        return (plogp - torch.linalg.vecdot(p, qf) + lse).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        q, p, lse = ctx.saved_tensors
+        grad = torch.exp(q.float() - lse.unsqueeze(-1)).sub_(p).mul_(g)
+        return grad.to(q.dtype), None, None
+
+
 def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 0.8, chunk: int = 1024,
                  backward: bool = True, autocast=None, ranks: bool = False) -> dict:
     """Loss over all heads; backpropagates into the heads (and anything upstream of `hs`).
@@ -67,19 +89,22 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
             p_logits = bb.lm_head(normed[:, c0:c1]).float()
             logp = F.log_softmax(p_logits, dim=-1)
             target = p_logits.argmax(-1)
-        del p_logits
+            del p_logits
+            if loss == "kl":
+                p = logp.exp()
+                plogp = torch.linalg.vecdot(p, logp)  # (B, c): sum_v p log p, shared by all heads
+                del logp
         for k in range(K):
             s = k + 1
             j0 = max(c0, s)
             if j0 >= c1:
                 continue
             with ctx:
-                q_logits = heads.logits(bb, k, leaves[k][:, j0 - s:c1 - s]).float()
-            logq = F.log_softmax(q_logits, dim=-1)
+                q_logits = heads.logits(bb, k, leaves[k][:, j0 - s:c1 - s])
             if loss == "kl":
-                lp = logp[:, j0 - c0:]
-                l_sum = (lp.exp() * (lp - logq)).sum()
+                l_sum = _SoftKL.apply(q_logits, p[:, j0 - c0:], plogp[:, j0 - c0:])
             else:
+                logq = F.log_softmax(q_logits.float(), dim=-1)
                 l_sum = F.nll_loss(logq.flatten(0, 1), nxt[:, j0:c1].flatten(), ignore_index=-100, reduction="sum")
             l_chunk = l_sum / max(n_rows[k], 1)
             if leaves[k].requires_grad:

@@ -15,6 +15,7 @@ stage=$1; W=$2; P=${3:-}
 MIN=${MIN:-5.5}; STEPS=${STEPS:-2000}; NEW=${NEW:-256}; LIMIT=${LIMIT:-8}; MODEL=${MODEL:-smollm2-135m}
 FAMILIES=(${FAMILIES:-medusa blockwise meta-mtp deepseek-mtp})
 BASELINES=${BASELINES:-eager,static,lookup,nodraft}
+DISTILL_NEW=${DISTILL_NEW:-256}; TRAIN_ARGS=${TRAIN_ARGS:-}; SHAPE=${SHAPE:-llama3-8b}  # small values: a CPU dry run
 NGPU=$(nvidia-smi -L | wc -l)
 g() { python3 -m graft "$@"; }
 quiet() { tr '\r' '\n' | grep --line-buffered -Ev "^(train|bench|distill|export)|Converting|Loading weights|Writing model|it/s\]$"; }
@@ -22,10 +23,10 @@ on() { local gpu=$1; shift; CUDA_VISIBLE_DEVICES=$((gpu % NGPU)) "$@"; }
 mkdir -p "$W"
 case "$stage" in
 distill)
-  split -n "l/$NGPU" -d "$P" "$W/prompts."
+  split -n "l/$NGPU" -d --additional-suffix=.jsonl "$P" "$W/prompts."
   i=0
-  for part in "$W"/prompts.*; do
-    on $i g distill-data "$MODEL" --prompts "$part" --out "$W/data.$i.jsonl" --max-new-tokens 256 \
+  for part in "$W"/prompts.*.jsonl; do
+    on $i g distill-data "$MODEL" --prompts "$part" --out "$W/data.$i.jsonl" --max-new-tokens "$DISTILL_NEW" \
       --batch-size 512 2>&1 | quiet &
     i=$((i + 1))
   done
@@ -37,7 +38,7 @@ train)
   for fam in "${FAMILIES[@]}"; do  # one family per GPU; several share a GPU where there are fewer
     (on $i g add-heads "$MODEL" --heads "$fam" --num-heads 4 --out "$W/$fam" --force >/dev/null 2>&1 &&
      on $i g train "$W/$fam" --data "$W/data.jsonl" --config "recipes/$fam.yaml" --max-steps "$STEPS" \
-       --max-minutes "$MIN" 2>&1 | quiet) &
+       --max-minutes "$MIN" $TRAIN_ARGS 2>&1 | quiet) &
     i=$((i + 1))
   done
   wait ;;
@@ -48,20 +49,38 @@ bench)
     i=$((i + 1))
   done
   wait
-  # GPU 0 times the first family and every baseline, alone; the other families, then the
-  # figures (AFTER=figures)  # one after another on GPU 1 (GPU 0 where there is one)
+  # GPU 0 times the first family and every baseline, alone. The other families, then the figures
+  # (with AFTER=figures), run one after another on GPU 1, or on GPU 0 afterwards with one GPU.
+  one=$((NGPU > 1 ? 1 : 0))
+  rest() {
+    for fam in "${FAMILIES[@]:1}"; do
+      on $one g bench "$W/$fam-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" --baselines nodraft \
+        --json "$W/bench-$fam.json" > "$W/bench-$fam.log" 2>&1
+    done
+    if [ -n "${AFTER:-}" ]; then bash "$0" "$AFTER" "$W" "$P" > "$W/$AFTER.log" 2>&1; fi
+  }
+  [ "$one" = 1 ] && rest &
+  on 0 g bench "$W/${FAMILIES[0]}-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" \
+    --baselines "$BASELINES" --json "$W/bench-${FAMILIES[0]}.json" > "$W/bench-${FAMILIES[0]}.log" 2>&1
+  [ "$one" = 0 ] && rest
+  wait
+  for f in "$W"/bench-*.log; do quiet < "$f"; done
+  python3 scripts/bench_table.py "$W"/bench-*.json ;;
+figures)
+  # one after another on GPU 1 (GPU 0 where there is one)
   F=scripts/train_figures.py
   one=$((NGPU > 1 ? 1 : 0))
-  on $one python3 $F memory --family medusa --heads 4 --seq 2048 --json "$W/figures.jsonl" 2>&1 | tail -1
-  on $one python3 $F memory --family medusa --heads 4 --seq 2048 --shared-lm-head --json "$W/figures.jsonl" 2>&1 |
+  on $one python3 $F memory --shape "$SHAPE" --family medusa --heads 4 --seq 2048 --json "$W/figures.jsonl" 2>&1 | tail -1
+  on $one python3 $F memory --shape "$SHAPE" --family medusa --heads 4 --seq 2048 --shared-lm-head --json "$W/figures.jsonl" 2>&1 |
     tail -1
-  for fam in ${THROUGHPUT:-medusa blockwise}; do
+  for fam in ${THROUGHPUT-medusa blockwise}; do
     on $one python3 $F throughput --model "$MODEL" --family "$fam" --batch 32 --seq 512 --json "$W/figures.jsonl" \
       2>&1 | tail -1
   done
   # the opt-in compiled engine (torch.compile + CUDA graph) on the first family, without baselines
-  [ -n "$P" ] && timeout "${COMPILED_S:-150}" env CUDA_VISIBLE_DEVICES=$one python3 -m graft bench \
-    "$W/${FAMILIES[0]}-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" --baselines nodraft \
-    --engine compiled --json "$W/compiled-${FAMILIES[0]}.json" 2>&1 | quiet | tail -8
-  ;;
+  if [ -n "$P" ]; then
+    timeout "${COMPILED_S:-150}" env CUDA_VISIBLE_DEVICES=$one python3 -m graft bench "$W/${FAMILIES[0]}-export" \
+      --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" --baselines nodraft --engine compiled \
+      --json "$W/compiled-${FAMILIES[0]}.json" 2>&1 | quiet | tail -8
+  fi ;;
 esac
