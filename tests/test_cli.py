@@ -76,6 +76,9 @@ def test_export_generate_matches_plain_greedy(tiny_dirs, tmp_path):
     r = run("generate", e, "--prompt", "the quick", "--max-new-tokens", "20", "--stats", "--device", "cpu")
     assert r.stdout.strip() == tok.decode(ref, skip_special_tokens=True).strip()
     assert "tokens/step" in r.output
+    r = run("generate", e, "--prompt", "the quick", "--max-new-tokens", "20", "--engine", "static", "--device", "cpu")
+    assert r.stdout.strip() == tok.decode(ref, skip_special_tokens=True).strip()
+    one_line_error(run("generate", e, "--prompt", "x", "--engine", "graph", "--device", "cpu", ok=False), "CUDA")
     one_line_error(run("generate", e, "--prompt", "x", "--temperature", "-1", ok=False), "temperature")
     one_line_error(run("generate", tmp_path, "--prompt", "x", ok=False), "graft.json")
     # sampling runs and is reproducible with a seed
