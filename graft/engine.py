@@ -81,7 +81,8 @@ class Step:
             target = bb.logits(final[0]).argmax(dim=-1)  # (N,)
             if self.ranks:
                 lg = self.heads.tree_logits(bb, self.head_state, trunk, final, positions, start, mask)
-                top = lg.topk(self.ranks, dim=-1).indices  # (K, N, R)
+                # (N + K*N*R,): the argmax, then every head's top-R at every node, for one copy out
+                top = torch.cat([target, lg.topk(self.ranks, dim=-1).indices.flatten()])
         return trunk, final, target, top
 
     def _capture(self, fn):
@@ -99,7 +100,9 @@ class Step:
             self.out = fn(self.n)
 
     def __call__(self, tokens, n: int):
-        """tokens: N ids (list or tensor). Returns (trunk, final, target, top) for the N nodes.
+        """tokens: N ids (list or tensor). Returns (trunk, final, target, top) for the N nodes:
+        target (N,) the backbone's argmax; top, with drafting in the step, target followed by
+        the heads' candidates (K, N, R) flattened.
 
         In the static and graph engines the results live in buffers the next call overwrites."""
         self.tokens.copy_(torch.as_tensor(tokens, dtype=torch.long), non_blocking=True)

@@ -341,7 +341,7 @@ class SpeculativeDecoder:
         tokens = [last] + [drafts[tree.depths[i] - 1][tree.ranks[i]] for i in range(1, N)]
         trunk, final, target, top = step(tokens, n)
         if top is not None:
-            host = torch.cat([target, top.flatten()]).tolist()
+            host = top.tolist()
             target, top = host[:N], host[N:]
         else:
             target = target.tolist()
@@ -352,13 +352,14 @@ class SpeculativeDecoder:
             out.proposed[d] += 1
         for d in range(len(new) - 1):
             out.accepted[d] += 1
-        idx = torch.tensor(path, device=cache.k.device)
         if path[-1] != len(path) - 1:  # the path's nodes are not already the first slots
+            idx = torch.tensor(path, device=cache.k.device)
             cache.keep(n, idx)
             if top is not None:  # the heads cached the whole tree too
                 self.heads.keep(state, n, idx)
         if top is not None:
             return new, len(path), [[top[(k * N + best) * R + r] for r in range(R)] for k in range(K)]
+        idx = torch.tensor(path, device=cache.k.device)
         self.heads.commit(self.bb, state, trunk[:, idx], final[:, idx], torch.tensor([new], device=idx.device), n)
         return new, len(path), self._drafts(state, R)
 
