@@ -252,7 +252,7 @@ def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load
                        "tokens_per_s": tps}
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
-            if step % tc.eval_every == 0 and len(eval_blocks):
+            if step % tc.eval_every == 0 and len(eval_blocks) and step < total:  # the last: below
                 ev = evaluate(model, eval_blocks, tc, autocast)
                 metrics.write(json.dumps({"step": step, "eval": ev}) + "\n")
                 metrics.flush()
