@@ -213,3 +213,18 @@ def test_graph_engine_needs_cuda(tokenizer):
         m.generate(input_ids=[1, 2], max_new_tokens=2, engine="graph")
     with pytest.raises(GraftError, match="engine"):
         DecodeConfig(engine="fast")
+
+
+def test_static_engine_grows_its_cache(tokenizer):
+    """A longer generation than the pooled cache holds reallocates it (and its steps) correctly."""
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="meta-mtp", num_heads=3)
+    perturb(m, 0.05)
+    short = encode(tokenizer, PROMPTS[1])
+    assert m.generate(input_ids=short, max_new_tokens=10, engine="static").ids == plain_greedy(bb, short, 10)
+    assert m._decoder._pool["static"]["max_len"] == 256
+    long = (short * 60)[:180]
+    assert len(long) == 180
+    g = m.generate(input_ids=long, max_new_tokens=60, engine="static")
+    assert m._decoder._pool["static"]["max_len"] == 512
+    assert g.ids == plain_greedy(bb, long, 60)
