@@ -5,18 +5,24 @@ compaction is exercised) and each engine, greedy output is compared token by tok
 transformers' `generate`; then the loop without drafting is timed per engine.
 
   python scripts/engine_check.py smollm2-135m --dtype float32 --engines eager,static,graph
+
+--sweep times one verification step (with the heads' drafting inside it, and the copy of its
+results to the host) against the tree size, and the KV compaction after it, per engine:
+  python scripts/engine_check.py smollm2-135m --dtype bfloat16 --engines graph --sweep
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 
 from graft.backbone import load_backbone
 from graft.config import HEAD_FAMILIES
 from graft.model import add_heads, encode_prompt
-from graft.speculative import DecodeConfig, SpeculativeDecoder
+from graft.engine import Step
+from graft.speculative import DecodeConfig, SpeculativeDecoder, Tree, build_tree, default_accuracies
 
 PROMPTS = ["Write a haiku about the sea.", "What is 17 times 23? Explain step by step.",
            "List three uses of a paperclip.", "Translate 'good morning' into French and Spanish."]
@@ -30,9 +36,13 @@ def main(argv=None):
     p.add_argument("--engines", default="eager,static,graph")
     p.add_argument("--families", default=",".join(HEAD_FAMILIES))
     p.add_argument("--new", type=int, default=64)
+    p.add_argument("--sweep", action="store_true", help="time the step against the tree size instead")
+    p.add_argument("--sizes", default="0,1,2,4,8,16,32,64", help="tree sizes (nodes besides the root) to sweep")
     a = p.parse_args(argv)
     engines = a.engines.split(",")
     bb = load_backbone(a.model, dtype=a.dtype, device=a.device)
+    if a.sweep:
+        return sweep(bb, engines, [int(x) for x in a.sizes.split(",")])
     prompts = [encode_prompt(bb.tokenizer, q, True) for q in PROMPTS]
     refs = []
     for ids in prompts:
@@ -72,6 +82,45 @@ def main(argv=None):
                 n += len(g.ids)
             print(f"timing {eng:<7} draft={draft!s:<5} {n / t:8.1f} tok/s", flush=True)
     print("ALL IDENTICAL" if not bad else f"{bad} family/engine pairs differ")
+    return 0
+
+
+def _sync(bb):
+    if bb.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def sweep(bb, engines, sizes, context=300, reps=20):
+    """ms per verification step (drafting inside for the static engines) and per KV compaction."""
+    m = add_heads(bb, heads="medusa", num_heads=4)
+    m.heads.to(bb.dtype)
+    heads = m.heads
+    print(f"{'engine':<9}{'tree nodes':>11}{'step ms':>9}{'compaction ms':>15}", flush=True)
+    for eng in engines:
+        for size in sizes:
+            tree = Tree(build_tree(default_accuracies(4), size), bb.device) if size else Tree([], bb.device)
+            cache = bb.new_cache(1024)
+            state = heads.new_state(bb, 1024)
+            ranks = tree.max_rank if size and eng != "eager" else 0
+            step = Step(bb, cache, tree.anc_cpu, tree.depths, mode=eng, heads=heads, head_state=state, ranks=ranks)
+            tokens = [1] * tree.n
+            for _ in range(3):
+                out = step(tokens, context)
+            _sync(bb)
+            t = time.perf_counter()
+            for _ in range(reps):
+                _, _, target, top = step(tokens, context)
+                (top if top is not None else target).tolist()  # the one copy to the host a step makes
+            per_step = (time.perf_counter() - t) / reps * 1e3
+            path = torch.tensor([0] + [i for i in range(1, tree.n) if tree.depths[i] <= 4][-1:], device=bb.device)
+            t = time.perf_counter()
+            for _ in range(reps):
+                cache.keep(context, path)
+            _sync(bb)
+            per_keep = (time.perf_counter() - t) / reps * 1e3
+            print(f"{eng:<9}{tree.n:>11}{per_step:>9.2f}{per_keep:>15.2f}", flush=True)
+            del out, step
     return 0
 
 
