@@ -125,7 +125,7 @@ def build_tree(acc: list[list[float]], size: int) -> list[list[int]]:
 class Tree:
     """Static structure of a draft tree: node 0 is the root (the last known token)."""
 
-    def __init__(self, paths: list[list[int]], device):
+    def __init__(self, paths: list[list[int]]):
         paths = sorted((tuple(p) for p in paths), key=lambda p: (len(p), p))
         index = {(): 0}
         parent, depth, rank = [-1], [0], [0]
@@ -137,35 +137,35 @@ class Tree:
             depth.append(len(p))
             rank.append(p[-1])
         n = len(parent)
-        anc = torch.zeros(n, n, dtype=torch.bool)
+        self.lineage = []  # node i's ancestors-or-self, root first
         for i in range(n):
-            j = i
+            line, j = [], i
             while j >= 0:
-                anc[i, j] = True
+                line.append(j)
                 j = parent[j]
+            self.lineage.append(line[::-1])
+        anc = torch.zeros(n, n, dtype=torch.bool)  # (n, n) ancestor-or-self, for the attention mask
+        for i, line in enumerate(self.lineage):
+            anc[i, line] = True
         self.n = n
-        self.paths = [tuple(p) for p in paths]
+        self.paths = paths
         self.parents, self.depths, self.ranks = parent, depth, rank
-        self.lineage = [torch.nonzero(anc[i], as_tuple=False).flatten().tolist() for i in range(n)]  # root..i
+        self.anc = anc
         self.max_depth = max(depth)
         self.max_rank = max(rank) + 1
-        self.parent = torch.tensor(parent[1:], device=device)  # for nodes 1..n-1
-        self.depth = torch.tensor(depth, device=device)
-        self.rank = torch.tensor(rank, device=device)
-        self.anc = anc.to(device)  # (n, n) ancestor-or-self
-        self.anc_cpu = anc
 
-    def accept(self, tokens: list, target: list) -> int:
-        """The deepest node whose whole lineage matches the backbone's argmax (first such on ties).
-
-        tokens[i]: node i's token; target[i]: the backbone's argmax after node i."""
+    def accept(self, tokens: list, target: list) -> tuple[list, list]:
+        """Greedy acceptance: the deepest node whose whole lineage matches the backbone's argmax
+        (the first such on ties). tokens[i]: node i's token; target[i]: the backbone's argmax
+        after node i. Returns (the accepted nodes, root first; the new tokens, bonus included)."""
         good = [True] * self.n
         best = 0
         for i in range(1, self.n):  # parents come before children
             good[i] = good[self.parents[i]] and tokens[i] == target[self.parents[i]]
             if good[i] and self.depths[i] > self.depths[best]:
                 best = i
-        return best
+        path = self.lineage[best]
+        return path, [tokens[j] for j in path[1:]] + [target[best]]
 
 
 def warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -197,6 +197,14 @@ def accept_sample(p: torch.Tensor, q: torch.Tensor, draft: int, gen) -> tuple[bo
     return False, int(torch.multinomial(residual / s, 1, generator=gen).item())
 
 
+def _count(out: Generation, tree: Tree, new: list) -> None:
+    """Per-depth statistics of one step: every depth was drafted, len(new) - 1 were kept."""
+    for d in range(tree.max_depth):
+        out.proposed[d] += 1
+    for d in range(len(new) - 1):
+        out.accepted[d] += 1
+
+
 class SpeculativeDecoder:
     """Decodes with a GraftModel. Reuse one decoder across calls: with the static and graph
     engines it keeps the KV cache and the captured steps between generations."""
@@ -213,11 +221,11 @@ class SpeculativeDecoder:
             return None
         chain = [[0] * d for d in range(1, K + 1)]
         if cfg.temperature > 0 or cfg.tree == "chain" or not self.heads.parallel:
-            return Tree(chain, self.bb.device)
+            return Tree(chain)
         if cfg.tree_size == 0 and self.model.config.tree:
-            return Tree(self.model.config.tree, self.bb.device)
+            return Tree(self.model.config.tree)
         acc = (self.model.config.training or {}).get("rank_accuracy") or default_accuracies(K)
-        return Tree(build_tree(acc, cfg.tree_size or 24), self.bb.device)
+        return Tree(build_tree(acc, cfg.tree_size or 24))
 
     def _buffers(self, engine: str, need: int, drafting: bool):
         """KV cache, head state and a cache of Steps for one generation of up to `need` slots."""
@@ -267,8 +275,7 @@ class SpeculativeDecoder:
         K = heads.num_heads if tree is not None else 0
         greedy = cfg.temperature == 0
         fast = greedy and tree is not None and heads.parallel  # drafts come out of the step itself
-        root_only = Tree([], dev)
-        shape = tree or root_only
+        shape = tree or Tree([])  # without drafting: the root alone
         gen = torch.Generator(device=dev)
         if cfg.seed is not None:
             gen.manual_seed(cfg.seed)
@@ -284,7 +291,7 @@ class SpeculativeDecoder:
         ranks = shape.max_rank if fast and engine != "eager" else 0
         key = (tuple(shape.paths), ranks, greedy)
         if key not in steps:
-            steps[key] = Step(bb, cache, shape.anc_cpu, shape.depths, mode=engine, heads=heads, head_state=state,
+            steps[key] = Step(bb, cache, shape.anc, shape.depths, mode=engine, heads=heads, head_state=state,
                               ranks=ranks, greedy=greedy)
         step = steps[key]
         mask = additive_mask(causal_allowed(P, 0, dev), bb.dtype)
@@ -345,14 +352,10 @@ class SpeculativeDecoder:
             target, top = host[:N], host[N:]
         else:
             target = target.tolist()
-        best = tree.accept(tokens, target)
-        path = tree.lineage[best]
-        new = [tokens[j] for j in path[1:]] + [target[best]]
-        for d in range(tree.max_depth):
-            out.proposed[d] += 1
-        for d in range(len(new) - 1):
-            out.accepted[d] += 1
-        if path[-1] != len(path) - 1:  # the path's nodes are not already the first slots
+        path, new = tree.accept(tokens, target)
+        best = path[-1]
+        _count(out, tree, new)
+        if best != len(path) - 1:  # the path's nodes are not already the first slots
             idx = torch.tensor(path, device=cache.k.device)
             cache.keep(n, idx)
             if top is not None:  # the heads cached the whole tree too
@@ -422,13 +425,8 @@ class SpeculativeDecoder:
                 pick(k, lg)
         tokens = [last] + [t for t, _ in picked[:tree.n - 1]]
         trunk, final, target, _ = step(tokens, n)
-        for d in range(1, tree.max_depth + 1):
-            out.proposed[d - 1] += 1
         if greedy:
-            target = target.tolist()
-            best = tree.accept(tokens, target)
-            path = tree.lineage[best]
-            new = [tokens[j] for j in path[1:]] + [target[best]]
+            path, new = tree.accept(tokens, target.tolist())
         else:
             logits = bb.logits(final[0])  # (n, V)
             new, a = [], 0
@@ -442,7 +440,6 @@ class SpeculativeDecoder:
             else:
                 new.append(self._choose(logits[tree.n - 1], cfg, gen))
             path = list(range(a + 1))
-        for d in range(len(new) - 1):
-            out.accepted[d] += 1
+        _count(out, tree, new)
         path = torch.tensor(path, device=dev)  # a chain's path is always its first nodes: no compaction
         return path, new, trunk[:, path], final[:, path]

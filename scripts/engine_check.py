@@ -99,11 +99,11 @@ def sweep(bb, engines, sizes, context=300, reps=20):
     print(f"{'engine':<9}{'tree nodes':>11}{'step ms':>9}{'compaction ms':>15}", flush=True)
     for eng in engines:
         for size in sizes:
-            tree = Tree(build_tree(default_accuracies(4), size), bb.device) if size else Tree([], bb.device)
+            tree = Tree(build_tree(default_accuracies(4), size))
             cache = bb.new_cache(1024)
             state = heads.new_state(bb, 1024)
             ranks = tree.max_rank if size and eng != "eager" else 0
-            step = Step(bb, cache, tree.anc_cpu, tree.depths, mode=eng, heads=heads, head_state=state, ranks=ranks)
+            step = Step(bb, cache, tree.anc, tree.depths, mode=eng, heads=heads, head_state=state, ranks=ranks)
             tokens = [1] * tree.n
             for _ in range(3):
                 out = step(tokens, context)

@@ -172,10 +172,10 @@ def test_build_tree_is_prefix_closed_and_best_first():
     assert len(paths) == 8
     assert all(tuple(p[:-1]) in {tuple(q) for q in paths} | {()} for p in paths)
     assert [0] in paths and [0, 0] in paths and [0, 0, 0] in paths
-    t = Tree(paths, "cpu")
+    t = Tree(paths)
     assert t.n == 9 and t.max_depth == 3
     with pytest.raises(GraftError, match="prefix-closed"):
-        Tree([[0, 1]], "cpu")
+        Tree([[0, 1]])
 
 
 def test_bad_decode_options():
