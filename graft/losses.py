@@ -71,14 +71,12 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
     # head k's rows: positions 0..T-k-2, targets at positions k+1..T-1
     leaves = []
     for k, h in enumerate(hs):
-        rows = h[:, : max(T - k - 1, 0)]
-        leaves.append(rows.detach().requires_grad_(backward and rows.requires_grad))
+        own = h[:, : max(T - k - 1, 0)]
+        leaves.append(own.detach().requires_grad_(backward and own.requires_grad))
     # ce: the token after target position j is ids[:, j+1]; the last position has none
     nxt = torch.cat([ids[:, 1:], ids.new_full((B, 1), -100)], dim=1)
-    if loss == "kl":
-        n_rows = [B * max(T - k - 1, 0) for k in range(K)]
-    else:
-        n_rows = [int((nxt[:, k + 1:] != -100).sum()) for k in range(K)]
+    rows = [B * max(T - k - 1, 0) for k in range(K)]
+    n_rows = rows if loss == "kl" else [int((nxt[:, k + 1:] != -100).sum()) for k in range(K)]
     loss_k = torch.zeros(K, device=dev)
     top1 = torch.zeros(K, dtype=torch.long, device=dev)
     hits = torch.zeros(K, RANKS, dtype=torch.long, device=dev)
@@ -125,5 +123,5 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
     loss_k = loss_k.tolist()
     rank = hits.tolist()
     return {"loss": sum(wk * lk for wk, lk in zip(w, loss_k)), "loss_k": loss_k,
-            "n": [B * max(T - k - 1, 0) for k in range(K)], "top1": top1.tolist(),
+            "n": rows, "top1": top1.tolist(),
             "top5": [sum(r[:5]) for r in rank], "rank": rank}

@@ -115,12 +115,7 @@ def evaluate(model, blocks: torch.Tensor, tc: TrainConfig, autocast) -> dict:
     nb = 0
     for start in range(0, min(len(blocks), tc.eval_batches * tc.batch_size), tc.batch_size):
         ids = blocks[start:start + tc.batch_size].to(bb.device)
-        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        with autocast:
-            trunk, final = bb.forward(ids, pos)
-            hs = heads.hidden(bb, trunk, final, ids)
-        st = distill_step(bb, heads, hs, final, ids, loss=tc.loss, decay=tc.head_decay, chunk=tc.vocab_chunk,
-                          backward=False, autocast=autocast, ranks=True)
+        st = micro_step(bb, heads, ids, tc, autocast, backward=False, ranks=True)
         nb += 1
         agg["loss"] += st["loss"]
         for k in range(K):
@@ -134,16 +129,18 @@ def evaluate(model, blocks: torch.Tensor, tc: TrainConfig, autocast) -> dict:
             "rank_accuracy": [[c / nk for c in row] for row, nk in zip(agg["rank"], n)]}
 
 
-def micro_step(bb, heads, ids, tc: TrainConfig, autocast, backbone_grad: bool = False) -> dict:
-    """One backbone forward (no grad unless LoRA trains it), all heads, the chunked loss and its
-    backward. Gradients accumulate in the heads; the optimizer step is the caller's."""
+def micro_step(bb, heads, ids, tc: TrainConfig, autocast, backbone_grad: bool = False, backward: bool = True,
+               ranks: bool = False) -> dict:
+    """One backbone forward (no grad unless LoRA trains it), all heads, the chunked loss and, with
+    `backward`, its backward: gradients accumulate in the heads; the optimizer step is the
+    caller's. `ranks` adds the per-rank statistics of evaluation."""
     pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     with autocast:
         with contextlib.nullcontext() if backbone_grad else torch.no_grad():
             trunk, final = bb.forward(ids, pos)
         hs = heads.hidden(bb, trunk, final, ids)
     return distill_step(bb, heads, hs, final.detach(), ids, loss=tc.loss, decay=tc.head_decay,
-                        chunk=tc.vocab_chunk, autocast=autocast)
+                        chunk=tc.vocab_chunk, backward=backward, autocast=autocast, ranks=ranks)
 
 
 def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load_in_4bit: bool = False,

@@ -34,11 +34,13 @@ class BlockwiseHeads(Heads):
     def logits(self, bb, k, h):
         return bb.lm_head(h.to(bb.dtype)).float()  # h is already normalised
 
-    def tree_logits(self, bb, state, trunk, final, positions, start, mask):
-        hs = self._apply_heads(bb.norm(final[0]).to(self.out[0].weight.dtype))
+    def _all_logits(self, bb, final):
+        """final (..., d) -> (K, ..., V): one product reads the unembedding once for all heads."""
+        hs = self._apply_heads(bb.norm(final).to(self.out[0].weight.dtype))
         return self.logits(bb, 0, torch.stack(hs))
 
+    def tree_logits(self, bb, state, trunk, final, positions, start, mask):
+        return self._all_logits(bb, final[0])
+
     def draft(self, bb, state, pick):
-        hs = self._apply_heads(bb.norm(state["final"][0, -1]).to(self.out[0].weight.dtype))
-        # one (K, d) x (d, V) product reads the unembedding once instead of K times
-        return list(self.logits(bb, 0, torch.stack(hs)).unbind(0))
+        return list(self._all_logits(bb, state["final"][0, -1]).unbind(0))

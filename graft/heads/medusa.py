@@ -55,10 +55,13 @@ class MedusaHeads(Heads):
             return bb.lm_head(h.to(bb.dtype)).float()
         return self.lm_heads[k](h.to(self.lm_heads[k].weight.dtype)).float()
 
-    def tree_logits(self, bb, state, trunk, final, positions, start, mask):
-        normed = bb.norm(final[0]).to(self.blocks[0][0].linear.weight.dtype)
+    def _all_logits(self, bb, final):
+        """final (..., d) -> (K, ..., V)."""
+        normed = bb.norm(final).to(self.blocks[0][0].linear.weight.dtype)
         return torch.stack([self.logits(bb, k, blocks(normed)) for k, blocks in enumerate(self.blocks)])
 
+    def tree_logits(self, bb, state, trunk, final, positions, start, mask):
+        return self._all_logits(bb, final[0])
+
     def draft(self, bb, state, pick):
-        normed = bb.norm(state["final"][0, -1]).to(self.blocks[0][0].linear.weight.dtype)
-        return [self.logits(bb, k, blocks(normed)) for k, blocks in enumerate(self.blocks)]
+        return list(self._all_logits(bb, state["final"][0, -1]).unbind(0))
