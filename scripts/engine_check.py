@@ -19,6 +19,7 @@ import time
 import torch
 
 from graft.backbone import load_backbone
+from graft.bench import sync
 from graft.config import HEAD_FAMILIES
 from graft.model import add_heads, encode_prompt
 from graft.engine import Step
@@ -85,11 +86,6 @@ def main(argv=None):
     return 0
 
 
-def _sync(bb):
-    if bb.device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @torch.inference_mode()
 def sweep(bb, engines, sizes, context=300, reps=20):
     """ms per verification step (drafting inside for the static engines) and per KV compaction."""
@@ -107,7 +103,7 @@ def sweep(bb, engines, sizes, context=300, reps=20):
             tokens = [1] * tree.n
             for _ in range(3):
                 out = step(tokens, context)
-            _sync(bb)
+            sync(bb.device)
             t = time.perf_counter()
             for _ in range(reps):
                 _, _, target, top = step(tokens, context)
@@ -117,7 +113,7 @@ def sweep(bb, engines, sizes, context=300, reps=20):
             t = time.perf_counter()
             for _ in range(reps):
                 cache.keep(context, path)
-            _sync(bb)
+            sync(bb.device)
             per_keep = (time.perf_counter() - t) / reps * 1e3
             print(f"{eng:<9}{tree.n:>11}{per_step:>9.2f}{per_keep:>15.2f}", flush=True)
             del out, step

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from graft.bench import device_name, sync
 from graft.config import TrainConfig
 from graft.model import add_heads
 from graft.train import micro_step
@@ -34,19 +35,14 @@ SHAPES = {
 }
 
 
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed(fn, dev, warmup, steps):
     for _ in range(warmup):
         fn()
-    _sync(dev)
+    sync(dev)
     t = time.perf_counter()
     for _ in range(steps):
         fn()
-    _sync(dev)
+    sync(dev)
     return (time.perf_counter() - t) / steps
 
 
@@ -79,7 +75,7 @@ def throughput(a):
     trn = _timed(lambda: step(ids), dev, a.warmup, a.steps)
     n = a.batch * a.seq
     out = {"figure": "throughput", "model": a.model, "family": a.family, "heads": a.heads, "batch": a.batch,
-           "seq": a.seq, "dtype": str(bb.dtype).removeprefix("torch."), "device": _device_name(dev),
+           "seq": a.seq, "dtype": str(bb.dtype).removeprefix("torch."), "device": device_name(dev),
            "forward_tokens_per_s": n / fwd, "train_tokens_per_s": n / trn, "train_over_forward": fwd / trn}
     print(f"{a.family} x{a.heads} on {a.model}, batch {a.batch} x {a.seq}, {out['dtype']}, {out['device']}: "
           f"backbone forward {out['forward_tokens_per_s']:.0f} tok/s, training {out['train_tokens_per_s']:.0f} tok/s "
@@ -103,10 +99,6 @@ def _quantize_linears(module, dev):
             setattr(module, name, q)
         else:
             _quantize_linears(child, dev)
-
-
-def _device_name(dev):
-    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
 
 def memory(a):
@@ -153,7 +145,7 @@ def memory(a):
     reserved = torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else 0
     out = {"figure": "memory", "shape": a.shape, "family": a.family, "heads": a.heads,
            "shared_lm_head": a.shared_lm_head, "batch": a.batch, "seq": a.seq, "vocab_chunk": a.vocab_chunk,
-           "backbone": "4-bit NF4 (double quant), random weights", "device": _device_name(dev),
+           "backbone": "4-bit NF4 (double quant), random weights", "device": device_name(dev),
            "head_params": sum(p.numel() for p in model.heads.parameters()),
            "before_training_gib": weights / gib, "peak_allocated_gib": peak / gib, "peak_reserved_gib": reserved / gib,
            "seconds_per_step": per_step, "build_seconds": build_s, "loss": losses[-1]}

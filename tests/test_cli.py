@@ -154,3 +154,13 @@ def test_bench_report_and_bad_prompts(tiny_dirs, tmp_path):
     bad.write_text('{oops\n')
     one_line_error(run("bench", e, "--prompts", bad, ok=False), "not valid JSON")
     one_line_error(run("bench", e, "--prompts", prompts, "--limit", "0", ok=False), "--limit")
+
+
+def test_engine_choices_match_the_engine_module():
+    """The CLI writes the engine names out (no torch import for --help); they must not drift."""
+    from graft.cli import bench_cmd, generate_cmd
+    from graft.engine import ENGINES
+
+    for cmd in (generate_cmd, bench_cmd):
+        (param,) = [p for p in cmd.params if p.name == "engine"]
+        assert tuple(param.type.choices) == ENGINES
