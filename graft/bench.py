@@ -96,7 +96,8 @@ def bench(graft_dir: str, prompts: str, *, limit=None, max_new_tokens=256, tempe
     t0 = time.perf_counter()
     warm = max(encoded, key=len)
     short = dataclasses.replace(cfg, max_new_tokens=8)
-    for c in (cfg, plain_cfg) if notes["engine"] != "eager" else (short, dataclasses.replace(short, draft=False)):
+    warm_cfgs = (cfg, plain_cfg) if notes["engine"] != "eager" else (short, dataclasses.replace(short, draft=False))
+    for c in warm_cfgs[:2 if "nodraft" in baselines else 1]:
         dec.generate(warm, c)
     hf_kw = {b: kw for b, kw in BASELINES.items() if b in baselines and kw is not None}
     for name, kw in list(hf_kw.items()):

@@ -132,7 +132,8 @@ def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_sampl
               "`prompt`+`response` or `text` records (e.g. from `graft distill-data`), or a hub dataset name.")
 @click.option("--config", "recipe", type=click.Path(dir_okay=False), help="YAML recipe; options given here win.")
 @click.option("--max-steps", type=int, help="Optimizer steps (default: --epochs over the data).")
-@click.option("--max-minutes", type=float, help="Stop (and checkpoint) after this much wall time.")
+@click.option("--max-minutes", type=float, help="Stop (and checkpoint) after this much wall time; the "
+              "cosine learning-rate decay then ends when the time does.")
 @click.option("--epochs", type=float, help="Passes over the data. [default: 1]")
 @click.option("--seq-len", type=int, help="Tokens per packed sequence. [default: 512]")
 @click.option("--batch-size", type=int, help="Sequences per micro-batch. [default: 8]")

@@ -44,6 +44,12 @@ def make_train_config(values: dict, num_heads: int) -> TrainConfig:
     return TrainConfig(**values, num_heads=num_heads)
 
 
+def time_horizon(step: int, total: int, seconds_per_step: float, seconds_left: float) -> int:
+    """The step the learning-rate decay should end at under a time budget: the steps that still
+    fit at the recent pace, never more than `total` nor fewer than the next step."""
+    return min(total, step + 1 + int(max(0.0, seconds_left) / max(seconds_per_step, 1e-9)))
+
+
 def lr_lambda(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -182,7 +188,10 @@ def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load
     total = tc.max_steps or max(1, math.ceil(tc.epochs * len(train_blocks) / (tc.batch_size * micro_per_step)))
     params = list(heads.parameters()) + list(lora_params.values())
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, tc.warmup, total))
+    # With --max-minutes the cosine decay ends when time runs out, not at a max_steps never reached:
+    # the horizon is re-estimated every step from the pace so far (evaluations included).
+    horizon = [total]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, tc.warmup, horizon[0]))
     step = 0
     if meta is not None:
         step = meta["step"]
@@ -209,6 +218,8 @@ def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load
     kill_at = int(os.environ.get("GRAFT_TEST_KILL_AT_STEP", "0"))  # tests: SIGKILL mid-run
     bar = tqdm(total=total, initial=step, desc=f"train {config.heads.family}", unit="step", disable=not progress)
     last_saved, t_start, tokens_seen = step, time.perf_counter(), 0
+    pace_from = None  # (step, time) once a few steps have warmed up: the pace under --max-minutes
+    first_step = step
     last = {"loss": float("nan"), "top1": [0.0] * heads.num_heads}
     history_tps = []
     try:
@@ -234,10 +245,17 @@ def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load
                         p.grad.div_(micro_per_step)
             torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
             opt.step()
-            sched.step()
             step += 1
             if cuda:
                 torch.cuda.synchronize()
+            if tc.max_minutes:
+                now = time.perf_counter()
+                if pace_from is None and step >= first_step + 5:
+                    pace_from = (step, now)
+                elif pace_from is not None:
+                    pace = (now - pace_from[1]) / (step - pace_from[0])
+                    horizon[0] = time_horizon(step, total, pace, tc.max_minutes * 60 - (now - t_start))
+            sched.step()
             tps = tc.batch_size * micro_per_step * tc.seq_len / (time.perf_counter() - t0)
             history_tps.append(tps)
             top1 = [a / max(b, 1) for a, b in zip(agg["top1"], agg["n"])]

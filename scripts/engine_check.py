@@ -39,11 +39,13 @@ def main(argv=None):
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--sweep", action="store_true", help="time the step against the tree size instead")
     p.add_argument("--sizes", default="0,1,2,4,8,16,32,64", help="tree sizes (nodes besides the root) to sweep")
+    p.add_argument("--profile", type=int, default=0, metavar="SIZE",
+                   help="with --sweep: also profile one generation with a tree of SIZE nodes (torch.profiler)")
     a = p.parse_args(argv)
     engines = a.engines.split(",")
     bb = load_backbone(a.model, dtype=a.dtype, device=a.device)
     if a.sweep:
-        return sweep(bb, engines, [int(x) for x in a.sizes.split(",")])
+        return sweep(bb, engines, [int(x) for x in a.sizes.split(",")], a.profile)
     prompts = [encode_prompt(bb.tokenizer, q, True) for q in PROMPTS]
     refs = []
     for ids in prompts:
@@ -87,12 +89,15 @@ def main(argv=None):
 
 
 @torch.inference_mode()
-def sweep(bb, engines, sizes, context=300, reps=20):
-    """ms per verification step (drafting inside for the static engines) and per KV compaction."""
+def sweep(bb, engines, sizes, profile=0, context=300, reps=20):
+    """ms per verification step (drafting inside for the static engines), per KV compaction, and
+    per iteration of the whole decoding loop (step, acceptance, compaction, bookkeeping)."""
     m = add_heads(bb, heads="medusa", num_heads=4)
     m.heads.to(bb.dtype)
     heads = m.heads
-    print(f"{'engine':<9}{'tree nodes':>11}{'step ms':>9}{'compaction ms':>15}", flush=True)
+    dec = SpeculativeDecoder(m)
+    prompt = encode_prompt(bb.tokenizer, PROMPTS[1], True)
+    print(f"{'engine':<9}{'tree nodes':>11}{'step ms':>9}{'compaction ms':>15}{'loop ms':>9}", flush=True)
     for eng in engines:
         for size in sizes:
             tree = Tree(build_tree(default_accuracies(4), size))
@@ -115,8 +120,25 @@ def sweep(bb, engines, sizes, context=300, reps=20):
                 cache.keep(context, path)
             sync(bb.device)
             per_keep = (time.perf_counter() - t) / reps * 1e3
-            print(f"{eng:<9}{tree.n:>11}{per_step:>9.2f}{per_keep:>15.2f}", flush=True)
-            del out, step
+            del out, step, cache, state
+            cfg = DecodeConfig(max_new_tokens=128, engine=eng, draft=size > 0, tree_size=size, eos=False)
+            dec.generate(prompt, cfg)  # warm-up: the decoder's own cache and step
+            g = dec.generate(prompt, cfg)
+            per_loop = g.decode_s / g.steps * 1e3
+            print(f"{eng:<9}{tree.n:>11}{per_step:>9.2f}{per_keep:>15.2f}{per_loop:>9.2f}", flush=True)
+        if profile:
+            from torch.profiler import ProfilerActivity, profile as prof
+
+            cfg = DecodeConfig(max_new_tokens=64, engine=eng, tree_size=profile, eos=False)
+            dec.generate(prompt, cfg)
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bb.device.type == "cuda" else [])
+            with prof(activities=acts) as pr:
+                g = dec.generate(prompt, cfg)
+            print(f"profile: {eng}, tree of {profile + 1} nodes, {g.steps} steps, {g.decode_s / g.steps * 1e3:.2f} ms/step "
+                  "(slower under the profiler)")
+            for key in ("self_cpu_time_total",) + (("self_device_time_total",) if bb.device.type == "cuda" else ()):
+                print(pr.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+        dec._pool.clear()
     return 0
 
 

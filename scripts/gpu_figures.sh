@@ -15,8 +15,8 @@ stage=$1; W=$2; P=${3:-}
 MIN=${MIN:-5.5}; STEPS=${STEPS:-2000}; NEW=${NEW:-256}; LIMIT=${LIMIT:-8}; MODEL=${MODEL:-smollm2-135m}
 FAMILIES=(${FAMILIES:-medusa blockwise meta-mtp deepseek-mtp})
 BASELINES=${BASELINES:-eager,static,lookup,nodraft}
-DISTILL_NEW=${DISTILL_NEW:-256}; TRAIN_ARGS=${TRAIN_ARGS:-}; SHAPE=${SHAPE:-llama3-8b}  # small values: a CPU dry run
-NGPU=$(nvidia-smi -L | wc -l)
+ENGINE=${ENGINE:-auto}; DISTILL_NEW=${DISTILL_NEW:-256}; TRAIN_ARGS=${TRAIN_ARGS:-}; SHAPE=${SHAPE:-llama3-8b}  # small values: a CPU dry run
+NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}  # NGPU=k: use the first k GPUs only
 g() { python3 -m graft "$@"; }
 quiet() { tr '\r' '\n' | grep --line-buffered -Ev "^(train|bench|distill|export)|Converting|Loading weights|Writing model|it/s\]$"; }
 on() { local gpu=$1; shift; CUDA_VISIBLE_DEVICES=$((gpu % NGPU)) "$@"; }
@@ -55,13 +55,13 @@ bench)
   rest() {
     for fam in "${FAMILIES[@]:1}"; do
       on $one g bench "$W/$fam-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" --baselines nodraft \
-        --json "$W/bench-$fam.json" > "$W/bench-$fam.log" 2>&1
+        --engine "$ENGINE" --json "$W/bench-$fam.json" > "$W/bench-$fam.log" 2>&1
     done
     if [ -n "${AFTER:-}" ]; then bash "$0" "$AFTER" "$W" "$P" > "$W/$AFTER.log" 2>&1; fi
   }
   [ "$one" = 1 ] && rest &
   on 0 g bench "$W/${FAMILIES[0]}-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" \
-    --baselines "$BASELINES" --json "$W/bench-${FAMILIES[0]}.json" > "$W/bench-${FAMILIES[0]}.log" 2>&1
+    --baselines "$BASELINES" --engine "$ENGINE" --json "$W/bench-${FAMILIES[0]}.json" > "$W/bench-${FAMILIES[0]}.log" 2>&1
   [ "$one" = 0 ] && rest
   wait
   for f in "$W"/bench-*.log; do quiet < "$f"; done

@@ -194,3 +194,19 @@ def test_lora_training_and_export_merge(tiny_dirs, tiny_data, tmp_path):
     e = load(out, device="cpu")
     ids = torch.tensor([[5, 6, 7, 8]])
     torch.testing.assert_close(e(ids).logits, m(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_time_budget_ends_the_lr_decay(tiny_dirs, tiny_data, tmp_path):
+    """With --max-minutes and a max_steps never reached, the cosine decay still reaches its floor."""
+    from graft.train import time_horizon
+
+    assert time_horizon(10, 1000, 0.5, 5.0) == 21
+    assert time_horizon(10, 15, 0.5, 5.0) == 15
+    assert time_horizon(10, 1000, 0.5, -1.0) == 11
+    g = str(tmp_path / "g")
+    add_heads(tiny_dirs["llama"], heads="blockwise", num_heads=2, out=g, device="cpu")
+    s = train(g, tiny_data, {**FAST, "max_steps": 10**6, "max_minutes": 0.1, "eval_every": 10**6},
+              device="cpu", progress=False)
+    lrs = [json.loads(l)["lr"] for l in open(os.path.join(g, ckpt.METRICS_NAME)) if '"lr"' in l]
+    assert 20 < s["steps"] < 10**6
+    assert max(lrs) > 0.9 * FAST["lr"] and lrs[-1] < 0.2 * FAST["lr"]
