@@ -4,9 +4,8 @@
 #
 #   distill: the backbone answers PROMPTS (split over the GPUs) -> $W/data.jsonl
 #   train:   each head family trained for at most $MIN minutes, one family per GPU in parallel
-#   bench:   export every family; bench the first family against all baselines on GPU 0 and
-#            the others (graft and graft without drafting only) on the other GPUs; the
-#            baselines decode with the backbone alone, so they do not depend on the heads
+#   bench:   export every family; bench each against graft's loop without drafting ($ENGINE),
+#            and the first family ($BASE_ENGINE) against all baselines
 #   figures: training throughput and peak memory (scripts/train_figures.py), on GPUs 1..
 #
 # Usage: bash scripts/gpu_figures.sh distill|train|bench|figures WORKDIR [PROMPTS]
@@ -15,7 +14,7 @@ stage=$1; W=$2; P=${3:-}
 MIN=${MIN:-5.5}; STEPS=${STEPS:-2000}; NEW=${NEW:-256}; LIMIT=${LIMIT:-8}; MODEL=${MODEL:-smollm2-135m}
 FAMILIES=(${FAMILIES:-medusa blockwise meta-mtp deepseek-mtp})
 BASELINES=${BASELINES:-eager,static,lookup,nodraft}
-ENGINE=${ENGINE:-auto}; DISTILL_NEW=${DISTILL_NEW:-256}; TRAIN_ARGS=${TRAIN_ARGS:-}; SHAPE=${SHAPE:-llama3-8b}  # small values: a CPU dry run
+ENGINE=${ENGINE:-auto}; BASE_ENGINE=${BASE_ENGINE:-$ENGINE}; DISTILL_NEW=${DISTILL_NEW:-256}; TRAIN_ARGS=${TRAIN_ARGS:-}; SHAPE=${SHAPE:-llama3-8b}  # small values: a CPU dry run
 NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}  # NGPU=k: use the first k GPUs only
 g() { python3 -m graft "$@"; }
 quiet() { tr '\r' '\n' | grep --line-buffered -Ev "^(train|bench|distill|export)|Converting|Loading weights|Writing model|it/s\]$"; }
@@ -49,21 +48,25 @@ bench)
     i=$((i + 1))
   done
   wait
-  # GPU 0 times the first family and every baseline, alone. The other families, then the figures
-  # (with AFTER=figures), run one after another on GPU 1, or on GPU 0 afterwards with one GPU.
-  one=$((NGPU > 1 ? 1 : 0))
-  rest() {
-    for fam in "${FAMILIES[@]:1}"; do
-      on $one g bench "$W/$fam-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" --baselines nodraft \
+  # Every family with $ENGINE against graft's loop without drafting, one after another on the
+  # last GPU; the first family again with $BASE_ENGINE against every baseline on GPU 0 (the
+  # baselines decode with the backbone alone, so one run of them serves all families). Each
+  # timing runs alone on its GPU; with one GPU everything runs in turn. AFTER=figures follows.
+  last=$((NGPU - 1))
+  families() {
+    for fam in "${FAMILIES[@]}"; do
+      on $last g bench "$W/$fam-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" --baselines nodraft \
         --engine "$ENGINE" --json "$W/bench-$fam.json" > "$W/bench-$fam.log" 2>&1
     done
-    if [ -n "${AFTER:-}" ]; then bash "$0" "$AFTER" "$W" "$P" > "$W/$AFTER.log" 2>&1; fi
   }
-  [ "$one" = 1 ] && rest &
-  on 0 g bench "$W/${FAMILIES[0]}-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" \
-    --baselines "$BASELINES" --engine "$ENGINE" --json "$W/bench-${FAMILIES[0]}.json" > "$W/bench-${FAMILIES[0]}.log" 2>&1
-  [ "$one" = 0 ] && rest
-  wait
+  baselines() {
+    [ -z "$BASELINES" ] && return
+    on 0 g bench "$W/${FAMILIES[0]}-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" \
+      --baselines "$BASELINES" --engine "$BASE_ENGINE" --json "$W/bench-${FAMILIES[0]}-$BASE_ENGINE.json" \
+      > "$W/bench-${FAMILIES[0]}-$BASE_ENGINE.log" 2>&1
+  }
+  if [ "$NGPU" -gt 1 ]; then families & baselines; wait; else families; baselines; fi
+  if [ -n "${AFTER:-}" ]; then bash "$0" "$AFTER" "$W" "$P" > "$W/$AFTER.log" 2>&1; fi
   for f in "$W"/bench-*.log; do quiet < "$f"; done
   python3 scripts/bench_table.py "$W"/bench-*.json ;;
 figures)
