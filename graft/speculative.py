@@ -3,8 +3,9 @@ agreeing prefix is kept, and the backbone's own next token after it is emitted a
 
 - Greedy (temperature 0): parallel heads (blockwise, medusa, meta-mtp) propose a sparse tree of
   top-k candidates (Medusa, section 2.1.2) verified in one forward with a tree attention mask;
-  deepseek-mtp drafts a chain through its modules. A draft is kept only where it equals the
-  backbone's argmax, so the output is the backbone's greedy output.
+  deepseek-mtp drafts a tree of the same kind through its chain of modules, depth by depth
+  (heads.draft_tree). A draft is kept only where it equals the backbone's argmax, so the output
+  is the backbone's greedy output.
 - Sampling: a single chain, accepted by speculative rejection sampling (Leviathan et al. 2023,
   Chen et al. 2023): keep draft x ~ q with probability min(1, p(x)/q(x)), else resample from
   norm(max(0, p - q)). The output is distributed exactly as the backbone's samples.
@@ -33,7 +34,7 @@ class DecodeConfig:
     temperature: 0 is greedy; > 0 samples (with top_p) by speculative rejection sampling.
     top_p: nucleus sampling threshold, as in transformers.
     seed: random seed for sampling.
-    tree: "auto" uses the calibrated tree for parallel heads at temperature 0, "chain" one path.
+    tree: "auto" uses the calibrated tree at temperature 0, "chain" one path (sampling: always).
     tree_size: nodes in the draft tree (0: the calibrated tree from graft.json, else a default).
     draft: False runs graft's own loop without drafting (one token per forward): a baseline.
     stop: strings that end generation once the generated text contains one.
@@ -144,6 +145,9 @@ class Tree:
                 line.append(j)
                 j = parent[j]
             self.lineage.append(line[::-1])
+        self.children = [[] for _ in range(n)]  # in rank order
+        for i in range(1, n):
+            self.children[parent[i]].append(i)
         anc = torch.zeros(n, n, dtype=torch.bool)  # (n, n) ancestor-or-self, for the attention mask
         for i, line in enumerate(self.lineage):
             anc[i, line] = True
@@ -220,7 +224,7 @@ class SpeculativeDecoder:
         if not cfg.draft:
             return None
         chain = [[0] * d for d in range(1, K + 1)]
-        if cfg.temperature > 0 or cfg.tree == "chain" or not self.heads.parallel:
+        if cfg.temperature > 0 or cfg.tree == "chain" or not (self.heads.parallel or self.heads.chained_tree):
             return Tree(chain)
         if cfg.tree_size == 0 and self.model.config.tree:
             return Tree(self.model.config.tree)
@@ -275,6 +279,7 @@ class SpeculativeDecoder:
         K = heads.num_heads if tree is not None else 0
         greedy = cfg.temperature == 0
         fast = greedy and tree is not None and heads.parallel  # drafts come out of the step itself
+        chained = greedy and tree is not None and heads.chained_tree  # drafts from the chain, per node
         shape = tree or Tree([])  # without drafting: the root alone
         gen = torch.Generator(device=dev)
         if cfg.seed is not None:
@@ -318,8 +323,10 @@ class SpeculativeDecoder:
                 a = 1
             elif fast:
                 new, a, drafts = self._tree_step(tree, step, cache, state, n, last, drafts, out)
+            elif chained:
+                new, a = self._chained_tree_step(tree, step, cache, state, n, last, out)
             else:
-                path, new, trunk, final = self._chain_step(tree, step, cfg, gen, state, cache, n, last, out)
+                path, new, trunk, final = self._sample_step(tree, step, cfg, gen, state, cache, n, last, out)
                 heads.commit(bb, state, trunk, final, torch.tensor([new], device=dev), n)
                 a = path.numel()
             n += a
@@ -366,6 +373,19 @@ class SpeculativeDecoder:
         self.heads.commit(self.bb, state, trunk[:, idx], final[:, idx], torch.tensor([new], device=idx.device), n)
         return new, len(path), self._drafts(state, R)
 
+    def _chained_tree_step(self, tree: Tree, step: Step, cache, state, n, last, out):
+        """Greedy step with chained heads (deepseek-mtp): draft the tree through the chain, verify
+        it, keep the longest matching path and commit it. Returns (new tokens, accepted nodes)."""
+        tokens = [last] + self.heads.draft_tree(self.bb, state, tree)
+        trunk, final, target, _ = step(tokens, n)
+        path, new = tree.accept(tokens, target.tolist())
+        _count(out, tree, new)
+        idx = torch.tensor(path, device=cache.k.device)
+        if path[-1] != len(path) - 1:  # the path's nodes are not already the first slots
+            cache.keep(n, idx)
+        self.heads.commit(self.bb, state, trunk[:, idx], final[:, idx], torch.tensor([new], device=idx.device), n)
+        return new, len(path)
+
     def _finish(self, out):
         if self.bb.tokenizer is not None:
             out.text = self.bb.tokenizer.decode(out.ids, skip_special_tokens=True)
@@ -400,23 +420,17 @@ class SpeculativeDecoder:
         tail = self.bb.tokenizer.decode(ids[-64:], skip_special_tokens=False)
         return any(s in tail for s in stops)
 
-    def _chain_step(self, tree: Tree, step: Step, cfg, gen, state, cache, n, last, out):
-        """Draft a chain (deepseek-mtp, or any family when sampling), verify it, accept.
+    def _sample_step(self, tree: Tree, step: Step, cfg, gen, state, cache, n, last, out):
+        """Sampling: draft a chain (every family), verify it, accept by rejection sampling.
 
         Returns (path node indices, new tokens, trunk and final states of the path nodes)."""
         bb, heads = self.bb, self.heads
-        dev = bb.device
-        greedy = cfg.temperature == 0
         picked = []  # (token, q) per depth
 
         def pick(k, logits):
-            if greedy:
-                tok = int(logits.argmax().item())
-                picked.append((tok, None))
-            else:
-                q = warp(logits, cfg.temperature, cfg.top_p)
-                tok = int(torch.multinomial(q, 1, generator=gen).item())
-                picked.append((tok, q))
+            q = warp(logits, cfg.temperature, cfg.top_p)
+            tok = int(torch.multinomial(q, 1, generator=gen).item())
+            picked.append((tok, q))
             return tok
 
         head_logits = heads.draft(bb, state, pick)
@@ -424,22 +438,19 @@ class SpeculativeDecoder:
             for k, lg in enumerate(head_logits):
                 pick(k, lg)
         tokens = [last] + [t for t, _ in picked[:tree.n - 1]]
-        trunk, final, target, _ = step(tokens, n)
-        if greedy:
-            path, new = tree.accept(tokens, target.tolist())
+        trunk, final, _, _ = step(tokens, n)
+        logits = bb.logits(final[0])  # (n, V)
+        new, a = [], 0
+        for d in range(tree.n - 1):  # chain: node d+1 holds draft d
+            p = warp(logits[d], cfg.temperature, cfg.top_p)
+            ok, tok = accept_sample(p, picked[d][1], picked[d][0], gen)
+            new.append(tok)
+            if not ok:
+                break
+            a += 1
         else:
-            logits = bb.logits(final[0])  # (n, V)
-            new, a = [], 0
-            for d in range(tree.n - 1):  # chain: node d+1 holds draft d
-                p = warp(logits[d], cfg.temperature, cfg.top_p)
-                ok, tok = accept_sample(p, picked[d][1], picked[d][0], gen)
-                new.append(tok)
-                if not ok:
-                    break
-                a += 1
-            else:
-                new.append(self._choose(logits[tree.n - 1], cfg, gen))
-            path = list(range(a + 1))
+            new.append(self._choose(logits[tree.n - 1], cfg, gen))
+        path = list(range(a + 1))
         _count(out, tree, new)
-        path = torch.tensor(path, device=dev)  # a chain's path is always its first nodes: no compaction
+        path = torch.tensor(path, device=bb.device)  # a chain's path is always its first nodes: no compaction
         return path, new, trunk[:, path], final[:, path]

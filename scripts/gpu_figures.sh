@@ -8,7 +8,11 @@
 #            and the first family ($BASE_ENGINE) against all baselines
 #   figures: training throughput and peak memory (scripts/train_figures.py), on GPUs 1..
 #
-# Usage: bash scripts/gpu_figures.sh distill|train|bench|figures WORKDIR [PROMPTS]
+#   wait-train: wait for a train stage started in the background (setsid ... train ... &)
+#
+# Usage: bash scripts/gpu_figures.sh distill|train|wait-train|bench|figures WORKDIR [PROMPTS]
+# A device call that may be cut off should set KEEP=$OUT: each bench result is copied there as
+# soon as it is written.
 set -uo pipefail  # no -e: one failed family must not stop the others
 stage=$1; W=$2; P=${3:-}
 MIN=${MIN:-5.5}; STEPS=${STEPS:-2000}; NEW=${NEW:-256}; LIMIT=${LIMIT:-8}; MODEL=${MODEL:-smollm2-135m}
@@ -19,6 +23,7 @@ NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}  # NGPU=k: use the first k GPUs only
 g() { python3 -m graft "$@"; }
 quiet() { tr '\r' '\n' | grep --line-buffered -Ev "^(train|bench|distill|export)|Converting|Loading weights|Writing model|it/s\]$"; }
 on() { local gpu=$1; shift; CUDA_VISIBLE_DEVICES=$((gpu % NGPU)) "$@"; }
+keep() { if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$@" "$KEEP/" 2>/dev/null; fi; true; }  # KEEP=dir: copy each result as it lands
 mkdir -p "$W"
 case "$stage" in
 distill)
@@ -34,13 +39,20 @@ distill)
   echo "distilled $(wc -l < "$W/data.jsonl") responses" ;;
 train)
   i=0
+  : > "$W/train.pids"
   for fam in "${FAMILIES[@]}"; do  # one family per GPU; several share a GPU where there are fewer
     (on $i g add-heads "$MODEL" --heads "$fam" --num-heads 4 --out "$W/$fam" --force >/dev/null 2>&1 &&
      on $i g train "$W/$fam" --data "$W/data.jsonl" --config "recipes/$fam.yaml" --max-steps "$STEPS" \
        --max-minutes "$MIN" $TRAIN_ARGS 2>&1 | quiet) &
+    echo $! >> "$W/train.pids"
     i=$((i + 1))
   done
   wait ;;
+wait-train)
+  # For a train stage started in the background (setsid): returns once its families are done.
+  # (Not `pgrep -f "graft train"`: that matches the shell running this very command line.)
+  while read -r pid; do while kill -0 "$pid" 2>/dev/null; do sleep 5; done; done < "$W/train.pids"
+  grep -h "^done:" "$W"/train.log 2>/dev/null || true ;;
 bench)
   i=0
   for fam in "${FAMILIES[@]}"; do
@@ -57,6 +69,7 @@ bench)
     for fam in "${FAMILIES[@]}"; do
       on $last g bench "$W/$fam-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" --baselines nodraft \
         --engine "$ENGINE" --json "$W/bench-$fam.json" > "$W/bench-$fam.log" 2>&1
+      keep "$W/bench-$fam.json"
     done
   }
   baselines() {
@@ -64,6 +77,7 @@ bench)
     on 0 g bench "$W/${FAMILIES[0]}-export" --prompts "$P" --limit "$LIMIT" --max-new-tokens "$NEW" \
       --baselines "$BASELINES" --engine "$BASE_ENGINE" --json "$W/bench-${FAMILIES[0]}-$BASE_ENGINE.json" \
       > "$W/bench-${FAMILIES[0]}-$BASE_ENGINE.log" 2>&1
+    keep "$W/bench-${FAMILIES[0]}-$BASE_ENGINE.json"
   }
   if [ "$NGPU" -gt 1 ]; then families & baselines; wait; else families; baselines; fi
   if [ -n "${AFTER:-}" ]; then bash "$0" "$AFTER" "$W" "$P" > "$W/$AFTER.log" 2>&1; fi

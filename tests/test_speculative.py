@@ -228,3 +228,45 @@ def test_static_engine_grows_its_cache(tokenizer):
     g = m.generate(input_ids=long, max_new_tokens=60, engine="static")
     assert m._decoder._pool["static"]["max_len"] == 512
     assert g.ids == plain_greedy(bb, long, 60)
+
+
+@pytest.mark.parametrize("mt", ["llama", "gpt2"])
+def test_deepseek_tree_drafts_what_the_chain_drafts(mt, tokenizer):
+    """Every path of deepseek-mtp's batched tree draft equals the chain drafted one at a time
+    with the same choices: rank r at a node is the chain's rank-r pick there."""
+    torch.manual_seed(0)
+    bb = tiny_backbone(mt, tokenizer)
+    m = add_heads(bb, heads="deepseek-mtp", num_heads=3)
+    perturb(m, 0.3)
+    heads = m.heads
+    tree = Tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [2, 0], [0, 0, 0], [1, 0, 0], [1, 0, 1], [2, 0, 0]])
+    ids = torch.tensor(encode(tokenizer, PROMPTS[1]))
+    with torch.inference_mode():
+        for steps in range(3):  # after the prefill, and after further commits
+            P = ids.numel()
+            state = heads.new_state(bb, 64)
+            cache = bb.new_cache(64)
+            trunk, final = bb.forward(ids[None], torch.arange(P)[None], cache, 0, None)
+            nxt = torch.cat([ids[1:], bb.logits(final[0, -1]).argmax()[None]])
+            heads.commit(bb, state, trunk, final, nxt[None], 0)
+            got = [None] + heads.draft_tree(bb, state, tree)
+            for v in range(1, tree.n):
+                ranks = [tree.ranks[u] for u in tree.lineage[v][1:]]
+                chain = []
+                heads.draft(bb, state, lambda k, lg: chain.append(
+                    int(lg.topk(ranks[k] + 1).indices[-1])) or chain[-1] if k < len(ranks) else 0)
+                assert got[v] == chain[len(ranks) - 1], (steps, v)
+            ids = nxt
+
+
+def test_deepseek_greedy_drafts_a_tree(tokenizer):
+    from graft.speculative import SpeculativeDecoder
+
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="deepseek-mtp", num_heads=3)
+    assert not m.heads.training  # drafting never runs dropout
+    dec = SpeculativeDecoder(m)
+    assert dec._tree(DecodeConfig(tree_size=10)).n == 11
+    assert dec._tree(DecodeConfig(tree="chain")).n == 4
+    assert dec._tree(DecodeConfig(temperature=1.0)).n == 4

@@ -19,6 +19,7 @@ from ..config import GraftError, HeadSpec
 class Heads(nn.Module):
     family = ""
     parallel = True  # heads draft independently of each other's choices -> tree drafting works
+    chained_tree = False  # a chained family that drafts a tree depth by depth (draft_tree)
 
     def __init__(self, spec: HeadSpec, bb):
         super().__init__()
@@ -48,6 +49,10 @@ class Heads(nn.Module):
 
     def keep(self, state, start: int, path: torch.Tensor) -> None:
         """The tree nodes `path` were accepted: compact whatever the heads cached for the tree."""
+
+    def draft_tree(self, bb, state, tree) -> list[int]:
+        """Chained families: greedy tokens for tree nodes 1..N-1 (node 0 holds the last token)."""
+        raise NotImplementedError
 
     def draft(self, bb, state, pick) -> list[torch.Tensor]:
         """Logits (V,) for the K tokens after the last accepted one. `pick(k, logits) -> token id`
@@ -93,7 +98,7 @@ def build_heads(spec: HeadSpec, bb) -> Heads:
     if spec.family not in registry:
         raise GraftError(f"unknown head family {spec.family!r}: choose one of {', '.join(registry)}")
     heads = registry[spec.family](spec, bb)
-    return heads.to(bb.device)
+    return heads.to(bb.device).eval()  # graft train switches to train mode (dropout, where a layer has it)
 
 
 __all__ = ["Heads", "build_heads", "copy_last_layer", "rms_eps"]

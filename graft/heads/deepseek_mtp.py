@@ -9,6 +9,11 @@ head are the backbone's, shared, never copied.
 Decoding keeps each module's KV cache for the positions whose inputs are all real tokens
 (module k: positions up to N-k when tokens t_0..t_N are known) and recomputes the short
 draft-dependent tail (k-1 positions) at every step, so drafting sees exactly what training saw.
+
+Greedy decoding drafts a tree (as EAGLE-2 does, but with the tree's shape fixed by calibration):
+the chain runs depth by depth, module k once for all depth-(k-1) nodes that have children, in a
+batch, and each such node's top candidates become its children. A chain is the tree of rank-0
+nodes only, and drafts exactly what `draft` does.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ class MTPModule(nn.Module):
 class DeepSeekMTPHeads(Heads):
     family = "deepseek-mtp"
     parallel = False
+    chained_tree = True
 
     def __init__(self, spec, bb):
         super().__init__(spec, bb)
@@ -125,3 +131,48 @@ class DeepSeekMTPHeads(Heads):
             drafts.append(int(pick(k - 1, lg)))
             prev = cur
         return logits
+
+    def draft_tree(self, bb, state, tree):
+        """Tokens for tree nodes 1..N-1: module k runs once, batched over the depth-(k-1) nodes
+        with children, each on its own path (the draft-dependent tail recomputed per node, as in
+        `draft`), and the children of a node are its top candidates in rank order."""
+        H, tokens, n = state["H"], state["tokens"], state["n"]
+        L = self.spec.head_layers
+        dev = bb.device
+        node_tokens = torch.empty(tree.n, dtype=torch.long, device=dev)
+        node_tokens[0] = tokens[n]
+        curs = {}  # node -> module (depth+1) states on its path's tail, (1, T, d)
+        for d, module in enumerate(self.modules_):
+            k = d + 1
+            parents = [v for v in range(tree.n) if tree.depths[v] == d and tree.children[v]]
+            if not parents:
+                break
+            lo = state["done"][k]
+            if lo >= n:  # module 1 once warmed up: its state at n-1 is committed (the root only)
+                cur = H[k, n - 1:n][None].expand(len(parents), 1, -1)
+            else:
+                T, c = n - lo, state["done"][k - 1] - lo  # tail length; depth k-1 states committed
+                hin, toks = [], []
+                for v in parents:
+                    parts = [H[k - 1, lo:lo + c][None]]
+                    if d > 0 and T - c > 0:
+                        prev = curs[tree.parents[v]]
+                        parts.append(prev[:, prev.shape[1] - (T - c):])
+                    hin.append(torch.cat(parts, dim=1))
+                    toks.append(torch.cat([tokens[lo + k:n + 1], node_tokens[tree.lineage[v][1:]]])[-T:])
+                B = len(parents)
+                scratch = KVCache(L, B, bb.n_kv_heads, bb.head_dim, n, self._dtype, dev)
+                cache = state["cache"]
+                scratch.k[:, :, :, :lo] = cache.k[(k - 1) * L:k * L, :, :, :lo]
+                scratch.v[:, :, :, :lo] = cache.v[(k - 1) * L:k * L, :, :, :lo]
+                pos = torch.arange(lo, n, device=dev)[None].expand(B, T)
+                mask = additive_mask(causal_allowed(T, lo, dev), self._dtype)
+                cur = module(bb, torch.cat(hin), self._emb(bb, torch.stack(toks)), pos, scratch, 0, lo, mask)
+            for b, v in enumerate(parents):
+                curs[v] = cur[b:b + 1]
+            R = max(len(tree.children[v]) for v in parents)
+            top = self.logits(bb, d, cur[:, -1]).topk(R, dim=-1).indices  # (B, R)
+            kids = [c for v in parents for c in tree.children[v]]
+            flat = [b * R + tree.ranks[c] for b, v in enumerate(parents) for c in tree.children[v]]
+            node_tokens[torch.tensor(kids, device=dev)] = top.flatten()[torch.tensor(flat, device=dev)]
+        return node_tokens[1:].tolist()
