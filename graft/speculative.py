@@ -324,7 +324,7 @@ class SpeculativeDecoder:
             elif fast:
                 new, a, drafts = self._tree_step(tree, step, cache, state, n, last, drafts, out)
             elif chained:
-                new, a = self._chained_tree_step(tree, step, cache, state, n, last, out)
+                new, a = self._chained_tree_step(tree, step, cache, state, n, out)
             else:
                 path, new, trunk, final = self._sample_step(tree, step, cfg, gen, state, cache, n, last, out)
                 heads.commit(bb, state, trunk, final, torch.tensor([new], device=dev), n)
@@ -373,12 +373,14 @@ class SpeculativeDecoder:
         self.heads.commit(self.bb, state, trunk[:, idx], final[:, idx], torch.tensor([new], device=idx.device), n)
         return new, len(path), self._drafts(state, R)
 
-    def _chained_tree_step(self, tree: Tree, step: Step, cache, state, n, last, out):
-        """Greedy step with chained heads (deepseek-mtp): draft the tree through the chain, verify
-        it, keep the longest matching path and commit it. Returns (new tokens, accepted nodes)."""
-        tokens = [last] + self.heads.draft_tree(self.bb, state, tree)
+    def _chained_tree_step(self, tree: Tree, step: Step, cache, state, n, out):
+        """Greedy step with chained heads (deepseek-mtp): draft the tree through the chain (its root
+        is the last known token, which the heads' state holds), verify it, keep the longest
+        matching path and commit it. Returns (new tokens, accepted nodes)."""
+        tokens = self.heads.draft_tree(self.bb, state, tree)  # on the device: no copy to the host yet
         trunk, final, target, _ = step(tokens, n)
-        path, new = tree.accept(tokens, target.tolist())
+        host = torch.cat([tokens, target]).tolist()  # one copy for the drafts and the argmax
+        path, new = tree.accept(host[:tree.n], host[tree.n:])
         _count(out, tree, new)
         idx = torch.tensor(path, device=cache.k.device)
         if path[-1] != len(path) - 1:  # the path's nodes are not already the first slots

@@ -249,7 +249,8 @@ def test_deepseek_tree_drafts_what_the_chain_drafts(mt, tokenizer):
             trunk, final = bb.forward(ids[None], torch.arange(P)[None], cache, 0, None)
             nxt = torch.cat([ids[1:], bb.logits(final[0, -1]).argmax()[None]])
             heads.commit(bb, state, trunk, final, nxt[None], 0)
-            got = [None] + heads.draft_tree(bb, state, tree)
+            got = heads.draft_tree(bb, state, tree).tolist()
+            assert got[0] == nxt[-1]
             for v in range(1, tree.n):
                 ranks = [tree.ranks[u] for u in tree.lineage[v][1:]]
                 chain = []

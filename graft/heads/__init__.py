@@ -50,8 +50,9 @@ class Heads(nn.Module):
     def keep(self, state, start: int, path: torch.Tensor) -> None:
         """The tree nodes `path` were accepted: compact whatever the heads cached for the tree."""
 
-    def draft_tree(self, bb, state, tree) -> list[int]:
-        """Chained families: greedy tokens for tree nodes 1..N-1 (node 0 holds the last token)."""
+    def draft_tree(self, bb, state, tree) -> torch.Tensor:
+        """Chained families: (N,) greedy tokens of the tree's nodes on the device, node 0 holding
+        the last known token."""
         raise NotImplementedError
 
     def draft(self, bb, state, pick) -> list[torch.Tensor]:

@@ -133,9 +133,10 @@ class DeepSeekMTPHeads(Heads):
         return logits
 
     def draft_tree(self, bb, state, tree):
-        """Tokens for tree nodes 1..N-1: module k runs once, batched over the depth-(k-1) nodes
-        with children, each on its own path (the draft-dependent tail recomputed per node, as in
-        `draft`), and the children of a node are its top candidates in rank order."""
+        """(N,) tokens of the tree's nodes, on the device, node 0 the last known token. Module k
+        runs once, batched over the depth-(k-1) nodes with children, each on its own path (the
+        draft-dependent tail recomputed per node, as in `draft`); the children of a node are its
+        top candidates in rank order."""
         H, tokens, n = state["H"], state["tokens"], state["n"]
         L = self.spec.head_layers
         dev = bb.device
@@ -175,4 +176,4 @@ class DeepSeekMTPHeads(Heads):
             kids = [c for v in parents for c in tree.children[v]]
             flat = [b * R + tree.ranks[c] for b, v in enumerate(parents) for c in tree.children[v]]
             node_tokens[torch.tensor(kids, device=dev)] = top.flatten()[torch.tensor(flat, device=dev)]
-        return node_tokens[1:].tolist()
+        return node_tokens
