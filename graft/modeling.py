@@ -98,8 +98,12 @@ def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None):
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
     cos, sin = rope
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    # one rotary pass over queries and keys together: the same arithmetic per element, five
+    # kernels fewer per layer (a small model's step is bound by its number of kernels)
+    H = q.shape[1]
+    qk = torch.cat([q, k], dim=1)
+    qk = qk * cos + _rotate_half(qk) * sin
+    q, k = qk[:, :H], qk[:, H:]
     if cache is not None:
         k, v = cache.update(cache_layer, start, k, v)
     o = _sdpa(q, k, v, mask, attn.scaling, causal=mask is None and cache is None)
