@@ -224,7 +224,7 @@ class SpeculativeDecoder:
         if not cfg.draft:
             return None
         chain = [[0] * d for d in range(1, K + 1)]
-        if cfg.temperature > 0 or cfg.tree == "chain" or not (self.heads.parallel or self.heads.chained_tree):
+        if cfg.temperature > 0 or cfg.tree == "chain" or not self.heads.drafts_trees:
             return Tree(chain)
         if cfg.tree_size == 0 and self.model.config.tree:
             return Tree(self.model.config.tree)
@@ -362,16 +362,21 @@ class SpeculativeDecoder:
         path, new = tree.accept(tokens, target)
         best = path[-1]
         _count(out, tree, new)
+        if top is None:
+            self._commit_path(cache, state, n, path, new, trunk, final)
+            return new, len(path), self._drafts(state, R)
         if best != len(path) - 1:  # the path's nodes are not already the first slots
             idx = torch.tensor(path, device=cache.k.device)
             cache.keep(n, idx)
-            if top is not None:  # the heads cached the whole tree too
-                self.heads.keep(state, n, idx)
-        if top is not None:
-            return new, len(path), [[top[(k * N + best) * R + r] for r in range(R)] for k in range(K)]
+            self.heads.keep(state, n, idx)  # the heads cached the whole tree too
+        return new, len(path), [[top[(k * N + best) * R + r] for r in range(R)] for k in range(K)]
+
+    def _commit_path(self, cache, state, n, path, new, trunk, final):
+        """Compact the accepted path's KV entries to the first slots and feed it to the heads."""
         idx = torch.tensor(path, device=cache.k.device)
+        if path[-1] != len(path) - 1:  # the path's nodes are not already the first slots
+            cache.keep(n, idx)
         self.heads.commit(self.bb, state, trunk[:, idx], final[:, idx], torch.tensor([new], device=idx.device), n)
-        return new, len(path), self._drafts(state, R)
 
     def _chained_tree_step(self, tree: Tree, step: Step, cache, state, n, out):
         """Greedy step with chained heads (deepseek-mtp): draft the tree through the chain (its root
@@ -382,10 +387,7 @@ class SpeculativeDecoder:
         host = torch.cat([tokens, target]).tolist()  # one copy for the drafts and the argmax
         path, new = tree.accept(host[:tree.n], host[tree.n:])
         _count(out, tree, new)
-        idx = torch.tensor(path, device=cache.k.device)
-        if path[-1] != len(path) - 1:  # the path's nodes are not already the first slots
-            cache.keep(n, idx)
-        self.heads.commit(self.bb, state, trunk[:, idx], final[:, idx], torch.tensor([new], device=idx.device), n)
+        self._commit_path(cache, state, n, path, new, trunk, final)
         return new, len(path)
 
     def _finish(self, out):

@@ -22,8 +22,8 @@ def main(paths):
     print(f"{r0['device']}, {r0['dtype']}, batch 1, {r0['n_prompts']} prompts, {r0['max_new_tokens']} new tokens, "
           f"engine {r0['notes'].get('engine', '?')}; baselines (tok/s): "
           + ", ".join(f"{k} {shared[k]:.1f}" for k in cols))
-    head = ["family", "engine", "train min", "tau", "graft tok/s", "nodraft tok/s", "x nodraft"] + [f"x {c}" for c in cols] + \
-        ["identical (eager / nodraft)", "acceptance by depth"]
+    head = ["family", "engine", "train min", "tau", "graft tok/s", "nodraft tok/s", "x nodraft"] + \
+        [f"x {c}" for c in cols] + ["identical (eager / nodraft)", "acceptance by depth"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in reports:
@@ -32,7 +32,8 @@ def main(paths):
         ident = "/".join("-" if r.get(k) is None else f"{r[k]:.2f}"
                          for k in ("identical_rate", "identical_nodraft_rate"))
         minutes = r.get("training_minutes")
-        row = [r["family"], r["notes"].get("engine", "?"), f"{minutes:.1f}" if minutes else "?", f"{r['tau']:.2f}", f"{g:.1f}",
+        row = [r["family"], r["notes"].get("engine", "?"), f"{minutes:.1f}" if minutes else "?",
+               f"{r['tau']:.2f}", f"{g:.1f}",
                f"{t['nodraft']:.1f}" if "nodraft" in t else "-",
                f"{g / t['nodraft']:.2f}x" if t.get("nodraft") else "-"]
         row += [f"{g / shared[c]:.2f}x" for c in cols]

@@ -134,8 +134,8 @@ def sweep(bb, engines, sizes, profile=0, context=300, reps=20):
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bb.device.type == "cuda" else [])
             with prof(activities=acts) as pr:
                 g = dec.generate(prompt, cfg)
-            print(f"profile: {eng}, tree of {profile + 1} nodes, {g.steps} steps, {g.decode_s / g.steps * 1e3:.2f} ms/step "
-                  "(slower under the profiler)")
+            print(f"profile: {eng}, tree of {profile + 1} nodes, {g.steps} steps, "
+                  f"{g.decode_s / g.steps * 1e3:.2f} ms/step (slower under the profiler)")
             for key in ("self_cpu_time_total",) + (("self_device_time_total",) if bb.device.type == "cuda" else ()):
                 print(pr.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
         dec._pool.clear()

@@ -18,12 +18,14 @@ stage=$1; W=$2; P=${3:-}
 MIN=${MIN:-5.5}; STEPS=${STEPS:-2000}; NEW=${NEW:-256}; LIMIT=${LIMIT:-8}; MODEL=${MODEL:-smollm2-135m}
 FAMILIES=(${FAMILIES:-medusa blockwise meta-mtp deepseek-mtp})
 BASELINES=${BASELINES:-eager,static,lookup,nodraft}
-ENGINE=${ENGINE:-auto}; BASE_ENGINE=${BASE_ENGINE:-$ENGINE}; DISTILL_NEW=${DISTILL_NEW:-256}; TRAIN_ARGS=${TRAIN_ARGS:-}; SHAPE=${SHAPE:-llama3-8b}  # small values: a CPU dry run
+ENGINE=${ENGINE:-auto}; BASE_ENGINE=${BASE_ENGINE:-$ENGINE}
+DISTILL_NEW=${DISTILL_NEW:-256}; TRAIN_ARGS=${TRAIN_ARGS:-}; SHAPE=${SHAPE:-llama3-8b}  # small values: a CPU dry run
 NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}  # NGPU=k: use the first k GPUs only
 g() { python3 -m graft "$@"; }
 quiet() { tr '\r' '\n' | grep --line-buffered -Ev "^(train|bench|distill|export)|Converting|Loading weights|Writing model|it/s\]$"; }
 on() { local gpu=$1; shift; CUDA_VISIBLE_DEVICES=$((gpu % NGPU)) "$@"; }
-keep() { if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$@" "$KEEP/" 2>/dev/null; fi; true; }  # KEEP=dir: copy each result as it lands
+# KEEP=dir: copy each result there as it lands
+keep() { if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$@" "$KEEP/" 2>/dev/null; fi; true; }
 mkdir -p "$W"
 case "$stage" in
 distill)

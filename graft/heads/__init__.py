@@ -21,6 +21,11 @@ class Heads(nn.Module):
     parallel = True  # heads draft independently of each other's choices -> tree drafting works
     chained_tree = False  # a chained family that drafts a tree depth by depth (draft_tree)
 
+    @property
+    def drafts_trees(self) -> bool:
+        """Greedy decoding drafts a tree: per-depth top-k (parallel) or depth by depth (chained)."""
+        return self.parallel or self.chained_tree
+
     def __init__(self, spec: HeadSpec, bb):
         super().__init__()
         self.spec = spec

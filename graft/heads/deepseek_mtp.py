@@ -102,9 +102,22 @@ class DeepSeekMTPHeads(Heads):
             H[k, lo:hi] = h[0]
             state["done"][k] = hi
 
+    def _tail(self, state, k, prev, drafted):
+        """Module k's inputs on its draft-dependent tail, positions lo..n-1 (lo = done[k] < n):
+        the depth k-1 states (committed ones from H, the rest from `prev`, module k-1's states on
+        the same path's tail, None at k = 1) and the tokens t_{j+k} (known ones, then `drafted`,
+        the path's drafts so far). Returns (1, T, d) states and (T,) tokens."""
+        H, tokens, n = state["H"], state["tokens"], state["n"]
+        lo = state["done"][k]
+        T, c = n - lo, state["done"][k - 1] - lo  # tail length; depth k-1 states committed
+        parts = [H[k - 1, lo:lo + c][None]]
+        if prev is not None and T - c > 0:
+            parts.append(prev[:, prev.shape[1] - (T - c):])
+        return torch.cat(parts, dim=1), torch.cat([tokens[lo + k:n + 1], drafted])[-T:]
+
     def draft(self, bb, state, pick):
         """Module k's draft for t_{N+k}: positions N-k+1..N-1 run on drafted tokens, uncommitted."""
-        H, tokens, n = state["H"], state["tokens"], state["n"]
+        H, n = state["H"], state["n"]
         L = self.spec.head_layers
         logits, drafts = [], []
         prev = None  # depth k-1 hidden states on the draft tail, positions n-k+1..n-1
@@ -114,14 +127,7 @@ class DeepSeekMTPHeads(Heads):
                 h_last = H[k, n - 1]
                 cur = H[k, n - 1:n][None]
             else:
-                # inputs: depth k-1 states for lo..n-1 (committed ones from H, the tail from prev)
-                n_prev_committed = state["done"][k - 1] - lo
-                parts = [H[k - 1, lo:lo + n_prev_committed][None]]
-                if prev is not None and n - (lo + n_prev_committed) > 0:
-                    parts.append(prev[:, prev.shape[1] - (n - lo - n_prev_committed):])
-                hin = torch.cat(parts, dim=1)
-                toks = torch.cat([tokens[lo + k:n + 1], torch.tensor(drafts, dtype=torch.long, device=bb.device)])
-                toks = toks[-(n - lo):]
+                hin, toks = self._tail(state, k, prev, torch.tensor(drafts, dtype=torch.long, device=bb.device))
                 pos = torch.arange(lo, n, device=bb.device)
                 mask = additive_mask(causal_allowed(n - lo, lo, bb.device), self._dtype)
                 cur = module(bb, hin, self._emb(bb, toks[None]), pos[None], state["cache"], (k - 1) * L, lo, mask)
@@ -152,16 +158,10 @@ class DeepSeekMTPHeads(Heads):
             if lo >= n:  # module 1 once warmed up: its state at n-1 is committed (the root only)
                 cur = H[k, n - 1:n][None].expand(len(parents), 1, -1)
             else:
-                T, c = n - lo, state["done"][k - 1] - lo  # tail length; depth k-1 states committed
-                hin, toks = [], []
-                for v in parents:
-                    parts = [H[k - 1, lo:lo + c][None]]
-                    if d > 0 and T - c > 0:
-                        prev = curs[tree.parents[v]]
-                        parts.append(prev[:, prev.shape[1] - (T - c):])
-                    hin.append(torch.cat(parts, dim=1))
-                    toks.append(torch.cat([tokens[lo + k:n + 1], node_tokens[tree.lineage[v][1:]]])[-T:])
-                B = len(parents)
+                tails = [self._tail(state, k, curs.get(tree.parents[v]), node_tokens[tree.lineage[v][1:]])
+                         for v in parents]
+                hin, toks = zip(*tails)
+                B, T = len(parents), n - lo
                 scratch = KVCache(L, B, bb.n_kv_heads, bb.head_dim, n, self._dtype, dev)
                 cache = state["cache"]
                 scratch.k[:, :, :, :lo] = cache.k[(k - 1) * L:k * L, :, :, :lo]
