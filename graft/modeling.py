@@ -98,7 +98,7 @@ def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None):
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
     cos, sin = rope
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    # one rotary pass over queries and keys together: the same arithmetic per element, five
+    # one rotary pass over queries and keys together: the same arithmetic per element, four
     # kernels fewer per layer (a small model's step is bound by its number of kernels)
     H = q.shape[1]
     qk = torch.cat([q, k], dim=1)
