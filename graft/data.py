@@ -167,28 +167,35 @@ def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperatu
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     torch.manual_seed(seed)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    kw = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
     bar = tqdm(total=len(convs), initial=done, desc="distill", unit="prompt")
+    window = 4 * batch_size
     with open(out, "a") as f:
-        for start in range(done, len(convs), batch_size):
-            batch = convs[start:start + batch_size]
-            enc = [_chat_ids(tok, c) for c in batch]
-            width = max(len(e) for e in enc)
-            ids = torch.full((len(enc), width), pad, dtype=torch.long)
-            attn = torch.zeros_like(ids)
-            for i, e in enumerate(enc):  # left padding
-                ids[i, width - len(e):] = torch.tensor(e)
-                attn[i, width - len(e):] = 1
-            kw = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-            with torch.inference_mode():
-                gen = hf.generate(input_ids=ids.to(bb.device), attention_mask=attn.to(bb.device),
-                                  max_new_tokens=max_new_tokens, pad_token_id=pad, **kw)
-            lines = []
-            for i, c in enumerate(batch):
-                answer = tok.decode(gen[i, width:], skip_special_tokens=True)
-                lines.append(json.dumps({"messages": c + [{"role": "assistant", "content": answer}]}))
+        # Within a window of prompts, batches take them in order of length, so they pad little;
+        # the window is written in the prompts' order, so a resumed run skips whole records.
+        for w0 in range(done, len(convs), window):
+            idx = list(range(w0, min(w0 + window, len(convs))))
+            enc = {i: _chat_ids(tok, convs[i]) for i in idx}
+            idx.sort(key=lambda i: len(enc[i]))
+            answers = {}
+            for b0 in range(0, len(idx), batch_size):
+                batch = idx[b0:b0 + batch_size]
+                width = max(len(enc[i]) for i in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                attn = torch.zeros_like(ids)
+                for r, i in enumerate(batch):  # left padding
+                    ids[r, width - len(enc[i]):] = torch.tensor(enc[i])
+                    attn[r, width - len(enc[i]):] = 1
+                with torch.inference_mode():
+                    gen = hf.generate(input_ids=ids.to(bb.device), attention_mask=attn.to(bb.device),
+                                      max_new_tokens=max_new_tokens, pad_token_id=pad, **kw)
+                for r, i in enumerate(batch):
+                    answers[i] = tok.decode(gen[r, width:], skip_special_tokens=True)
+                bar.update(len(batch))
+            lines = [json.dumps({"messages": convs[i] + [{"role": "assistant", "content": answers[i]}]})
+                     for i in sorted(answers)]
             f.write("\n".join(lines) + "\n")
             f.flush()
-            bar.update(len(batch))
     bar.close()
     return len(convs)
 

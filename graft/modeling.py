@@ -57,6 +57,15 @@ class KVCache:
         self.v[:, :, :, start:start + n] = self.v[:, :, :, src]
 
 
+def device_ids(values, device) -> torch.Tensor:
+    """A list of ints as a long tensor on `device`. On CUDA it goes through pinned memory without
+    blocking: a plain copy from pageable memory waits for the GPU to finish all queued work."""
+    t = torch.tensor(values, dtype=torch.long)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def additive_mask(allowed: torch.Tensor, dtype) -> torch.Tensor:
     """(q, kv) boolean -> (1, 1, q, kv) additive float mask for scaled_dot_product_attention."""
     m = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)

@@ -23,7 +23,7 @@ import torch
 
 from .config import GraftError
 from .engine import ENGINES, Step, resolve_engine
-from .modeling import additive_mask, causal_allowed
+from .modeling import additive_mask, causal_allowed, device_ids
 
 
 @dataclass
@@ -327,7 +327,7 @@ class SpeculativeDecoder:
                 new, a = self._chained_tree_step(tree, step, cache, state, n, out)
             else:
                 path, new, trunk, final = self._sample_step(tree, step, cfg, gen, state, cache, n, last, out)
-                heads.commit(bb, state, trunk, final, torch.tensor([new], device=dev), n)
+                heads.commit(bb, state, trunk, final, device_ids([new], dev), n)
                 a = path.numel()
             n += a
             last = new[-1]
@@ -366,17 +366,18 @@ class SpeculativeDecoder:
             self._commit_path(cache, state, n, path, new, trunk, final)
             return new, len(path), self._drafts(state, R)
         if best != len(path) - 1:  # the path's nodes are not already the first slots
-            idx = torch.tensor(path, device=cache.k.device)
+            idx = device_ids(path, cache.k.device)
             cache.keep(n, idx)
             self.heads.keep(state, n, idx)  # the heads cached the whole tree too
         return new, len(path), [[top[(k * N + best) * R + r] for r in range(R)] for k in range(K)]
 
     def _commit_path(self, cache, state, n, path, new, trunk, final):
         """Compact the accepted path's KV entries to the first slots and feed it to the heads."""
-        idx = torch.tensor(path, device=cache.k.device)
+        both = device_ids(path + new, cache.k.device)  # one copy for the path and its tokens
+        idx, toks = both[:len(path)], both[len(path):]
         if path[-1] != len(path) - 1:  # the path's nodes are not already the first slots
             cache.keep(n, idx)
-        self.heads.commit(self.bb, state, trunk[:, idx], final[:, idx], torch.tensor([new], device=idx.device), n)
+        self.heads.commit(self.bb, state, trunk[:, idx], final[:, idx], toks[None], n)
 
     def _chained_tree_step(self, tree: Tree, step: Step, cache, state, n, out):
         """Greedy step with chained heads (deepseek-mtp): draft the tree through the chain (its root
@@ -456,5 +457,5 @@ class SpeculativeDecoder:
             new.append(self._choose(logits[tree.n - 1], cfg, gen))
         path = list(range(a + 1))
         _count(out, tree, new)
-        path = torch.tensor(path, device=bb.device)  # a chain's path is always its first nodes: no compaction
+        path = device_ids(path, bb.device)  # a chain's path is always its first nodes: no compaction
         return path, new, trunk[:, path], final[:, path]

@@ -98,7 +98,9 @@ def test_export_refuses_a_truncated_weights_file(tiny_dirs, tmp_path):
 
 def test_distill_data_resumes(tiny_dirs, tmp_path):
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(5)))
+    # longest first: batches go shortest first, records must still follow the prompts' order
+    texts = [f"say {i}" + " again" * (5 - i) for i in range(5)]
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
     out = tmp_path / "d.jsonl"
     run("distill-data", tiny_dirs["llama"], "--prompts", prompts, "--out", out, "--num-samples", "3",
         "--max-new-tokens", "6", "--batch-size", "2", "--device", "cpu")
@@ -108,7 +110,7 @@ def test_distill_data_resumes(tiny_dirs, tmp_path):
     run("distill-data", tiny_dirs["llama"], "--prompts", prompts, "--out", out, "--max-new-tokens", "6",
         "--batch-size", "2", "--device", "cpu")
     recs = [json.loads(l) for l in out.read_text().splitlines()]
-    assert len(recs) == 5 and recs[4]["messages"][0]["content"] == "say 4"
+    assert [r["messages"][0]["content"] for r in recs] == texts
     assert recs[0]["messages"][-1]["role"] == "assistant"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"nothing": 1}) + "\n")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modeling import KVCache, additive_mask, causal_allowed
+from ..modeling import KVCache, additive_mask, causal_allowed, device_ids
 from . import Heads, copy_last_layer, rms_eps
 
 
@@ -52,6 +52,7 @@ class DeepSeekMTPHeads(Heads):
     def __init__(self, spec, bb):
         super().__init__(spec, bb)
         self.modules_ = nn.ModuleList(MTPModule(spec, bb) for _ in range(spec.num_heads))
+        self._plans = {}  # (tree paths, device) -> per-depth index tensors for draft_tree
 
     @property
     def _dtype(self):
@@ -127,7 +128,7 @@ class DeepSeekMTPHeads(Heads):
                 h_last = H[k, n - 1]
                 cur = H[k, n - 1:n][None]
             else:
-                hin, toks = self._tail(state, k, prev, torch.tensor(drafts, dtype=torch.long, device=bb.device))
+                hin, toks = self._tail(state, k, prev, device_ids(drafts, bb.device))
                 pos = torch.arange(lo, n, device=bb.device)
                 mask = additive_mask(causal_allowed(n - lo, lo, bb.device), self._dtype)
                 cur = module(bb, hin, self._emb(bb, toks[None]), pos[None], state["cache"], (k - 1) * L, lo, mask)
@@ -137,6 +138,25 @@ class DeepSeekMTPHeads(Heads):
             drafts.append(int(pick(k - 1, lg)))
             prev = cur
         return logits
+
+    def _plan(self, tree, dev) -> list:
+        """Per depth d with children: (parents, R, their children, the children's indices into
+        the parents' flattened top-R, each parent's path below the root). Built once per tree, so
+        that a step copies no index list to the device."""
+        key = (tuple(tree.paths), str(dev))
+        if key not in self._plans:
+            plan = []
+            for d in range(self.num_heads):
+                parents = [v for v in range(tree.n) if tree.depths[v] == d and tree.children[v]]
+                if not parents:
+                    break
+                R = max(len(tree.children[v]) for v in parents)
+                kids = [c for v in parents for c in tree.children[v]]
+                flat = [b * R + tree.ranks[c] for b, v in enumerate(parents) for c in tree.children[v]]
+                lines = [device_ids(tree.lineage[v][1:], dev) for v in parents]
+                plan.append((parents, R, device_ids(kids, dev), device_ids(flat, dev), lines))
+            self._plans[key] = plan
+        return self._plans[key]
 
     def draft_tree(self, bb, state, tree):
         """(N,) tokens of the tree's nodes, on the device, node 0 the last known token. Module k
@@ -149,17 +169,15 @@ class DeepSeekMTPHeads(Heads):
         node_tokens = torch.empty(tree.n, dtype=torch.long, device=dev)
         node_tokens[0] = tokens[n]
         curs = {}  # node -> module (depth+1) states on its path's tail, (1, T, d)
-        for d, module in enumerate(self.modules_):
+        for d, (parents, R, kids, flat, lines) in enumerate(self._plan(tree, dev)):
             k = d + 1
-            parents = [v for v in range(tree.n) if tree.depths[v] == d and tree.children[v]]
-            if not parents:
-                break
+            module = self.modules_[d]
             lo = state["done"][k]
             if lo >= n:  # module 1 once warmed up: its state at n-1 is committed (the root only)
                 cur = H[k, n - 1:n][None].expand(len(parents), 1, -1)
             else:
-                tails = [self._tail(state, k, curs.get(tree.parents[v]), node_tokens[tree.lineage[v][1:]])
-                         for v in parents]
+                tails = [self._tail(state, k, curs.get(tree.parents[v]), node_tokens[line])
+                         for v, line in zip(parents, lines)]
                 hin, toks = zip(*tails)
                 B, T = len(parents), n - lo
                 scratch = KVCache(L, B, bb.n_kv_heads, bb.head_dim, n, self._dtype, dev)
@@ -171,9 +189,6 @@ class DeepSeekMTPHeads(Heads):
                 cur = module(bb, torch.cat(hin), self._emb(bb, torch.stack(toks)), pos, scratch, 0, lo, mask)
             for b, v in enumerate(parents):
                 curs[v] = cur[b:b + 1]
-            R = max(len(tree.children[v]) for v in parents)
             top = self.logits(bb, d, cur[:, -1]).topk(R, dim=-1).indices  # (B, R)
-            kids = [c for v in parents for c in tree.children[v]]
-            flat = [b * R + tree.ranks[c] for b, v in enumerate(parents) for c in tree.children[v]]
-            node_tokens[torch.tensor(kids, device=dev)] = top.flatten()[torch.tensor(flat, device=dev)]
+            node_tokens[kids] = top.flatten()[flat]
         return node_tokens
