@@ -2,7 +2,8 @@
 # Produce the README's GPU figures on a lent H100/H200 machine of one or more GPUs
 # (see ../shared/gpu/README.md for getting the model and wheels there).
 #
-#   distill: the backbone answers PROMPTS (split over the GPUs) -> $W/data.jsonl
+#   distill: the backbone answers PROMPTS (split over the GPUs) -> $W/data.jsonl; DISTILL_S=s
+#            stops it after s seconds, keeping the answers written so far
 #   train:   each head family trained for at most $MIN minutes, one family per GPU in parallel
 #   bench:   export every family; bench each against graft's loop without drafting ($ENGINE),
 #            and the first family ($BASE_ENGINE) against all baselines
@@ -32,7 +33,7 @@ distill)
   split -n "l/$NGPU" -d --additional-suffix=.jsonl "$P" "$W/prompts."
   i=0
   for part in "$W"/prompts.*.jsonl; do
-    on $i g distill-data "$MODEL" --prompts "$part" --out "$W/data.$i.jsonl" --max-new-tokens "$DISTILL_NEW" \
+    on $i timeout "${DISTILL_S:-0}" python3 -m graft distill-data "$MODEL" --prompts "$part" --out "$W/data.$i.jsonl" --max-new-tokens "$DISTILL_NEW" \
       --batch-size 512 2>&1 | quiet &
     i=$((i + 1))
   done
