@@ -9,6 +9,7 @@ import os
 import torch
 
 from .config import GraftError
+from .modeling import attention_backends
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -186,7 +187,7 @@ def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperatu
                 for r, i in enumerate(batch):  # left padding
                     ids[r, width - len(enc[i]):] = torch.tensor(enc[i])
                     attn[r, width - len(enc[i]):] = 1
-                with torch.inference_mode():
+                with torch.inference_mode(), attention_backends(bb.device, static=False):
                     gen = hf.generate(input_ids=ids.to(bb.device), attention_mask=attn.to(bb.device),
                                       max_new_tokens=max_new_tokens, pad_token_id=pad, **kw)
                 for r, i in enumerate(batch):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .modeling import KVCache, additive_mask
+from .modeling import KVCache, additive_mask, attention_backends
 
 ENGINES = ("auto", "eager", "static", "graph", "compiled")
 
@@ -91,13 +91,14 @@ class Step:
         self.n.fill_(self.cache.max_len - self.N)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn(self.n)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn(self.n)
+        with attention_backends(self.cache.k.device, static=True):
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    fn(self.n)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = fn(self.n)
 
     def __call__(self, tokens, n: int):
         """tokens: N ids (list or tensor). Returns (trunk, final, target, top) for the N nodes:
@@ -112,4 +113,5 @@ class Step:
         if self.graph is not None:
             self.graph.replay()
             return self.out
-        return self._compute(self.n)
+        with attention_backends(self.cache.k.device, static=True):
+            return self._compute(self.n)

@@ -23,7 +23,7 @@ import torch
 
 from .config import GraftError
 from .engine import ENGINES, Step, resolve_engine
-from .modeling import additive_mask, causal_allowed, device_ids
+from .modeling import additive_mask, attention_backends, causal_allowed, device_ids
 
 
 @dataclass
@@ -264,6 +264,10 @@ class SpeculativeDecoder:
     @torch.inference_mode()
     def generate(self, prompt_ids, cfg: DecodeConfig, on_tokens=None) -> Generation:
         """Decode from `prompt_ids` (list or 1-D tensor). `on_tokens(list)` streams new tokens."""
+        with attention_backends(self.bb.device, static=False):  # the static steps re-enable cuDNN
+            return self._generate(prompt_ids, cfg, on_tokens)
+
+    def _generate(self, prompt_ids, cfg: DecodeConfig, on_tokens=None) -> Generation:
         bb, heads = self.bb, self.heads
         dev = bb.device
         ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=dev).flatten()
