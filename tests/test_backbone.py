@@ -78,3 +78,20 @@ def test_4bit_without_bitsandbytes(monkeypatch, tiny_dirs):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real(n, *a))
     with pytest.raises(GraftError, match="bitsandbytes"):
         load_backbone(tiny_dirs["llama"], device="cpu", load_in_4bit=True)
+
+
+def test_attention_backends_leave_cudnn_out_for_changing_shapes():
+    """cuDNN attention plans per shape: left out for dynamic shapes on CUDA, kept for fixed ones,
+    and the flags are restored afterwards. (Only flags are set, so this runs on a CPU build.)"""
+    from graft.modeling import attention_backends
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_backends("cuda", static=False):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled()
+        with attention_backends("cuda:0", static=True):  # a captured step inside a generation
+            assert torch.backends.cuda.cudnn_sdp_enabled()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with attention_backends("cpu", static=False):  # nothing to change on a CPU
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
