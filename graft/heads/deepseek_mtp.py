@@ -140,12 +140,13 @@ class DeepSeekMTPHeads(Heads):
         return logits
 
     def _plan(self, tree, dev) -> list:
-        """Per depth d with children: (parents, R, their children, the children's indices into
-        the parents' flattened top-R, each parent's path below the root). Built once per tree, so
-        that a step copies no index list to the device."""
+        """Per depth d with children: (B parents, R, their children, the children's indices into
+        the parents' flattened top-R, (B, d) each parent's path below the root, (B,) each parent's
+        own parent's row in the depth before). Built once per tree, so that a step copies no index
+        list to the device and gathers every parent's inputs in one pass."""
         key = (tuple(tree.paths), str(dev))
         if key not in self._plans:
-            plan = []
+            plan, rows = [], {}
             for d in range(self.num_heads):
                 parents = [v for v in range(tree.n) if tree.depths[v] == d and tree.children[v]]
                 if not parents:
@@ -153,8 +154,11 @@ class DeepSeekMTPHeads(Heads):
                 R = max(len(tree.children[v]) for v in parents)
                 kids = [c for v in parents for c in tree.children[v]]
                 flat = [b * R + tree.ranks[c] for b, v in enumerate(parents) for c in tree.children[v]]
-                lines = [device_ids(tree.lineage[v][1:], dev) for v in parents]
-                plan.append((parents, R, device_ids(kids, dev), device_ids(flat, dev), lines))
+                lines = torch.tensor([tree.lineage[v][1:] for v in parents], dtype=torch.long).view(len(parents), d)
+                up = [rows.get(tree.parents[v], 0) for v in parents]
+                rows = {v: b for b, v in enumerate(parents)}
+                plan.append((len(parents), R, device_ids(kids, dev), device_ids(flat, dev), lines.to(dev),
+                             device_ids(up, dev)))
             self._plans[key] = plan
         return self._plans[key]
 
@@ -168,27 +172,30 @@ class DeepSeekMTPHeads(Heads):
         dev = bb.device
         node_tokens = torch.empty(tree.n, dtype=torch.long, device=dev)
         node_tokens[0] = tokens[n]
-        curs = {}  # node -> module (depth+1) states on its path's tail, (1, T, d)
-        for d, (parents, R, kids, flat, lines) in enumerate(self._plan(tree, dev)):
+        prev = None  # the depth before: module states on each parent's path tail, (B', T', d)
+        for d, (B, R, kids, flat, lines, up) in enumerate(self._plan(tree, dev)):
             k = d + 1
             module = self.modules_[d]
             lo = state["done"][k]
             if lo >= n:  # module 1 once warmed up: its state at n-1 is committed (the root only)
-                cur = H[k, n - 1:n][None].expand(len(parents), 1, -1)
+                cur = H[k, n - 1:n][None].expand(B, 1, -1)
             else:
-                tails = [self._tail(state, k, curs.get(tree.parents[v]), node_tokens[line])
-                         for v, line in zip(parents, lines)]
-                hin, toks = zip(*tails)
-                B, T = len(parents), n - lo
+                # as _tail, for all parents at once: committed depth-(k-1) states, then the
+                # parent's own path's states from the depth before; known tokens, then its drafts
+                T, c = n - lo, state["done"][k - 1] - lo
+                parts = [H[k - 1, lo:lo + c][None].expand(B, c, -1)]
+                if prev is not None and T > c:
+                    parts.append(prev[up, prev.shape[1] - (T - c):])
+                hin = torch.cat(parts, dim=1)
+                toks = torch.cat([tokens[lo + k:n + 1][None].expand(B, -1), node_tokens[lines]], dim=1)[:, -T:]
                 scratch = KVCache(L, B, bb.n_kv_heads, bb.head_dim, n, self._dtype, dev)
                 cache = state["cache"]
                 scratch.k[:, :, :, :lo] = cache.k[(k - 1) * L:k * L, :, :, :lo]
                 scratch.v[:, :, :, :lo] = cache.v[(k - 1) * L:k * L, :, :, :lo]
                 pos = torch.arange(lo, n, device=dev)[None].expand(B, T)
                 mask = additive_mask(causal_allowed(T, lo, dev), self._dtype)
-                cur = module(bb, torch.cat(hin), self._emb(bb, torch.stack(toks)), pos, scratch, 0, lo, mask)
-            for b, v in enumerate(parents):
-                curs[v] = cur[b:b + 1]
+                cur = module(bb, hin, self._emb(bb, toks), pos, scratch, 0, lo, mask)
+            prev = cur
             top = self.logits(bb, d, cur[:, -1]).topk(R, dim=-1).indices  # (B, R)
             node_tokens[kids] = top.flatten()[flat]
         return node_tokens
