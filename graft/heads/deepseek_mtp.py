@@ -104,17 +104,19 @@ class DeepSeekMTPHeads(Heads):
             state["done"][k] = hi
 
     def _tail(self, state, k, prev, drafted):
-        """Module k's inputs on its draft-dependent tail, positions lo..n-1 (lo = done[k] < n):
-        the depth k-1 states (committed ones from H, the rest from `prev`, module k-1's states on
-        the same path's tail, None at k = 1) and the tokens t_{j+k} (known ones, then `drafted`,
-        the path's drafts so far). Returns (1, T, d) states and (T,) tokens."""
+        """Module k's inputs on its draft-dependent tail, positions lo..n-1 (lo = done[k] < n), for
+        B paths at once: the depth k-1 states (committed ones from H, the rest from `prev`, (B, T', d)
+        module k-1's states on each path's tail, None at k = 1) and the tokens t_{j+k} (known ones,
+        then `drafted`, (B, m) each path's drafts so far). Returns (B, T, d) states, (B, T) tokens."""
         H, tokens, n = state["H"], state["tokens"], state["n"]
         lo = state["done"][k]
         T, c = n - lo, state["done"][k - 1] - lo  # tail length; depth k-1 states committed
-        parts = [H[k - 1, lo:lo + c][None]]
-        if prev is not None and T - c > 0:
+        B = drafted.shape[0]
+        parts = [H[k - 1, lo:lo + c][None].expand(B, c, -1)]
+        if prev is not None and T > c:
             parts.append(prev[:, prev.shape[1] - (T - c):])
-        return torch.cat(parts, dim=1), torch.cat([tokens[lo + k:n + 1], drafted])[-T:]
+        known = tokens[lo + k:n + 1][None].expand(B, -1)
+        return torch.cat(parts, dim=1), torch.cat([known, drafted], dim=1)[:, -T:]
 
     def draft(self, bb, state, pick):
         """Module k's draft for t_{N+k}: positions N-k+1..N-1 run on drafted tokens, uncommitted."""
@@ -128,10 +130,10 @@ class DeepSeekMTPHeads(Heads):
                 h_last = H[k, n - 1]
                 cur = H[k, n - 1:n][None]
             else:
-                hin, toks = self._tail(state, k, prev, device_ids(drafts, bb.device))
+                hin, toks = self._tail(state, k, prev, device_ids(drafts, bb.device)[None])
                 pos = torch.arange(lo, n, device=bb.device)
                 mask = additive_mask(causal_allowed(n - lo, lo, bb.device), self._dtype)
-                cur = module(bb, hin, self._emb(bb, toks[None]), pos[None], state["cache"], (k - 1) * L, lo, mask)
+                cur = module(bb, hin, self._emb(bb, toks), pos[None], state["cache"], (k - 1) * L, lo, mask)
                 h_last = cur[0, -1]
             lg = self.logits(bb, k - 1, h_last)
             logits.append(lg)
@@ -180,14 +182,9 @@ class DeepSeekMTPHeads(Heads):
             if lo >= n:  # module 1 once warmed up: its state at n-1 is committed (the root only)
                 cur = H[k, n - 1:n][None].expand(B, 1, -1)
             else:
-                # as _tail, for all parents at once: committed depth-(k-1) states, then the
-                # parent's own path's states from the depth before; known tokens, then its drafts
-                T, c = n - lo, state["done"][k - 1] - lo
-                parts = [H[k - 1, lo:lo + c][None].expand(B, c, -1)]
-                if prev is not None and T > c:
-                    parts.append(prev[up, prev.shape[1] - (T - c):])
-                hin = torch.cat(parts, dim=1)
-                toks = torch.cat([tokens[lo + k:n + 1][None].expand(B, -1), node_tokens[lines]], dim=1)[:, -T:]
+                # every parent's path at once: its own parent's states from the depth before
+                hin, toks = self._tail(state, k, None if prev is None else prev[up], node_tokens[lines])
+                T = n - lo
                 scratch = KVCache(L, B, bb.n_kv_heads, bb.head_dim, n, self._dtype, dev)
                 cache = state["cache"]
                 scratch.k[:, :, :, :lo] = cache.k[(k - 1) * L:k * L, :, :, :lo]
