@@ -254,27 +254,29 @@ class Backbone:
     def rope(self, h: torch.Tensor, positions: torch.Tensor):
         return None if self.rotary is None else self.rotary(h, positions)
 
-    def run_layer(self, layer, h, positions, cache=None, cache_layer=0, start=0, mask=None, rope=None):
-        if rope is None:
-            rope = self.rope(h, positions)
-        return self.layer_fn(layer, h, rope, cache=cache, cache_layer=cache_layer, start=start, mask=mask)
-
-    def forward(self, ids, positions, cache: KVCache | None = None, start: int = 0, mask=None):
+    def forward(self, ids, positions, cache: KVCache | None = None, start: int = 0, mask=None, features=None):
         """Run the decoder. ids, positions: (B, T).
 
         Without a cache the attention is plain causal (training). With one, new keys are written
         at `start` and `mask` (B|1, 1, T, start+T) says what each query sees.
 
         Returns:
-            (trunk, final): the input of the last decoder layer and its output (before the final
-            norm), both (B, T, d).
+            (trunk, final): what the heads read from inside the backbone, by default the input
+            of the last decoder layer, and the last layer's output (before the final norm),
+            both (B, T, d). `features`, layer indices (L: the last output): the trunk is then
+            the inputs of those layers concatenated, (B, T, len(features) * d).
         """
         h = self.embed(ids, positions)
         rope = self.rope(h, positions)
-        trunk = h
+        trunk, taken = h, {}
         for i, layer in enumerate(self.layers):
             trunk = h
+            if features is not None and i in features:
+                taken[i] = h
             h = self.layer_fn(layer, h, rope, cache=cache, cache_layer=i, start=start, mask=mask)
+        if features is not None:
+            taken[len(self.layers)] = h
+            trunk = torch.cat([taken[i] for i in features], dim=-1)
         return trunk, h
 
     def logits(self, final: torch.Tensor) -> torch.Tensor:

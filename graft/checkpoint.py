@@ -137,7 +137,7 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
 
     from .backbone import _folder_fingerprint
     from .model import load
-    from .speculative import build_tree, default_accuracies
+    from .tree import build_tree, default_accuracies
 
     config = load_config(src)
     if config.lora and not merge_lora:
@@ -173,7 +173,7 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
         new_ident = type(ident)(**{**ident.__dict__, "source": ".", "sha256": _folder_fingerprint(tmp),
                                    "gguf_file": None, "dtype": target, "load_in_4bit": False, "revision": None})
         new = GraftConfig(backbone=new_ident, heads=config.heads, training=training,
-                          tree=build_tree(acc, size) if model.heads.drafts_trees else None, lora=None)
+                          tree=build_tree(acc, size), lora=None)
         save_heads(tmp, model.heads, new)
         save_config(tmp, new)
         if os.path.exists(out):

@@ -78,26 +78,35 @@ def main():
 @click.argument("model", default="smollm2-135m")
 @click.option("--heads", "family", type=click.Choice(HEAD_FAMILIES), default="medusa", show_default=True,
               help="Head family: blockwise (Stern 2018), medusa (Cai 2024), meta-mtp (Gloeckle 2024), "
-                   "deepseek-mtp (DeepSeek-V3 chain).")
+                   "deepseek-mtp (DeepSeek-V3 chain), eagle (EAGLE-3: one draft layer over fused features, "
+                   "drafts best).")
 @click.option("--num-heads", "-k", type=int, default=4, show_default=True,
-              help="K, how many tokens beyond the next one are drafted (1..8).")
+              help="K, how many tokens beyond the next one are drafted (1..8); eagle: 6 is a good start.")
 @click.option("--head-layers", type=int, default=1, show_default=True,
               help="Residual blocks per medusa head; transformer layers per meta-mtp head / deepseek-mtp module.")
 @click.option("--shared-lm-head", is_flag=True, help="medusa: reuse the backbone's unembedding instead of a "
               "trainable copy per head (far fewer parameters, lower acceptance).")
 @click.option("--init", type=click.Choice(["copy", "random"]), default="copy", show_default=True,
               help="Transformer layers in heads start as copies of the backbone's last layer, or random.")
+@click.option("--aux-layers", default=None, metavar="I,J,K",
+              help="eagle: backbone layers whose inputs are fused into the draft layer (default: 2, L/2, L-3 "
+                   "of L layers, as EAGLE-3).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder to write.")
 @click.option("--force", is_flag=True, help="Write into an existing non-empty --out folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @backbone_options
-def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, init, out, force, seed, dtype,
+def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, init, aux_layers, out, force, seed, dtype,
                   load_in_4bit, device, trust_remote_code):
     from .model import add_heads
 
+    if aux_layers is not None:
+        try:
+            aux_layers = [int(x) for x in aux_layers.split(",")]
+        except ValueError:
+            raise GraftError(f"--aux-layers must be comma-separated layer indices, e.g. 2,15,27; got {aux_layers!r}")
     gm = add_heads(model, heads=family, num_heads=num_heads, head_layers=head_layers,
-                   shared_lm_head=shared_lm_head, init=init, out=out, force=force, dtype=dtype, device=device,
-                   load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, seed=seed)
+                   shared_lm_head=shared_lm_head, init=init, aux_layers=aux_layers, out=out, force=force, dtype=dtype,
+                   device=device, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, seed=seed)
     s = gm.summary()
     click.echo(f"backbone         {s['backbone']}")
     click.echo(f"heads            {s['family']} x {s['num_heads']} (layers per head: {s['head_layers']})")

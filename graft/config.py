@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 GRAFT_VERSION = "0.1.0"
-HEAD_FAMILIES = ("blockwise", "medusa", "meta-mtp", "deepseek-mtp")
+HEAD_FAMILIES = ("blockwise", "medusa", "meta-mtp", "deepseek-mtp", "eagle")
 MAX_HEADS = 8
 # graft's own tensor files; they sit beside an exported backbone but are not part of it
 HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE = "heads.safetensors", "lora.safetensors", "train_state.safetensors"
@@ -27,11 +27,14 @@ class GraftError(Exception):
 class HeadSpec:
     """What heads to graft.
 
-    family: one of blockwise, medusa, meta-mtp, deepseek-mtp.
-    num_heads: K, the number of future tokens drafted per step (1..8).
+    family: one of blockwise, medusa, meta-mtp, deepseek-mtp, eagle.
+    num_heads: K, the number of future tokens drafted per step (1..8); for eagle, the draft
+        steps unrolled in training (training-time test) and the deepest draft.
     head_layers: residual blocks per medusa head, transformer layers per meta-mtp head or
         deepseek-mtp module, hidden FFN layers ignored for blockwise (always one).
     shared_lm_head: medusa only; reuse the backbone's unembedding instead of a copy per head.
+    aux_layers: eagle only; the backbone layers whose inputs are fused into the draft layer's
+        first input (default: a low, a middle and a high one, as EAGLE-3).
     init: "copy" starts transformer layers as copies of the backbone's last decoder layer,
         "random" draws them fresh.
     """
@@ -41,6 +44,7 @@ class HeadSpec:
     head_layers: int = 1
     shared_lm_head: bool = False
     init: str = "copy"
+    aux_layers: list | None = None
 
     def __post_init__(self):
         if self.family not in HEAD_FAMILIES:
@@ -53,6 +57,15 @@ class HeadSpec:
             raise GraftError(f"--head-layers must be between 1 and 4, got {self.head_layers}")
         if self.init not in ("copy", "random"):
             raise GraftError(f"--init must be 'copy' or 'random', got {self.init!r}")
+        if self.family == "eagle" and self.head_layers != 1:
+            raise GraftError("eagle drafts with one decoder layer: leave --head-layers at 1")
+        if self.aux_layers is not None:
+            if self.family != "eagle":
+                raise GraftError("--aux-layers is for the eagle family only: leave it out")
+            if (not isinstance(self.aux_layers, (list, tuple)) or not self.aux_layers
+                    or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.aux_layers)):
+                raise GraftError(f"--aux-layers must be non-negative layer indices, e.g. 2,15,27; got {self.aux_layers!r}")
+            self.aux_layers = list(self.aux_layers)
 
 
 @dataclass

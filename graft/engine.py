@@ -1,6 +1,7 @@
-"""The verification step: one backbone forward over the draft tree, and what decoding reads of it.
+"""The decoding step: commit the last accepted path, draft a tree, verify it in one backbone
+forward, and read the backbone's argmax at every node.
 
-Three engines run the same step:
+Four engines run the same step:
 - `eager`: attention reads only the valid cache prefix; shapes change every step. The default
   on CPU, where the extra work of fixed shapes costs more than it saves.
 - `static`: every shape is fixed. New keys and values go to cache slots given as a tensor,
@@ -12,15 +13,15 @@ Three engines run the same step:
   elementwise kernels (norms, rotary embedding, masks) before capture. Compiling takes a minute
   or more per tree shape; opt-in.
 
-For greedy decoding the step also returns, computed on the device, the backbone's argmax at every
-tree node and, for parallel heads, each head's top-R candidates at every node, so that one copy to
-the host (one synchronisation) gives the acceptance decision and the next tree's tokens.
+In greedy decoding the heads draft inside the step, so with `graph` and `compiled` the commit,
+the draft (every family's, chained ones included) and the verification are all replayed from
+CUDA graphs, and one copy to the host per step carries the tree's tokens and the argmax.
 """
 from __future__ import annotations
 
 import torch
 
-from .modeling import KVCache, additive_mask, attention_backends
+from .modeling import KVCache, additive_mask, attention_backends, device_ids
 
 ENGINES = ("auto", "eager", "static", "graph", "compiled")
 
@@ -37,30 +38,130 @@ def resolve_engine(engine: str, bb) -> str:
     return "eager"
 
 
+def greedy_choose(depth: int, logits: torch.Tensor, width: int) -> torch.Tensor:
+    """Greedy drafting: each parent's children are its top candidates. (B, V) -> (B, R)."""
+    return logits.topk(width, dim=-1).indices
+
+
 class Step:
-    """One verification forward of a fixed tree of N nodes.
+    """One decoding step over a fixed draft tree of N nodes: commit the previous step's
+    accepted path, draft the tree, verify it in one backbone forward, and take the backbone's
+    argmax at every node.
 
     Node i holds a token at position n + depth[i] and sees the first n cache entries and its
-    ancestors-or-self (`anc`). Its keys and values are written at cache slot n + i.
+    ancestors-or-self; its keys and values are written at cache slot n + i. The accepted path
+    (at most A = depth + 1 nodes) is then compacted to slots n, n+1, ... and fed to the heads.
+
+    In the static engines every shape is fixed: the path and the new tokens are padded to A and
+    travel with the positions in one small host-to-device copy (`load`); the heads draft inside
+    the step, so one device-to-host copy per step carries the tree's tokens and the argmax.
     """
 
-    def __init__(self, bb, cache: KVCache, anc: torch.Tensor, depth: list, *, mode: str,
-                 heads=None, head_state=None, ranks: int = 0, greedy: bool = True):
+    def __init__(self, bb, cache: KVCache, tree, *, mode: str, heads=None, state=None, drafts: bool = False):
         dev = bb.device
-        self.bb, self.cache, self.mode = bb, cache, mode
-        self.heads, self.head_state, self.ranks, self.greedy = heads, head_state, ranks, greedy
-        self.N = anc.shape[0]
-        self.anc = anc.to(dev)
-        self.depth = torch.tensor(depth, device=dev)
-        self.tokens = torch.zeros(self.N, dtype=torch.long, device=dev)
-        self.n = torch.zeros((), dtype=torch.long, device=dev)
-        self.graph = None
-        self.out = None
+        self.bb, self.cache, self.tree, self.mode = bb, cache, tree, mode
+        self.heads, self.state = heads, state
+        self.drafts = drafts and heads is not None  # greedy: the heads draft inside the step
+        self.N, self.A = tree.n, tree.max_depth + 1
+        self.anc = tree.anc.to(dev)
+        self.depth = torch.tensor(tree.depths, device=dev)
+        A, N = self.A, self.N
+        # io: path (A), new tokens (A), n_prev, count, n, node tokens (N)
+        self.io = torch.zeros(2 * A + 3 + N, dtype=torch.long, device=dev)
+        self.host = torch.zeros(self.io.shape, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self.last = None  # the previous verification's (trunk, final)
+        self.args = None  # eager: the loaded values as Python ints and lists
+        self.graphs = {}
         if mode != "eager":
-            self.slot_offsets = torch.arange(self.N, device=dev)
+            self.slot_offsets = torch.arange(N, device=dev)
             self.cols = torch.arange(cache.max_len, device=dev)
         if mode in ("graph", "compiled"):
-            self._capture(torch.compile(self._compute, dynamic=False) if mode == "compiled" else self._compute)
+            self._capture(mode == "compiled")
+
+    # -- inputs --------------------------------------------------------------------------------
+    def load(self, n_prev: int, path: list, new: list, n: int, tokens: list | None = None) -> None:
+        """The previous step's accepted path (node indices) and new tokens (the last is the next
+        root), the cache length before (n_prev) and after (n) it, and the node tokens when the
+        caller drafted them itself (sampling, or no drafting)."""
+        if self.mode == "eager":
+            self.args = (n_prev, path, new, n, tokens)
+            return
+        A, N = self.A, self.N
+        vals = (path + path[-1:] * (A - len(path)) + new + [0] * (A - len(new)) + [n_prev, len(path), n]
+                + (list(tokens) + [0] * (N - len(tokens)) if tokens is not None else [0] * N))
+        self.host.copy_(torch.tensor(vals, dtype=torch.long))
+        self.io.copy_(self.host, non_blocking=True)
+
+    def commit(self) -> None:
+        """Compact the accepted path's KV entries and feed its states to the heads."""
+        if self.heads is None:  # no drafting: the path is the root alone, already in place
+            return
+        if self.graphs.get("commit") is not None:
+            self.graphs["commit"].replay()
+        elif self.mode == "eager":
+            n_prev, path, new, _, _ = self.args
+            idx = device_ids(path + new, self.cache.k.device)
+            idx, toks = idx[:len(path)], idx[len(path):]
+            self._commit(n_prev, idx, toks, len(path), compact=path[-1] != len(path) - 1)
+        else:
+            self._commit_static()
+
+    def verify(self, tokens: list | None = None):
+        """Run the tree. Returns (trunk, final, packed): packed (2N,) is the node tokens then
+        the backbone's argmax after each node. In the static engines these live in buffers the
+        next call overwrites. `tokens` replaces the loaded node tokens (sampling drafts)."""
+        if tokens is not None:
+            if self.mode == "eager":
+                self.args = self.args[:4] + (tokens,)
+            else:
+                self.io[-self.N:].copy_(device_ids(tokens, self.io.device))
+        if self.graphs.get("verify") is not None:
+            self.graphs["verify"].replay()
+            return self.out
+        if self.mode == "eager":
+            _, _, new, n, tokens = self.args
+            root = torch.tensor(new[-1:], dtype=torch.long, device=self.io.device)
+            given = None if tokens is None else device_ids(tokens, self.io.device)
+            out = self._verify(n, root, given)
+        else:
+            with attention_backends(self.cache.k.device, static=True):
+                out = self._verify_static()
+        self.last = out[:2]
+        return out
+
+    # -- the computation -----------------------------------------------------------------------
+    def _commit(self, n_prev, idx, toks, count, compact=True):
+        trunk, final = self.last
+        if compact:
+            self.cache.keep(n_prev, idx)
+        if self.heads is not None:
+            self.heads.commit(self.bb, self.state, trunk.index_select(1, idx), final.index_select(1, idx), toks,
+                              n_prev, count)
+
+    def _commit_static(self):
+        A, io = self.A, self.io
+        self._commit(io[2 * A], io[:A], io[A:2 * A], io[2 * A + 1])
+
+    def _verify_static(self):
+        A, io = self.A, self.io
+        root = io[A:2 * A].index_select(0, io[2 * A + 1].reshape(1) - 1)  # the last new token
+        return self._verify(io[2 * A + 2], root, None if self.drafts else io[-self.N:])
+
+    def _verify(self, n, root, tokens):
+        bb = self.bb
+        if tokens is None:
+            if self.drafts:
+                drafted = self.heads.draft(bb, self.state, self.tree, n, greedy_choose)
+                tokens = torch.cat([root, drafted[1:]])
+            else:
+                tokens = root
+        else:
+            tokens = torch.cat([root, tokens[1:]])
+        mask, start = self._mask_and_slots(n)
+        trunk, final = bb.forward(tokens[None], (n + self.depth)[None], self.cache, start, mask,
+                                  None if self.heads is None else self.heads.features)
+        target = bb.logits(final[0]).argmax(dim=-1)  # (N,)
+        return trunk, final, torch.cat([tokens, target])
 
     def _mask_and_slots(self, n):
         if self.mode == "eager":  # n is an int; attention reads entries 0..n+N-1
@@ -71,47 +172,30 @@ class Step:
         allowed = (rel < 0)[None, :] | (in_tree[None, :] & self.anc[:, rel.clamp(0, self.N - 1)])
         return additive_mask(allowed, self.bb.dtype), n + self.slot_offsets
 
-    def _compute(self, n):
-        bb = self.bb
-        mask, start = self._mask_and_slots(n)
-        positions = (n + self.depth)[None]
-        trunk, final = bb.forward(self.tokens[None], positions, self.cache, start, mask)
-        target = top = None
-        if self.greedy:
-            target = bb.logits(final[0]).argmax(dim=-1)  # (N,)
-            if self.ranks:
-                lg = self.heads.tree_logits(bb, self.head_state, trunk, final, positions, start, mask)
-                # (N + K*N*R,): the argmax, then every head's top-R at every node, for one copy out
-                top = torch.cat([target, lg.topk(self.ranks, dim=-1).indices.flatten()])
-        return trunk, final, target, top
-
-    def _capture(self, fn):
-        # Warm-up and capture write keys at the last N slots. That is harmless: no slot at or
-        # past the cache length n is read before the step that owns it has written it.
-        self.n.fill_(self.cache.max_len - self.N)
+    def _capture(self, compiled: bool):
+        verify, commit = self._verify_static, self._commit_static
+        if compiled:
+            verify, commit = (torch.compile(f, dynamic=False) for f in (verify, commit))
+        # Warm-up and capture write at slots near the end of the cache. That is harmless: no slot
+        # at or past the cache length is read before the step that owns it has written it.
+        safe = self.cache.max_len - self.N * self.A - 1
+        self.load(safe, [0], [0], safe, [0] * self.N)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with attention_backends(self.cache.k.device, static=True):
             with torch.cuda.stream(stream):
                 for _ in range(3):
-                    fn(self.n)
+                    self.last = verify()[:2]
+                    if self.heads is not None:
+                        commit()
             torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = fn(self.n)
-
-    def __call__(self, tokens, n: int):
-        """tokens: N ids (list or tensor). Returns (trunk, final, target, top) for the N nodes:
-        target (N,) the backbone's argmax; top, with drafting in the step, target followed by
-        the heads' candidates (K, N, R) flattened.
-
-        In the static and graph engines the results live in buffers the next call overwrites."""
-        self.tokens.copy_(torch.as_tensor(tokens, dtype=torch.long), non_blocking=True)
-        if self.mode == "eager":
-            return self._compute(n)
-        self.n.fill_(n)
-        if self.graph is not None:
-            self.graph.replay()
-            return self.out
-        with attention_backends(self.cache.k.device, static=True):
-            return self._compute(self.n)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                self.out = verify()
+            self.graphs["verify"] = g
+            self.last = self.out[:2]
+            if self.heads is not None:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    commit()
+                self.graphs["commit"] = g

@@ -36,7 +36,7 @@ class GraftModel(nn.Module):
         ids = input_ids.to(bb.device)
         B, T = ids.shape
         positions = torch.arange(T, device=ids.device).expand(B, T)
-        trunk, final = bb.forward(ids, positions)
+        trunk, final = bb.forward(ids, positions, features=self.heads.features)
         hs = self.heads.hidden(bb, trunk, final, ids)
         return GraftOutput(bb.logits(final).float(), [self.heads.logits(bb, k, h) for k, h in enumerate(hs)])
 
@@ -96,21 +96,22 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 
 def add_heads(model: str | Backbone = "smollm2-135m", heads: str = "medusa", num_heads: int = 4, *,
-              head_layers: int = 1, shared_lm_head: bool = False, init: str = "copy", out: str | None = None,
+              head_layers: int = 1, shared_lm_head: bool = False, init: str = "copy", aux_layers=None,
+              out: str | None = None,
               force: bool = False, dtype: str = "auto", device: str = "auto", load_in_4bit: bool = False,
               trust_remote_code: bool = False, seed: int = 0) -> GraftModel:
     """Graft fresh heads onto a frozen backbone (and save them to `out` if given).
 
     Args:
         model: an HF folder, a .gguf file, a hub id, the alias `smollm2-135m`, or a loaded Backbone.
-        heads: blockwise, medusa, meta-mtp or deepseek-mtp.
+        heads: blockwise, medusa, meta-mtp, deepseek-mtp or eagle.
         num_heads: K, tokens drafted ahead (1..8).
 
     Raises:
         GraftError: on bad input (see the CLI's help for each option).
     """
     spec = HeadSpec(family=heads, num_heads=num_heads, head_layers=head_layers, shared_lm_head=shared_lm_head,
-                    init=init)
+                    init=init, aux_layers=aux_layers)
     if out is not None:
         ckpt.prepare_out_dir(out, force)  # refuse before the slow load
     bb = model if isinstance(model, Backbone) else load_backbone(

@@ -51,12 +51,18 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def keep(self, start: int, offsets: torch.Tensor) -> None:
-        """Move entries at `start + offsets` to `start, start+1, ...` (accepted tree path)."""
-        n = offsets.numel()
+    def keep(self, start, offsets: torch.Tensor) -> None:
+        """Move entries at `start + offsets` to `start, start+1, ...` (accepted tree path).
+        `start` an int or a 0-d tensor (fixed shapes: padded offsets move junk past the path)."""
         src = start + offsets
-        self.k[:, :, :, start:start + n] = self.k[:, :, :, src]
-        self.v[:, :, :, start:start + n] = self.v[:, :, :, src]
+        if isinstance(start, int):
+            n = offsets.numel()
+            self.k[:, :, :, start:start + n] = self.k[:, :, :, src]
+            self.v[:, :, :, start:start + n] = self.v[:, :, :, src]
+            return
+        dst = start + torch.arange(offsets.numel(), device=offsets.device)
+        self.k.index_copy_(3, dst, self.k.index_select(3, src))
+        self.v.index_copy_(3, dst, self.v.index_select(3, src))
 
 
 def device_ids(values, device) -> torch.Tensor:
@@ -73,6 +79,13 @@ def additive_mask(allowed: torch.Tensor, dtype) -> torch.Tensor:
     m = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     m.masked_fill_(~allowed, torch.finfo(dtype).min)
     return m[None, None]
+
+
+def cache_mask(q_pos: torch.Tensor, max_len: int, dtype) -> torch.Tensor:
+    """(T,) query positions whose keys sit at slot = position -> (1, 1, T, max_len) additive mask
+    over a whole preallocated cache: query i sees slots 0..q_pos[i]."""
+    cols = torch.arange(max_len, device=q_pos.device)
+    return additive_mask(cols[None, :] <= q_pos[:, None], dtype)
 
 
 def causal_allowed(q: int, start: int, device) -> torch.Tensor:
@@ -107,11 +120,13 @@ def _sdpa(q, k, v, mask, scale, causal):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
-def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None):
-    """One Llama-family decoder layer (Llama, Mistral, Qwen2, Qwen3). h: (B, T, d)."""
+def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None):
+    """One Llama-family decoder layer (Llama, Mistral, Qwen2, Qwen3). h: (B, T, d), the residual
+    stream; x: the attention's input if not the normalised h (EAGLE-3's wider draft layer)."""
     attn = layer.self_attn
     B, T, _ = h.shape
-    x = layer.input_layernorm(h)
+    if x is None:
+        x = layer.input_layernorm(h)
     hd = attn.head_dim
     q = attn.q_proj(x).view(B, T, -1, hd)
     k = attn.k_proj(x).view(B, T, -1, hd)
@@ -134,11 +149,13 @@ def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None):
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
-def gpt2_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None):
-    """One GPT-2 block. Positions enter GPT-2 through the input embedding, so `rope` is unused."""
+def gpt2_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None):
+    """One GPT-2 block. Positions enter GPT-2 through the input embedding, so `rope` is unused.
+    x: the attention's input if not the normalised h (as in llama_layer)."""
     attn = layer.attn
     B, T, _ = h.shape
-    x = layer.ln_1(h)
+    if x is None:
+        x = layer.ln_1(h)
     q, k, v = attn.c_attn(x).split(attn.split_size, dim=2)
     q, k, v = (t.view(B, T, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
     scale = 1.0 / math.sqrt(attn.head_dim) if attn.scale_attn_weights else 1.0

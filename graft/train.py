@@ -143,7 +143,7 @@ def micro_step(bb, heads, ids, tc: TrainConfig, autocast, backbone_grad: bool = 
     pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     with autocast:
         with contextlib.nullcontext() if backbone_grad else torch.no_grad():
-            trunk, final = bb.forward(ids, pos)
+            trunk, final = bb.forward(ids, pos, features=heads.features)
         hs = heads.hidden(bb, trunk, final, ids)
     return distill_step(bb, heads, hs, final.detach(), ids, loss=tc.loss, decay=tc.head_decay,
                         chunk=tc.vocab_chunk, backward=backward, autocast=autocast, ranks=ranks)

@@ -14,7 +14,7 @@ PARALLEL_IDENTITY = ["blockwise", "medusa", "meta-mtp"]
 @pytest.mark.parametrize("family", HEAD_FAMILIES)
 def test_shapes(family, mt, tokenizer):
     bb = tiny_backbone(mt, tokenizer)
-    m = add_heads(bb, heads=family, num_heads=3, head_layers=2)
+    m = add_heads(bb, heads=family, num_heads=3, head_layers=1 if family == "eagle" else 2)
     out = m(torch.randint(0, len(tokenizer), (2, 9)))
     assert out.logits.shape == (2, 9, len(tokenizer))
     assert len(out.head_logits) == 3
@@ -111,3 +111,36 @@ def test_heads_for_another_backbone_are_refused(tiny_dirs, tmp_path):
     other = load_backbone(tiny_dirs["gpt2"], device="cpu")
     with pytest.raises(GraftError, match="were made for"):
         load(out, backbone=other)
+
+
+@pytest.mark.parametrize("mt", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", HEAD_FAMILIES)
+def test_drafting_sees_what_training_saw(family, mt, tokenizer):
+    """Drafting a chain whose choices are the real next tokens gives, at every depth, the logits
+    that training computes for that depth at the same position (eagle: the training-time test
+    unrolls what drafting does; deepseek-mtp: the chain's recomputed tail)."""
+    from graft.tree import Tree, chain
+
+    torch.manual_seed(0)
+    bb = tiny_backbone(mt, tokenizer)
+    m = add_heads(bb, heads=family, num_heads=3)
+    with torch.no_grad():
+        for p in m.heads.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # small: attention stays spread, so every key counts
+    seq = torch.randint(4, len(tokenizer), (14,))
+    n = 9  # positions committed; t_n is the root, t_{n+1}.. the depths' targets
+    with torch.inference_mode():
+        trunk, final = bb.forward(seq[None], torch.arange(14)[None], features=m.heads.features)
+        trained = m.heads.hidden(bb, trunk, final, seq[None])
+        state = m.heads.new_state(bb, 64)
+        m.heads.commit(bb, state, trunk[:, :n], final[:, :n], seq[1:n + 1], 0, n)
+        got = []
+
+        def real(d, logits, width):
+            got.append(logits[0])
+            return seq[n + d].view(1, 1)
+
+        m.heads.draft(bb, state, Tree(chain(3)), n, real)
+        for d in range(3):
+            want = m.heads.logits(bb, d, trained[d][0, n - 1])
+            torch.testing.assert_close(got[d], want, atol=1e-4, rtol=1e-4)

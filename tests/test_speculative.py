@@ -6,7 +6,8 @@ import torch
 
 from graft.config import HEAD_FAMILIES, GraftError
 from graft.model import add_heads, load
-from graft.speculative import DecodeConfig, SpeculativeDecoder, Tree, accept_sample, build_tree, warp
+from graft.speculative import DecodeConfig, SpeculativeDecoder, accept_sample, warp
+from graft.tree import Tree, build_tree
 
 from conftest import tiny_backbone
 
@@ -230,34 +231,51 @@ def test_static_engine_grows_its_cache(tokenizer):
     assert g.ids == plain_greedy(bb, long, 60)
 
 
+@pytest.mark.parametrize("engine", ["eager", "static"])
 @pytest.mark.parametrize("mt", ["llama", "gpt2"])
-def test_deepseek_tree_drafts_what_the_chain_drafts(mt, tokenizer):
-    """Every path of deepseek-mtp's batched tree draft equals the chain drafted one at a time
-    with the same choices: rank r at a node is the chain's rank-r pick there."""
+def test_deepseek_tree_drafts_what_the_chain_drafts(mt, engine, tokenizer):
+    """Every path of deepseek-mtp's batched tree draft equals the chain drafted one path at a
+    time with the same choices (rank r at a node is the chain's rank-r pick there), with int
+    positions (eager) and with device positions and padded commits (the static engines)."""
+    from graft.heads import positions
+
     torch.manual_seed(0)
     bb = tiny_backbone(mt, tokenizer)
     m = add_heads(bb, heads="deepseek-mtp", num_heads=3)
     perturb(m, 0.3)
     heads = m.heads
     tree = Tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [2, 0], [0, 0, 0], [1, 0, 0], [1, 0, 1], [2, 0, 0]])
-    ids = torch.tensor(encode(tokenizer, PROMPTS[1]))
+    prompt = encode(tokenizer, PROMPTS[1])
+    seq = torch.tensor(prompt)
     with torch.inference_mode():
-        for steps in range(3):  # after the prefill, and after further commits
-            P = ids.numel()
-            state = heads.new_state(bb, 64)
-            cache = bb.new_cache(64)
-            trunk, final = bb.forward(ids[None], torch.arange(P)[None], cache, 0, None)
-            nxt = torch.cat([ids[1:], bb.logits(final[0, -1]).argmax()[None]])
-            heads.commit(bb, state, trunk, final, nxt[None], 0)
-            got = heads.draft_tree(bb, state, tree).tolist()
-            assert got[0] == nxt[-1]
+        for _ in range(12):  # t_0, t_1, ...: the backbone's own continuation (past any EOS)
+            seq = torch.cat([seq, bb.hf(seq[None]).logits[0, -1].argmax()[None]])
+    static = engine == "static"
+    greedy = lambda d, lg, R: lg.topk(R, dim=-1).indices
+    with torch.inference_mode():
+        state = heads.new_state(bb, 128)
+        n = len(prompt)  # positions committed; tokens t_0..t_n known
+        trunk, final = bb.forward(seq[None, :n], torch.arange(n)[None])
+        heads.commit(bb, state, trunk, final, seq[1:n + 1], 0, n)
+        for steps in range(4):  # after the prefill, and after further commits
+            at = torch.tensor(n) if static else n
+            got = heads.draft(bb, state, tree, at, greedy).tolist()
             for v in range(1, tree.n):
                 ranks = [tree.ranks[u] for u in tree.lineage[v][1:]]
-                chain = []
-                heads.draft(bb, state, lambda k, lg: chain.append(
-                    int(lg.topk(ranks[k] + 1).indices[-1])) or chain[-1] if k < len(ranks) else 0)
-                assert got[v] == chain[len(ranks) - 1], (steps, v)
-            ids = nxt
+                path = Tree([[0] * d for d in range(1, len(ranks) + 1)])
+                pick = lambda d, lg, R: lg.topk(ranks[d - 1] + 1, dim=-1).indices[:, -1:]
+                assert got[v] == heads.draft(bb, state, path, at, pick).tolist()[-1], (steps, v)
+            a = 1 + steps % 3  # accept a positions: n..n+a-1; static commits pad them to 4
+            trunk, final = bb.forward(seq[None, :n + a], torch.arange(n + a)[None])
+            tr, fi, nt = trunk[:, n:], final[:, n:], seq[n + 1:n + a + 1]
+            if static:
+                pad = 4 - a
+                tr, fi = (torch.cat([x, torch.randn(1, pad, x.shape[-1])], dim=1) for x in (tr, fi))
+                nt = torch.cat([nt, torch.zeros(pad, dtype=torch.long)])
+                heads.commit(bb, state, tr, fi, nt, torch.tensor(n), torch.tensor(a))
+            else:
+                heads.commit(bb, state, tr, fi, nt, n, a)
+            n += a
 
 
 def test_deepseek_greedy_drafts_a_tree(tokenizer):

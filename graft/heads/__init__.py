@@ -1,10 +1,4 @@
-"""The four head families behind one small registry.
-
-Every family implements the same two faces:
-- training: `hidden(bb, trunk, final, ids)` -> K per-head representations (B, T, d), and
-  `logits(bb, k, h)` -> vocabulary logits, so losses can be computed in vocabulary chunks;
-- decoding: `new_state`, `commit` (feed the backbone states of newly accepted positions) and
-  `draft` (logits for the next K tokens after the last accepted one).
+"""The head families behind one small registry and one interface (`Heads`).
 
 Head k (0-based) at position i predicts token i+k+2: the backbone itself predicts i+1.
 """
@@ -17,14 +11,24 @@ from ..config import GraftError, HeadSpec
 
 
 class Heads(nn.Module):
-    family = ""
-    parallel = True  # heads draft independently of each other's choices -> tree drafting works
-    chained_tree = False  # a chained family that drafts a tree depth by depth (draft_tree)
+    """What every head family implements.
 
-    @property
-    def drafts_trees(self) -> bool:
-        """Greedy decoding drafts a tree: per-depth top-k (parallel) or depth by depth (chained)."""
-        return self.parallel or self.chained_tree
+    Training: `hidden(bb, trunk, final, ids)` -> K per-head representations (B, T, d), and
+    `logits(bb, k, h)` -> vocabulary logits, so losses can be computed in vocabulary chunks.
+
+    Decoding (graft.speculative): draft -> verify -> accept -> commit, one interface for all:
+    - `new_state(bb, max_len)`: preallocated decoding state. Commits write into it in place, so
+      that the steps captured as CUDA graphs keep reading the same memory.
+    - `commit(...)`: the backbone states of newly accepted positions.
+    - `draft(...)`: the tokens of a draft tree's nodes, depth by depth; a chain is a tree.
+
+    Both take positions as Python ints (exact shapes: prefill, the eager engine) or as 0-d
+    device tensors with fixed shapes (the static engines, captured in graphs).
+    """
+
+    family = ""
+    features = None  # backbone layers whose inputs the heads read as `trunk` (None: the last one's)
+    min_prompt = 1  # prompt tokens needed before the heads can draft
 
     def __init__(self, spec: HeadSpec, bb):
         super().__init__()
@@ -41,29 +45,52 @@ class Heads(nn.Module):
     def new_state(self, bb, max_len: int) -> dict:
         return {}
 
-    def commit(self, bb, state, trunk, final, next_tokens, start: int) -> None:
-        """Positions start..start+a-1 are accepted; trunk/final: (1, a, d); next_tokens: (1, a)."""
-        state["final"] = final[:, -1:]
-
-    def tree_logits(self, bb, state, trunk, final, positions, start, mask) -> torch.Tensor:
-        """(K, N, V) logits of every head at every node of a verified tree (parallel heads only).
-
-        trunk, final: (1, N, d) backbone states of the nodes; positions, start and mask as the
-        backbone's forward got them, for heads that attend (meta-mtp)."""
+    def commit(self, bb, state, trunk, final, next_tokens, start, count) -> None:
+        """Positions start..start+A-1 hold the accepted tokens, of which the first `count` are
+        real (the rest pad to a fixed shape and may be overwritten later). trunk, final: (1, A, d)
+        the backbone's states there; next_tokens (A,): the token after each position."""
         raise NotImplementedError
 
-    def keep(self, state, start: int, path: torch.Tensor) -> None:
-        """The tree nodes `path` were accepted: compact whatever the heads cached for the tree."""
-
-    def draft_tree(self, bb, state, tree) -> torch.Tensor:
-        """Chained families: (N,) greedy tokens of the tree's nodes on the device, node 0 holding
-        the last known token."""
+    def draft(self, bb, state, tree, n, choose) -> torch.Tensor:
+        """(N,) tokens of `tree`'s nodes on the device (node 0 left for the caller: the root, the
+        last known token, at position n). Depth by depth, `choose(d, logits (B, V), R) -> (B, R)`
+        picks the candidates of the B nodes of depth d-1 that have children (greedy: the top R;
+        sampling: a chain, one draw)."""
         raise NotImplementedError
 
-    def draft(self, bb, state, pick) -> list[torch.Tensor]:
-        """Logits (V,) for the K tokens after the last accepted one. `pick(k, logits) -> token id`
-        chooses draft k; chained families feed it forward, parallel families may ignore it."""
+
+class ParallelHeads(Heads):
+    """Heads that draft every depth at once from the last accepted position (blockwise, medusa,
+    meta-mtp): depth d's candidates are head d's, the same under every parent, so a tree is
+    each depth's top-R arranged as Medusa's sparse tree (section 2.1.2)."""
+
+    def last_hidden(self, bb, state) -> torch.Tensor:
+        """(K, d) each head's representation at the last accepted position."""
         raise NotImplementedError
+
+    def all_logits(self, bb, h) -> torch.Tensor:
+        """(K, ..., d) -> (K, ..., V)."""
+        return torch.stack([self.logits(bb, k, h[k]) for k in range(self.num_heads)])
+
+    def draft(self, bb, state, tree, n, choose):
+        logits = self.all_logits(bb, self.last_hidden(bb, state))  # (K, V)
+        out = torch.zeros(tree.n, dtype=torch.long, device=logits.device)
+        for lv in tree.levels(logits.device):
+            top = choose(lv.depth, logits[lv.depth - 1][None], lv.width)  # (1, R)
+            out[lv.nodes] = top[0, lv.ranks]
+        return out
+
+
+def last_row(x: torch.Tensor, count) -> torch.Tensor:
+    """x (1, A, ...) -> (1, 1, ...): the row of the last real position, count-1."""
+    if isinstance(count, int):
+        return x[:, count - 1:count]
+    return x.index_select(1, (count - 1).reshape(1))
+
+
+def positions(start, A: int, device) -> torch.Tensor:
+    """(A,) positions start..start+A-1, for an int or a 0-d tensor start."""
+    return torch.arange(A, device=device) + start
 
 
 def copy_last_layer(bb, init: str) -> nn.Module:
@@ -98,13 +125,14 @@ def build_heads(spec: HeadSpec, bb) -> Heads:
     from .blockwise import BlockwiseHeads
     from .deepseek_mtp import DeepSeekMTPHeads
     from .medusa import MedusaHeads
+    from .eagle import EagleHeads
     from .meta_mtp import MetaMTPHeads
 
-    registry = {c.family: c for c in (BlockwiseHeads, MedusaHeads, MetaMTPHeads, DeepSeekMTPHeads)}
+    registry = {c.family: c for c in (BlockwiseHeads, MedusaHeads, MetaMTPHeads, DeepSeekMTPHeads, EagleHeads)}
     if spec.family not in registry:
         raise GraftError(f"unknown head family {spec.family!r}: choose one of {', '.join(registry)}")
     heads = registry[spec.family](spec, bb)
     return heads.to(bb.device).eval()  # graft train switches to train mode (dropout, where a layer has it)
 
 
-__all__ = ["Heads", "build_heads", "copy_last_layer", "rms_eps"]
+__all__ = ["Heads", "ParallelHeads", "build_heads", "copy_last_layer", "last_row", "positions", "rms_eps"]

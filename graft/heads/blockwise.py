@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import Heads
+from . import ParallelHeads, last_row
 
 
-class BlockwiseHeads(Heads):
+class BlockwiseHeads(ParallelHeads):
     family = "blockwise"
 
     def __init__(self, spec, bb):
@@ -34,13 +34,14 @@ class BlockwiseHeads(Heads):
     def logits(self, bb, k, h):
         return bb.lm_head(h.to(bb.dtype)).float()  # h is already normalised
 
-    def _all_logits(self, bb, final):
-        """final (..., d) -> (K, ..., V): one product reads the unembedding once for all heads."""
-        hs = self._apply_heads(bb.norm(final).to(self.out[0].weight.dtype))
-        return self.logits(bb, 0, torch.stack(hs))
+    def all_logits(self, bb, h):
+        return self.logits(bb, 0, h)  # one product reads the unembedding once for all heads
 
-    def tree_logits(self, bb, state, trunk, final, positions, start, mask):
-        return self._all_logits(bb, final[0])
+    def new_state(self, bb, max_len):
+        return {"final": torch.zeros(bb.hidden_size, dtype=bb.dtype, device=bb.device)}
 
-    def draft(self, bb, state, pick):
-        return list(self._all_logits(bb, state["final"][0, -1]).unbind(0))
+    def commit(self, bb, state, trunk, final, next_tokens, start, count):
+        state["final"].copy_(last_row(final, count)[0, 0])
+
+    def last_hidden(self, bb, state):
+        return torch.stack(self._apply_heads(bb.norm(state["final"]).to(self.out[0].weight.dtype)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import Heads
+from . import ParallelHeads, last_row
 
 
 class ResBlock(nn.Module):
@@ -25,7 +25,7 @@ class ResBlock(nn.Module):
         return x + self.act(self.linear(x))
 
 
-class MedusaHeads(Heads):
+class MedusaHeads(ParallelHeads):
     family = "medusa"
 
     def __init__(self, spec, bb):
@@ -55,13 +55,17 @@ class MedusaHeads(Heads):
             return bb.lm_head(h.to(bb.dtype)).float()
         return self.lm_heads[k](h.to(self.lm_heads[k].weight.dtype)).float()
 
-    def _all_logits(self, bb, final):
-        """final (..., d) -> (K, ..., V)."""
-        normed = bb.norm(final).to(self.blocks[0][0].linear.weight.dtype)
-        return torch.stack([self.logits(bb, k, blocks(normed)) for k, blocks in enumerate(self.blocks)])
+    def all_logits(self, bb, h):
+        if self.lm_heads is None:  # one product reads the shared unembedding once for all heads
+            return self.logits(bb, 0, h)
+        return super().all_logits(bb, h)
 
-    def tree_logits(self, bb, state, trunk, final, positions, start, mask):
-        return self._all_logits(bb, final[0])
+    def new_state(self, bb, max_len):
+        return {"final": torch.zeros(bb.hidden_size, dtype=bb.dtype, device=bb.device)}
 
-    def draft(self, bb, state, pick):
-        return list(self._all_logits(bb, state["final"][0, -1]).unbind(0))
+    def commit(self, bb, state, trunk, final, next_tokens, start, count):
+        state["final"].copy_(last_row(final, count)[0, 0])
+
+    def last_hidden(self, bb, state):
+        normed = bb.norm(state["final"]).to(self.blocks[0][0].linear.weight.dtype)
+        return torch.stack([blocks(normed) for blocks in self.blocks])

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modeling import KVCache, additive_mask, causal_allowed
-from . import Heads, copy_last_layer
+from ..modeling import KVCache, cache_mask
+from . import ParallelHeads, copy_last_layer, last_row, positions
 
 
-class MetaMTPHeads(Heads):
+class MetaMTPHeads(ParallelHeads):
     family = "meta-mtp"
 
     def __init__(self, spec, bb):
@@ -45,26 +45,20 @@ class MetaMTPHeads(Heads):
     def new_state(self, bb, max_len):
         n = self.num_heads * self.spec.head_layers
         cache = KVCache(n, 1, bb.n_kv_heads, bb.head_dim, max_len, self._dtype, bb.device)
-        return {"cache": cache, "out": None}
+        return {"cache": cache, "out": torch.zeros(self.num_heads, bb.hidden_size, dtype=self._dtype, device=bb.device)}
 
-    def commit(self, bb, state, trunk, final, next_tokens, start):
-        a = trunk.shape[1]
-        positions = torch.arange(start, start + a, device=trunk.device)[None]
-        mask = additive_mask(causal_allowed(a, start, trunk.device), self._dtype)
+    def commit(self, bb, state, trunk, final, next_tokens, start, count):
+        # each head layer attends like the backbone's last layer, over its own cache of the
+        # accepted positions (slot = position); padded rows write slots that later commits overwrite
+        cache = state["cache"]
+        pos = positions(start, trunk.shape[1], trunk.device)
+        mask = cache_mask(pos, cache.max_len, self._dtype)
         x = trunk.to(self._dtype)
-        state["out"] = [self._run(bb, k, x, positions, state["cache"], start, mask)[:, -1]
-                        for k in range(self.num_heads)]
+        outs = [last_row(self._run(bb, k, x, pos[None], cache, pos, mask), count)[0, 0] for k in range(self.num_heads)]
+        state["out"].copy_(torch.stack(outs))
 
-    def tree_logits(self, bb, state, trunk, final, positions, start, mask):
-        # Each head layer attends like the backbone: the accepted prefix and the node's ancestors.
-        # Its keys go to the same slots as the backbone's; `keep` compacts them with the path.
-        x, mask = trunk.to(self._dtype), mask.to(self._dtype)
-        hs = torch.cat([self._run(bb, k, x, positions, state["cache"], start, mask) for k in range(self.num_heads)])
-        return self.logits(bb, 0, hs)  # (K, N, V)
+    def all_logits(self, bb, h):
+        return self.logits(bb, 0, h)  # one (K, d) x (d, V) product reads the unembedding once
 
-    def keep(self, state, start, path):
-        state["cache"].keep(start, path)
-
-    def draft(self, bb, state, pick):
-        # one (K, d) x (d, V) product reads the shared unembedding once instead of K times
-        return list(self.logits(bb, 0, torch.cat(state["out"], dim=0)).unbind(0))
+    def last_hidden(self, bb, state):
+        return state["out"]

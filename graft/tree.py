@@ -1,0 +1,153 @@
+"""Draft trees: their shape (calibrated from the heads' measured accuracy, Medusa section 2.1.2),
+their host-side structure for acceptance, and the per-depth index tensors that drafting uses on
+the device. A chain is the tree whose nodes all have rank 0.
+
+Node 0 is the root: the last known token. A node at depth d holds a draft for the token d places
+after the root; its rank r says it is the parent's (r+1)-th best candidate.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+from .config import GraftError
+
+
+def default_accuracies(num_heads: int, ranks: int = 8) -> list[list[float]]:
+    """A prior for untrained heads: depth k's rank-r candidate is right with 0.6^(k+1) * 0.5^r."""
+    return [[0.6 ** (k + 1) * 0.5 ** r for r in range(ranks)] for k in range(num_heads)]
+
+
+def build_tree(acc: list[list[float]], size: int) -> list[list[int]]:
+    """The `size` draft paths of highest expected acceptance (Medusa, section 2.1.2).
+
+    acc[k][r]: the measured chance that depth k+1's rank-r candidate is the backbone's token. A
+    path (r_1, ..., r_d) is worth prod_k acc[k][r_k]; children are never worth more than their
+    parent, so taking the best paths from a frontier keeps the tree prefix-closed.
+    """
+    heap = [(-acc[0][r], (r,)) for r in range(len(acc[0]))]
+    heapq.heapify(heap)
+    paths = []
+    while heap and len(paths) < size:
+        negv, path = heapq.heappop(heap)
+        paths.append(list(path))
+        d = len(path)
+        if d < len(acc):
+            for r in range(len(acc[d])):
+                heapq.heappush(heap, (negv * acc[d][r], path + (r,)))
+    return sorted(paths, key=lambda p: (len(p), p))
+
+
+def expected_tokens(acc: list[list[float]], paths: list[list[int]]) -> float:
+    """Expected new tokens per verification (bonus included) if depths are right independently
+    with the calibrated chances: 1 + the sum over nodes of the chance that the node's whole path
+    is right (a node is kept only if all its ancestors are)."""
+    total = 1.0
+    for p in paths:
+        v = 1.0
+        for k, r in enumerate(p):
+            v *= acc[k][r] if k < len(acc) and r < len(acc[k]) else 0.0
+        total += v
+    return total
+
+
+def chain(depth: int) -> list[list[int]]:
+    return [[0] * d for d in range(1, depth + 1)]
+
+
+@dataclass
+class Level:
+    """The nodes of one depth d >= 1 and where their tokens come from, as device tensors.
+
+    parents: the B nodes of depth d-1 that have children; width R: one more than the highest
+    rank among their children (each parent's top-R candidates are drawn).
+    nodes (M,): the depth-d nodes; flat (M,): each one's index into the parents' (B, R)
+    candidates flattened; ranks (M,): each one's rank. lines (B, d-1): each parent's path below
+    the root; up (B,): each parent's own parent's row among the previous level's parents.
+    """
+
+    depth: int
+    parents: list
+    width: int
+    nodes: torch.Tensor
+    flat: torch.Tensor
+    ranks: torch.Tensor
+    lines: torch.Tensor
+    up: torch.Tensor
+
+
+class Tree:
+    """A fixed draft tree: host-side structure for acceptance, device tensors for the step."""
+
+    def __init__(self, paths: list[list[int]]):
+        paths = sorted((tuple(p) for p in paths), key=lambda p: (len(p), p))
+        index = {(): 0}
+        parent, depth, rank = [-1], [0], [0]
+        for p in paths:
+            if any((not isinstance(r, int)) or r < 0 for r in p):
+                raise GraftError(f"draft tree path {list(p)} has a rank that is not a non-negative integer")
+            if p[:-1] not in index:
+                raise GraftError(f"draft tree path {list(p)} has no parent path: the tree must be prefix-closed")
+            index[p] = len(parent)
+            parent.append(index[p[:-1]])
+            depth.append(len(p))
+            rank.append(p[-1])
+        n = len(parent)
+        self.lineage = []  # node i's ancestors-or-self, root first
+        for i in range(n):
+            line, j = [], i
+            while j >= 0:
+                line.append(j)
+                j = parent[j]
+            self.lineage.append(line[::-1])
+        self.children = [[] for _ in range(n)]  # in rank order
+        for i in range(1, n):
+            self.children[parent[i]].append(i)
+        anc = torch.zeros(n, n, dtype=torch.bool)  # (n, n) ancestor-or-self, for the attention mask
+        for i, line in enumerate(self.lineage):
+            anc[i, line] = True
+        self.n = n
+        self.paths = paths
+        self.parents, self.depths, self.ranks = parent, depth, rank
+        self.anc = anc
+        self.max_depth = max(depth)
+        self.max_rank = max(rank) + 1
+        self._levels = {}
+
+    def levels(self, device) -> list[Level]:
+        """Per depth 1..max_depth, the index tensors that drafting gathers with (built once per
+        device, so that a step copies no index list to the device)."""
+        key = str(device)
+        if key not in self._levels:
+            out, rows = [], {0: 0}
+            for d in range(1, self.max_depth + 1):
+                parents = [v for v in range(self.n) if self.depths[v] == d - 1 and self.children[v]]
+                kids = [c for v in parents for c in self.children[v]]
+                R = max(self.ranks[c] for c in kids) + 1
+                flat = [b * R + self.ranks[c] for b, v in enumerate(parents) for c in self.children[v]]
+                lines = torch.tensor([self.lineage[v][1:] for v in parents], dtype=torch.long).view(len(parents), d - 1)
+                up = [rows.get(self.parents[v], 0) for v in parents]
+                rows = {v: b for b, v in enumerate(parents)}
+
+                def t(x):
+                    return torch.tensor(x, dtype=torch.long).to(device)
+
+                out.append(Level(d, parents, R, t(kids), t(flat), t([self.ranks[c] for c in kids]),
+                                 lines.to(device), t(up)))
+            self._levels[key] = out
+        return self._levels[key]
+
+    def accept(self, tokens: list, target: list) -> tuple[list, list]:
+        """Greedy acceptance: the deepest node whose whole lineage matches the backbone's argmax
+        (the first such on ties). tokens[i]: node i's token; target[i]: the backbone's argmax
+        after node i. Returns (the accepted nodes, root first; the new tokens, bonus included)."""
+        good = [True] * self.n
+        best = 0
+        for i in range(1, self.n):  # parents come before children
+            good[i] = good[self.parents[i]] and tokens[i] == target[self.parents[i]]
+            if good[i] and self.depths[i] > self.depths[best]:
+                best = i
+        path = self.lineage[best]
+        return path, [tokens[j] for j in path[1:]] + [target[best]]
