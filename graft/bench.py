@@ -16,9 +16,13 @@ import torch
 from .config import GraftError, write_json
 
 
-def read_prompts(path: str, limit: int | None) -> list[dict]:
+def read_prompts(path: str, limit: int | None, per_category: int | None = None) -> list[dict]:
+    """Prompts of a JSONL file, in file order: the first `limit`, or the first `per_category` of
+    each category (a slice that keeps every category, never a choice by hand)."""
     if limit is not None and limit < 1:
         raise GraftError(f"--limit must be at least 1, got {limit}")
+    if per_category is not None and per_category < 1:
+        raise GraftError(f"--per-category must be at least 1, got {per_category}")
     if not os.path.isfile(path):
         raise GraftError(f"prompts file {path} does not exist: check the path")
     rows = []
@@ -32,7 +36,10 @@ def read_prompts(path: str, limit: int | None) -> list[dict]:
                 raise GraftError(f"{path} line {n} is not valid JSON: fix or remove it")
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
                 raise GraftError(f"{path} line {n} has no string `prompt` field: each line needs one")
-            rows.append({"prompt": rec["prompt"], "category": str(rec.get("category") or rec.get("source") or "all")})
+            cat = str(rec.get("category") or rec.get("source") or "all")
+            if per_category and sum(r["category"] == cat for r in rows) >= per_category:
+                continue
+            rows.append({"prompt": rec["prompt"], "category": cat})
             if limit and len(rows) >= limit:
                 break
     if not rows:
@@ -61,7 +68,7 @@ BASELINES = {"eager": {}, "static": {"cache_implementation": "static"}, "lookup"
              "nodraft": None}
 
 
-def bench(graft_dir: str, prompts: str, *, limit=None, max_new_tokens=256, temperature=0.0, chat=True,
+def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, max_new_tokens=256, temperature=0.0, chat=True,
           baselines=("eager", "static", "nodraft"), engine="auto", tree="auto", tree_size=0, json_path=None,
           plot_path=None, device="auto", dtype=None, progress=True) -> dict:
     """Run every prompt through each decoder; returns the report (also written to json_path)."""
@@ -79,7 +86,7 @@ def bench(graft_dir: str, prompts: str, *, limit=None, max_new_tokens=256, tempe
 
         if importlib.util.find_spec("matplotlib") is None:
             raise GraftError("--plot needs matplotlib: run `pip install 'graft[plot]'`")
-    rows = read_prompts(prompts, limit)
+    rows = read_prompts(prompts, limit, per_category)
     model = load(graft_dir, device=device, dtype=dtype)
     bb, hf, tok = model.backbone, model.backbone.hf, model.tokenizer
     dev = bb.device
@@ -111,11 +118,12 @@ def bench(graft_dir: str, prompts: str, *, limit=None, max_new_tokens=256, tempe
             del hf_kw[name]
     notes["warmup_s"] = time.perf_counter() - t0
 
-    per = []
+    per, tree_note = [], None
     for r, ids in tqdm(list(zip(rows, encoded)), desc="bench", unit="prompt", disable=not progress):
         rec = {"category": r["category"], "prompt_tokens": len(ids)}
         sync(dev)
         g = dec.generate(ids, cfg)
+        tree_note = tree_note or {"draft_nodes": g.draft_nodes, "chosen": g.tree_note}
         rec["graft"] = {"tokens": len(g.ids), "seconds": g.prefill_s + g.decode_s, "tau": g.tau,
                         "steps": g.steps, "step_tokens": g.step_tokens, "accepted": g.accepted,
                         "proposed": g.proposed}
@@ -141,7 +149,7 @@ def bench(graft_dir: str, prompts: str, *, limit=None, max_new_tokens=256, tempe
                    "temperature": temperature, "device": device_name(dev),
                    "dtype": str(bb.dtype).removeprefix("torch."), "family": model.config.heads.family,
                    "num_heads": model.config.heads.num_heads,
-                   "tree_nodes": dec._tree(cfg).n - 1,
+                   "tree_nodes": tree_note["draft_nodes"], "tree_choice": tree_note["chosen"],
                    "training_minutes": (model.config.training or {}).get("minutes_this_run"),
                    "notes": notes, "per_prompt": per})
     if json_path:
@@ -171,14 +179,14 @@ def summarize(per, baselines) -> dict:
         ident = [r["identical_nodraft"] for r in recs if "identical_nodraft" in r]
         # the same check against graft's own loop without drafting, where no eager run was made
         out["identical_nodraft_rate"] = sum(ident) / len(ident) if ident else None
+        K = max(len(r["graft"]["accepted"]) for r in recs)
+        acc = [sum(r["graft"]["accepted"][k] for r in recs if k < len(r["graft"]["accepted"])) for k in range(K)]
+        prop = [sum(r["graft"]["proposed"][k] for r in recs if k < len(r["graft"]["proposed"])) for k in range(K)]
+        # acceptance by depth: the share of verification steps that kept a draft at depth k+1
+        out["acceptance_by_depth"] = [a / p if p else 0.0 for a, p in zip(acc, prop)]
         return out
 
     report = block(per)
-    K = len(per[0]["graft"]["accepted"])
-    acc = [sum(r["graft"]["accepted"][k] for r in per) for k in range(K)]
-    prop = [sum(r["graft"]["proposed"][k] for r in per) for k in range(K)]
-    # acceptance by depth: the share of verification steps that kept a draft at depth k+1
-    report["acceptance_by_depth"] = [a / p if p else 0.0 for a, p in zip(acc, prop)]
     cats = defaultdict(list)
     for r in per:
         cats[r["category"]].append(r)
@@ -200,11 +208,13 @@ def print_table(report: dict) -> None:
     ident = report["identical_rate"]
     click.echo(f"tau (tokens per verification forward) {report['tau']:.2f}; acceptance by depth [{acc}]; "
                f"identical_rate {'n/a' if ident is None else f'{ident:.2f}'}")
+    click.echo(f"draft tree: {report['tree_nodes']} nodes ({report['tree_choice']})")
     if len(report["by_category"]) > 1:
-        click.echo(f"{'category':<32}{'n':>4}{'tau':>7}  speedups")
+        click.echo(f"{'category':<20}{'n':>4}{'tau':>7}  {'speedups':<28}acceptance by depth")
         for c, b in report["by_category"].items():
             sp = " ".join(f"{k}:{v:.2f}x" for k, v in b["speedup"].items())
-            click.echo(f"{c[:31]:<32}{b['n']:>4}{b['tau']:>7.2f}  {sp}")
+            acc = " ".join(f"{a:.2f}" for a in b["acceptance_by_depth"])
+            click.echo(f"{c[:19]:<20}{b['n']:>4}{b['tau']:>7.2f}  {sp:<28}{acc}")
 
 
 def plot(report: dict, path: str) -> None:

@@ -20,9 +20,13 @@ ENGINE_OPTION = click.option(
 
 
 def tree_options(f):
-    f = click.option("--tree-size", type=int, default=0, help="Override the number of tree nodes.")(f)
-    return click.option("--tree", type=click.Choice(["auto", "chain"]), default="auto", show_default=True,
-                        help="auto: the calibrated draft tree (greedy); chain: one path.")(f)
+    f = click.option("--tree-size", type=int, default=0,
+                     help="Draft-tree nodes besides the root (overrides --tree auto).")(f)
+    return click.option("--tree", type=click.Choice(["auto", "calibrated", "chain"]), default="auto",
+                        show_default=True,
+                        help="Greedy drafting: auto sizes the tree from the measured step cost on a GPU (or "
+                             "drafts nothing where no tree pays) and takes the calibrated one on CPU; calibrated: "
+                             "the export's tree; chain: one path.")(f)
 
 
 MODEL_HELP = ("MODEL: a Hugging Face model folder, a .gguf file, a hub id (needs the hub or its cache), or the "
@@ -259,6 +263,7 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
         acc = " ".join(f"{a:.2f}" for a in g.acceptance())
         click.echo(f"tokens {len(g.ids)}  steps {g.steps}  tokens/step {g.tau:.2f}  per-head acceptance [{acc}]  "
                    f"{g.tokens_per_s:.1f} tok/s  (stopped: {g.stopped})", err=True)
+        click.echo(f"draft tree: {g.draft_nodes} nodes ({g.tree_note})", err=True)
 
 
 @main.command("bench")
@@ -266,6 +271,8 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False), help="JSONL with `prompt` and "
               "optional `category`.")
 @click.option("--limit", type=int, default=None, help="Use the first N prompts.")
+@click.option("--per-category", type=int, default=None, metavar="N",
+              help="Use the first N prompts of each category (a slice that keeps every category).")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True)
 @click.option("--chat/--no-chat", default=True, show_default=True)
@@ -279,12 +286,12 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True)
-def bench_cmd(graft_dir, prompts, limit, max_new_tokens, temperature, chat, baselines, engine, tree, tree_size,
+def bench_cmd(graft_dir, prompts, limit, per_category, max_new_tokens, temperature, chat, baselines, engine, tree, tree_size,
               json_path, plot_path, device, dtype):
     """Measure acceptance and speedup against plain decoding of the same backbone."""
     from .bench import bench, print_table
 
-    report = bench(graft_dir, prompts, limit=limit, max_new_tokens=max_new_tokens, temperature=temperature,
+    report = bench(graft_dir, prompts, limit=limit, per_category=per_category, max_new_tokens=max_new_tokens, temperature=temperature,
                    chat=chat, baselines=[b for b in baselines.split(",") if b], engine=engine, tree=tree,
                    tree_size=tree_size, json_path=json_path,
                    plot_path=plot_path, device=device, dtype=None if dtype == "auto" else dtype)

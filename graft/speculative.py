@@ -26,6 +26,9 @@ from .modeling import additive_mask, attention_backends, causal_allowed
 from .tree import Tree, build_tree, chain, default_accuracies
 
 
+TREE_CHOICES = ("auto", "calibrated", "chain")
+
+
 @dataclass
 class DecodeConfig:
     """Options of `graft generate` and `GraftModel.generate`.
@@ -34,8 +37,11 @@ class DecodeConfig:
     temperature: 0 is greedy; > 0 samples (with top_p) by speculative rejection sampling.
     top_p: nucleus sampling threshold, as in transformers.
     seed: random seed for sampling.
-    tree: "auto" uses the calibrated tree at temperature 0, "chain" one path (sampling: always).
-    tree_size: nodes in the draft tree (0: the calibrated tree from graft.json, else a default).
+    tree: at temperature 0, "auto" sizes the tree from the measured step cost on a CUDA device
+        (graft.fit: the size that maximises expected tokens per millisecond, or no drafting
+        where none pays) and takes the calibrated tree elsewhere; "calibrated" the tree in
+        graft.json; "chain" one path. Sampling always drafts a chain.
+    tree_size: nodes in the draft tree besides the root (0: as `tree` says); overrides "auto".
     draft: False runs graft's own loop without drafting (one token per forward): a baseline.
     stop: strings that end generation once the generated text contains one.
     eos: stop at the tokenizer's end-of-sequence token(s).
@@ -62,8 +68,8 @@ class DecodeConfig:
             raise GraftError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise GraftError("--max-new-tokens must be at least 1")
-        if self.tree not in ("auto", "chain"):
-            raise GraftError(f"--tree must be auto or chain, got {self.tree!r}")
+        if self.tree not in TREE_CHOICES:
+            raise GraftError(f"--tree must be one of {', '.join(TREE_CHOICES)}, got {self.tree!r}")
         if self.engine not in ENGINES:
             raise GraftError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.tree_size < 0:
@@ -83,6 +89,8 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     stopped: str = ""  # eos, stop, length, context
+    draft_nodes: int = 0  # nodes of the draft tree besides the root (0: no drafting)
+    tree_note: str = ""  # how the tree was chosen
 
     @property
     def tau(self) -> float:
@@ -145,16 +153,28 @@ class SpeculativeDecoder:
         self.heads = model.heads
         self._pool = {}  # engine -> {"max_len", "cache", "state", "steps"} (static and graph)
 
-    def _tree(self, cfg: DecodeConfig) -> Tree | None:
+    def accuracies(self) -> list:
+        """Per depth and rank, the chance that a draft is the backbone's token (calibrated in
+        training's evaluation; a prior for untrained heads)."""
+        K = self.heads.num_heads
+        return (self.model.config.training or {}).get("rank_accuracy") or default_accuracies(K)
+
+    def _tree(self, cfg: DecodeConfig, engine: str = "eager") -> tuple[Tree | None, str]:
+        """The draft tree for `cfg` (None: no drafting) and how it was chosen."""
         K = self.heads.num_heads
         if not cfg.draft:
-            return None
+            return None, "drafting off"
         if cfg.temperature > 0 or cfg.tree == "chain":
-            return Tree(chain(K))
-        if cfg.tree_size == 0 and self.model.config.tree:
-            return Tree(self.model.config.tree)
-        acc = (self.model.config.training or {}).get("rank_accuracy") or default_accuracies(K)
-        return Tree(build_tree(acc, cfg.tree_size or 24))
+            return Tree(chain(K)), "chain"
+        if cfg.tree_size:
+            return Tree(build_tree(self.accuracies(), cfg.tree_size)), "--tree-size"
+        if cfg.tree == "auto" and self.bb.device.type == "cuda":
+            from .fit import fit_tree
+
+            return fit_tree(self, engine)
+        if self.model.config.tree:
+            return Tree(self.model.config.tree), "calibrated"
+        return Tree(build_tree(self.accuracies(), 24)), "calibrated (24 nodes)"
 
     def _buffers(self, engine: str, need: int, drafting: bool):
         """KV cache, head state and a cache of Steps for one generation of up to `need` slots."""
@@ -190,7 +210,7 @@ class SpeculativeDecoder:
         with attention_backends(self.bb.device, static=False):  # the static steps re-enable cuDNN
             return self._generate(prompt_ids, cfg, on_tokens)
 
-    def _generate(self, prompt_ids, cfg: DecodeConfig, on_tokens=None) -> Generation:
+    def _generate(self, prompt_ids, cfg: DecodeConfig, on_tokens=None, tree="cfg") -> Generation:
         bb, heads = self.bb, self.heads
         dev = bb.device
         ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=dev).flatten()
@@ -202,9 +222,11 @@ class SpeculativeDecoder:
             raise GraftError(f"the prompt is {P} tokens, longer than the context window ({ctx}): shorten it")
         max_new = min(cfg.max_new_tokens, ctx - P)
         engine = resolve_engine(cfg.engine, bb)
-        tree = self._tree(cfg)
+        note = "given"
+        if tree == "cfg":
+            tree, note = self._tree(cfg, engine)
         if tree is not None and P < heads.min_prompt:
-            tree = None  # too short a prompt for these heads to draft from: decode without drafts
+            tree, note = None, "prompt too short to draft from"
         K = tree.max_depth if tree is not None else 0
         greedy = cfg.temperature == 0
         shape = tree or Tree([])  # without drafting: the root alone
@@ -214,7 +236,8 @@ class SpeculativeDecoder:
         else:
             gen.seed()
         eos = self._eos_ids(cfg)
-        out = Generation(prompt_ids=ids.tolist(), ids=[], accepted=[0] * K, proposed=[0] * K)
+        out = Generation(prompt_ids=ids.tolist(), ids=[], accepted=[0] * K, proposed=[0] * K,
+                         draft_nodes=shape.n - 1, tree_note=note)
 
         t0 = time.perf_counter()
         need = P + max_new + shape.n * (shape.max_depth + 1) + 1  # room for the drafts' scratch too

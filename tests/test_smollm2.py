@@ -10,6 +10,8 @@ from graft.cli import main
 from graft.config import HEAD_FAMILIES
 from graft.model import add_heads, encode_prompt
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves."]
 
 

@@ -237,8 +237,6 @@ def test_deepseek_tree_drafts_what_the_chain_drafts(mt, engine, tokenizer):
     """Every path of deepseek-mtp's batched tree draft equals the chain drafted one path at a
     time with the same choices (rank r at a node is the chain's rank-r pick there), with int
     positions (eager) and with device positions and padded commits (the static engines)."""
-    from graft.heads import positions
-
     torch.manual_seed(0)
     bb = tiny_backbone(mt, tokenizer)
     m = add_heads(bb, heads="deepseek-mtp", num_heads=3)
@@ -286,6 +284,32 @@ def test_deepseek_greedy_drafts_a_tree(tokenizer):
     m = add_heads(bb, heads="deepseek-mtp", num_heads=3)
     assert not m.heads.training  # drafting never runs dropout
     dec = SpeculativeDecoder(m)
-    assert dec._tree(DecodeConfig(tree_size=10)).n == 11
-    assert dec._tree(DecodeConfig(tree="chain")).n == 4
-    assert dec._tree(DecodeConfig(temperature=1.0)).n == 4
+    assert dec._tree(DecodeConfig(tree_size=10))[0].n == 11
+    assert dec._tree(DecodeConfig(tree="chain"))[0].n == 4
+    assert dec._tree(DecodeConfig(temperature=1.0))[0].n == 4
+
+
+def test_tree_fitted_to_the_measured_cost(tokenizer, tmp_path, monkeypatch):
+    """fit_tree keeps the tree with the most expected tokens per ms, decodes without drafts where
+    none pays, and measures a card once (the costs are cached)."""
+    from graft import fit
+
+    monkeypatch.setenv("GRAFT_CACHE", str(tmp_path))
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="medusa", num_heads=3)
+    calls = []
+
+    def fake(per_node):
+        def measure(dec, engine, trees):
+            calls.append(len(trees))
+            return {fit._shape(t): 10.0 + (0 if t is None else per_node * t.n) for t in trees}
+        return measure
+
+    monkeypatch.setattr(fit, "measure", fake(0.0))  # size costs nothing: the biggest tree wins
+    tree, note = fit.fit_tree(SpeculativeDecoder(m), "static")
+    assert tree.n == 65 and "65" not in note and "64 nodes" in note
+    monkeypatch.setattr(fit, "measure", fake(100.0))  # the cached costs are used, not these
+    assert fit.fit_tree(SpeculativeDecoder(m), "static")[0].n == 65 and calls == [7]
+    monkeypatch.setenv("GRAFT_CACHE", str(tmp_path / "other"))
+    tree, note = fit.fit_tree(SpeculativeDecoder(m), "static")  # every node costs 10 steps: none pays
+    assert tree is None and "no tree pays" in note

@@ -4,7 +4,7 @@ Baselines that decode with the backbone alone (eager, static, lookup) may have b
 one report only; each family's speedup over them is computed from that report's tokens/s. The
 no-draft column is each report's own (graft's loop with the same engine).
 
-  python scripts/bench_table.py runs/bench-*.json
+  python benchmarks/bench_table.py runs/bench-*.json
 """
 import json
 import sys

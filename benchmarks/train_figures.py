@@ -7,8 +7,8 @@
               shape (default: Llama-3-8B) quantized to 4 bits (NF4, double quantization).
 
 Examples (GPU):
-  python scripts/train_figures.py throughput --model smollm2-135m --family medusa --batch 32 --seq 512
-  python scripts/train_figures.py memory --family medusa --heads 4 --seq 2048 --shared-lm-head
+  python benchmarks/train_figures.py throughput --model smollm2-135m --family medusa --batch 32 --seq 512
+  python benchmarks/train_figures.py memory --family medusa --heads 4 --seq 2048 --shared-lm-head
 Random token ids stand in for text: speed and memory do not depend on what the tokens say.
 """
 from __future__ import annotations

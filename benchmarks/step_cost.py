@@ -1,0 +1,106 @@
+"""The cost of a decoding step against the draft tree's size: the figure that decides whether
+drafting pays on a card.
+
+For each head family (fresh heads: the acceptance is irrelevant here) and each tree size, one
+generation of --new tokens with drafting forced at every step (EOS ignored) gives the wall time
+per step of the whole loop: commit, draft, verify, the one copy to the host, acceptance. Size 0
+is graft's loop without drafting. The ratio column divides by that.
+
+  python benchmarks/step_cost.py smollm2-135m --dtype bfloat16 --engine graph
+  python benchmarks/step_cost.py --random-llama 8b --engine graph     # random weights, no download
+
+--random-llama builds a Llama of that shape on the device from a config (1b: Llama-3.2-1B,
+8b: Llama-3-8B, both with a 49,152 vocabulary) and states the memory roofline of a one-token
+step: the weights' bytes over the card's bandwidth (--bandwidth, default an H200's 4.8 TB/s).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8),
+}
+
+
+def random_llama(shape: str, dtype: torch.dtype):
+    """A random-weight Llama built straight on the GPU (no download): cost figures only."""
+    import transformers as tf
+
+    from graft.backbone import Backbone
+
+    cfg = tf.LlamaConfig(vocab_size=49152, max_position_embeddings=4096, rope_theta=500000.0, **SHAPES[shape])
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cuda"):
+            hf = tf.LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return Backbone.from_hf(hf.eval(), None, source=f"random-llama-{shape}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default="smollm2-135m")
+    p.add_argument("--random-llama", choices=sorted(SHAPES), help="time a random-weight Llama of this shape")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--engine", default="graph")
+    p.add_argument("--families", default="blockwise,deepseek-mtp,eagle")
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--sizes", default="0,4,16,32,64", help="tree nodes besides the root (0: no drafting)")
+    p.add_argument("--context", type=int, default=300, help="prompt tokens before decoding")
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s for the roofline")
+    p.add_argument("--json", help="append one JSON line per figure")
+    a = p.parse_args(argv)
+
+    from graft.backbone import load_backbone
+    from graft.bench import device_name
+    from graft.model import add_heads
+    from graft.speculative import DecodeConfig, SpeculativeDecoder
+
+    dt = getattr(torch, a.dtype)
+    bb = random_llama(a.random_llama, dt) if a.random_llama else load_backbone(a.model, dtype=a.dtype)
+    name = f"random-llama-{a.random_llama}" if a.random_llama else a.model
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(10, bb.vocab_size - 10, (a.context,), generator=g).tolist()
+    weights = sum(p.numel() * p.element_size() for p in bb.hf.parameters())
+    roof = weights / a.bandwidth * 1e3
+    print(f"{name} on {device_name(bb.device)} ({a.dtype}), engine {a.engine}, context {a.context}: "
+          f"weights {weights / 2**30:.2f} GiB, one-token roofline {roof:.2f} ms", flush=True)
+    print(f"{'family':<14}{'nodes':>6}{'ms/step':>9}{'x no-draft':>11}{'roofline share':>16}", flush=True)
+    base = None
+    for fam in a.families.split(","):
+        torch.manual_seed(0)
+        m = add_heads(bb, heads=fam, num_heads=a.num_heads)
+        m.heads.to(bb.dtype)
+        dec = SpeculativeDecoder(m)
+        for size in [int(s) for s in a.sizes.split(",")]:
+            if size == 0 and base is not None:
+                continue  # the loop without drafting does not depend on the family
+            cfg = DecodeConfig(max_new_tokens=a.new, engine=a.engine, draft=size > 0, tree_size=size, eos=False)
+            dec.generate(prompt, cfg)  # warm-up: cache, captured steps
+            out = dec.generate(prompt, cfg)
+            ms = out.decode_s / out.steps * 1e3
+            if size == 0:
+                base = ms
+            rec = {"model": name, "device": device_name(bb.device), "dtype": a.dtype, "engine": a.engine,
+                   "family": "none" if size == 0 else fam, "nodes": size + 1, "ms_per_step": ms,
+                   "x_nodraft": ms / base, "roofline_ms": roof}
+            print(f"{rec['family']:<14}{size + 1:>6}{ms:>9.2f}{ms / base:>11.2f}{roof / ms:>16.2f}", flush=True)
+            if a.json:
+                with open(a.json, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+        del m, dec
+        torch.cuda.empty_cache() if bb.device.type == "cuda" else None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

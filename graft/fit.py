@@ -1,0 +1,105 @@
+"""The draft tree sized from what a step costs on this card.
+
+A bigger tree accepts more tokens per step but costs more per step, and where the balance lies
+depends on the card, the backbone and the engine (on an H200 a 65-node step of SmolLM2 costs
+about 1.7 one-token steps; on an 8B model less). For a few candidate trees (a chain, and the
+calibrated best-first trees of 4 to 64 nodes) graft knows the expected new tokens per step from
+the heads' per-rank accuracy (`graft.tree.expected_tokens`). It measures, once per backbone
+shape, head shape, card, dtype and engine, the wall time of a decoding step with each, and keeps
+the tree with the most expected tokens per millisecond. Where no tree beats decoding without
+drafts, it decodes without drafts: drafting never makes decoding slower than not drafting, as far
+as the calibration is right.
+
+Measured costs are cached in `$GRAFT_CACHE/step-cost.json` (default `~/.cache/graft`).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .config import write_json
+from .tree import Tree, build_tree, chain, expected_tokens
+
+SIZES = (4, 8, 16, 32, 64)
+CONTEXT, NEW = 256, 32  # the measuring generation: prompt tokens, new tokens
+
+
+def cache_path() -> str:
+    root = os.environ.get("GRAFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "graft")
+    return os.path.join(root, "step-cost.json")
+
+
+def _key(dec, engine: str) -> str:
+    from .bench import device_name
+
+    bb, spec = dec.bb, dec.model.config.heads
+    ident = bb.identity
+    return "|".join([f"{ident.model_type} d{ident.hidden_size} L{ident.num_layers} V{ident.vocab_size}",
+                     json.dumps(spec.__dict__, sort_keys=True), device_name(bb.device),
+                     str(bb.dtype).removeprefix("torch."), engine, f"torch {torch.__version__}"])
+
+
+def _load() -> dict:
+    try:
+        with open(cache_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # no cache yet, or an unreadable one: measure again
+
+
+def measure(dec, engine: str, trees: list) -> dict:
+    """ms per decoding step for each tree (None: no drafting), on a random prompt."""
+    from .speculative import DecodeConfig
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, dec.bb.vocab_size, (CONTEXT,), generator=g).tolist()
+    cfg = DecodeConfig(max_new_tokens=NEW, eos=False, engine=engine)
+    out = {}
+    for tree in trees:
+        dec._generate(ids, cfg, tree=tree)  # warm-up: cache, captured step
+        gen = dec._generate(ids, cfg, tree=tree)
+        out[_shape(tree)] = gen.decode_s / max(gen.steps, 1) * 1e3
+    return out
+
+
+def _shape(tree) -> str:
+    return "none" if tree is None else f"{tree.n}x{tree.max_depth}"
+
+
+def fit_tree(dec, engine: str) -> tuple[Tree | None, str]:
+    """The tree with the most expected tokens per millisecond, or None where none pays."""
+    memo = dec.__dict__.setdefault("_fitted", {})
+    if engine in memo:
+        return memo[engine]
+    acc = dec.accuracies()
+    candidates = [Tree(chain(dec.heads.num_heads))] + [Tree(build_tree(acc, s)) for s in SIZES]
+    key = _key(dec, engine)
+    table = _load()
+    costs = dict(table.get(key, {}))
+    todo = [t for t in [None] + candidates if _shape(t) not in costs]
+    if todo:
+        costs.update(measure(dec, engine, todo))
+        table = _load()  # another process may have written meanwhile
+        table[key] = costs
+        try:
+            os.makedirs(os.path.dirname(cache_path()), exist_ok=True)
+            write_json(cache_path(), table)
+        except OSError:
+            pass  # a read-only home: measure again next time
+    base = costs["none"]
+    best, rate = None, 1.0 / base
+    for tree in candidates:
+        r = expected_tokens(acc, tree.paths) / costs[_shape(tree)]
+        if r > rate:
+            best, rate = tree, r
+    if best is None:
+        note = f"no tree pays here (a step without drafts: {base:.2f} ms): decoding without drafts"
+    else:
+        e = expected_tokens(acc, best.paths)
+        note = (f"{best.n - 1} nodes fit this card: expected {e:.2f} tokens per {costs[_shape(best)]:.2f} ms step, "
+                f"{rate * base:.2f}x a step without drafts")
+    memo[engine] = (best, note)
+    return memo[engine]
