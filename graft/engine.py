@@ -65,6 +65,9 @@ class Step:
         self.N, self.A = tree.n, tree.max_depth + 1
         self.anc = tree.anc.to(dev)
         self.depth = torch.tensor(tree.depths, device=dev)
+        # Nodes past the context window only draft tokens that are never emitted; their positions
+        # are clamped so that learned position tables (GPT-2) are never indexed out of range.
+        self.last_pos = (bb.max_positions or 1 << 62) - 1
         A, N = self.A, self.N
         # io: path (A), new tokens (A), n_prev, count, n, node tokens (N)
         self.io = torch.zeros(2 * A + 3 + N, dtype=torch.long, device=dev)
@@ -158,7 +161,8 @@ class Step:
         else:
             tokens = torch.cat([root, tokens[1:]])
         mask, start = self._mask_and_slots(n)
-        trunk, final = bb.forward(tokens[None], (n + self.depth)[None], self.cache, start, mask,
+        positions = (n + self.depth).clamp(max=self.last_pos)[None]
+        trunk, final = bb.forward(tokens[None], positions, self.cache, start, mask,
                                   None if self.heads is None else self.heads.features)
         target = bb.logits(final[0]).argmax(dim=-1)  # (N,)
         return trunk, final, torch.cat([tokens, target])

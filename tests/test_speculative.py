@@ -313,3 +313,19 @@ def test_tree_fitted_to_the_measured_cost(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("GRAFT_CACHE", str(tmp_path / "other"))
     tree, note = fit.fit_tree(SpeculativeDecoder(m), "static")  # every node costs 10 steps: none pays
     assert tree is None and "no tree pays" in note
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_drafting_up_to_the_end_of_the_context(engine, tokenizer):
+    """GPT-2's positions are a learned table: tree nodes past the window must not index it, and
+    the output up to the window's end is still the plain greedy output."""
+    torch.manual_seed(0)
+    bb = tiny_backbone("gpt2", tokenizer)  # a 256-position window
+    m = add_heads(bb, heads="medusa", num_heads=3)
+    perturb(m, 0.05)
+    bb.hf.generation_config.eos_token_id = None
+    for P in range(238, 243):  # the last step lands at every offset from the window's end
+        ids = torch.randint(4, len(tokenizer), (P,)).tolist()
+        ref = plain_greedy(bb, ids, 256 - P)
+        g = m.generate(input_ids=ids, max_new_tokens=40, engine=engine, eos=False)
+        assert g.ids == ref and g.stopped == "context", P

@@ -113,7 +113,6 @@ class DeepSeekMTPHeads(Heads):
         L = self.spec.head_layers
         dev = H.device
         out = torch.zeros(tree.n, dtype=torch.long, device=dev)
-        out[0] = tokens[n]  # the root: the last known token
         prev = None  # the depth before: module outputs on each parent's tail, (B', k-2, d)
         for lv in tree.levels(dev):
             k, B = lv.depth, len(lv.parents)
