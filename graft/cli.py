@@ -178,8 +178,8 @@ def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_sampl
 def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, device, **opts):
     """Train the heads in GRAFT_DIR by self-distillation from the frozen backbone.
 
-    One backbone forward per batch gives the targets: head k at position i learns the
-    backbone's own distribution for token i+k+2. Writes GRAFT_DIR/heads.safetensors,
+    One backbone forward per batch gives the targets: depth k at position i learns the
+    backbone's own distribution for token i+k+1. Writes GRAFT_DIR/heads.safetensors,
     GRAFT_DIR/metrics.jsonl and a resumable checkpoint.
     """
     from .train import load_recipe, train

@@ -1,8 +1,8 @@
 """Self-distillation losses, computed in chunks over positions so that K x T x V float32 logits
 are never held at once (with a 128k vocabulary that alone exhausts a 24 GB card).
 
-Head k (0-based) at position i is trained toward the backbone's distribution at position
-i+k+1, i.e. the one for token i+k+2: the backbone itself already predicts token i+1.
+Depth k (1..K; index k-1 in lists of heads) at position i is trained toward the backbone's
+distribution at position i+k, the one for token i+k+1: the backbone itself predicts token i+1.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from .heads import build_heads
 @dataclass
 class GraftOutput:
     logits: torch.Tensor  # (B, T, V): the backbone's next-token logits
-    head_logits: list  # K tensors (B, T, V); head k at position i predicts token i+k+2
+    head_logits: list  # K tensors (B, T, V); head_logits[k-1] (depth k) at position i predicts token i+k+1
 
 
 class GraftModel(nn.Module):

@@ -1,6 +1,7 @@
 """The head families behind one small registry and one interface (`Heads`).
 
-Head k (0-based) at position i predicts token i+k+2: the backbone itself predicts i+1.
+Depth k (1..K; index k-1 in lists of heads) at position i predicts token i+k+1: the backbone
+itself predicts i+1.
 """
 from __future__ import annotations
 
