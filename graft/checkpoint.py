@@ -7,21 +7,25 @@ file and renamed into place; nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import json
 import os
+from contextlib import contextmanager
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from .config import GRAFT_VERSION, HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE, GraftConfig, GraftError, atomic_write_bytes, read_json, write_json
+from .config import (GRAFT_VERSION, HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE, GraftConfig, GraftError,
+                     atomic_write_bytes, read_json, write_json)
 
 CONFIG_NAME = "graft.json"
 HEADS_NAME = HEADS_FILE
 METRICS_NAME = "metrics.jsonl"
-TRAIN_STATE_NAME = TRAIN_STATE_FILE
-TRAIN_META_NAME = "train_state.json"
+CHECKPOINT_NAME = TRAIN_STATE_FILE  # heads, optimizer, RNG and LoRA of one step, in one file
 HEADS_FORMAT = "graft-heads"
+CHECKPOINT_FORMAT = "graft-checkpoint"
 LORA_NAME = LORA_FILE
+LOCK_NAME = ".graft.lock"
 
 
 def prepare_out_dir(path: str, force: bool, what: str = "--out") -> None:
@@ -30,7 +34,12 @@ def prepare_out_dir(path: str, force: bool, what: str = "--out") -> None:
             raise GraftError(f"{what} {path} exists and is a file: choose another path")
         if os.listdir(path) and not force:
             raise GraftError(f"{what} {path} exists and is not empty: choose another folder or pass --force")
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise GraftError(f"cannot create {what} {path} ({e.strerror}): choose a writable folder")
+    if not os.access(path, os.W_OK):
+        raise GraftError(f"{what} {path} is not writable: choose a writable folder")
 
 
 def is_graft_dir(path: str) -> bool:
@@ -97,28 +106,146 @@ def load_heads_into(path: str, heads, config: GraftConfig) -> None:
     heads.load_state_dict(tensors, strict=True)
 
 
-def load_lora_into(path: str, model, lora: dict) -> None:
-    """Re-apply LoRA adapters trained with --lora-r (the backbone then differs from the original)."""
+def lora_spec(model_type: str, r: int) -> dict:
+    """The adapters --lora-r trains: rank r, alpha 2r, on the attention's query and value."""
+    return {"r": r, "alpha": 2 * r, "target_modules": ["c_attn"] if model_type == "gpt2" else ["q_proj", "v_proj"]}
+
+
+def apply_lora(hf, lora: dict, state: dict | None = None, *, trainable: bool = False) -> dict:
+    """Inject LoRA adapters (`lora_spec`) into the backbone, optionally with saved tensors;
+    returns the adapters' parameters by name (float32 and trainable when `trainable`)."""
     import importlib.util
 
     if importlib.util.find_spec("peft") is None:
-        raise GraftError(f"{path} has LoRA adapters on its backbone; loading them needs peft: `pip install peft`")
+        raise GraftError("LoRA adapters on the backbone need peft: run `pip install peft`")
     from peft import LoraConfig, inject_adapter_in_model
 
-    tensors, _ = load_tensors(os.path.join(path, LORA_NAME), "re-run `graft train` with --lora-r")
     cfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=lora["target_modules"], lora_dropout=0.0)
-    hf = model.backbone.hf
     inject_adapter_in_model(cfg, hf)
-    params = dict(hf.named_parameters())
+    params = {n: p for n, p in hf.named_parameters() if "lora_" in n}
     with torch.no_grad():
-        for name, t in tensors.items():
+        for name, t in (state or {}).items():
             if name not in params:
-                raise GraftError(f"{path}/{LORA_NAME} holds {name}, which the backbone lacks: re-train")
+                raise GraftError(f"saved LoRA tensor {name} does not fit this backbone: re-train")
             params[name].copy_(t.to(params[name].dtype))
     hf.requires_grad_(False)
+    for p in params.values():
+        if trainable:
+            p.data = p.data.float()
+        p.requires_grad_(trainable)
+    return params
 
 
-def _merge_lora(hf) -> None:
+def load_lora_into(path: str, model, lora: dict) -> None:
+    """Re-apply LoRA adapters trained with --lora-r (the backbone then differs from the original)."""
+    tensors, _ = load_tensors(os.path.join(path, LORA_NAME), "re-run `graft train` with --lora-r")
+    apply_lora(model.backbone.hf, lora, tensors)
+
+
+# -- training checkpoints: one file per step, written then renamed, so a reader sees one step's
+#    heads, optimizer, RNG and adapters together or the previous checkpoint whole
+
+def optimizer_tensors(opt) -> dict:
+    """AdamW's state as flat tensors: opt.{group}.{param}.{key}."""
+    out = {}
+    for gi, group in enumerate(opt.param_groups):
+        for pi, p in enumerate(group["params"]):
+            for key, v in opt.state.get(p, {}).items():
+                out[f"opt.{gi}.{pi}.{key}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def restore_optimizer(opt, tensors: dict) -> None:
+    for gi, group in enumerate(opt.param_groups):
+        for pi, p in enumerate(group["params"]):
+            prefix = f"opt.{gi}.{pi}."
+            st = {k[len(prefix):]: v.to(p.device) for k, v in tensors.items() if k.startswith(prefix)}
+            if st:
+                opt.state[p] = st
+
+
+def save_checkpoint(path: str, *, heads, opt, step: int, meta: dict, lora_params: dict) -> None:
+    """Refuses non-finite heads: a diverged run never overwrites the last good checkpoint."""
+    state = {f"heads.{k}": v.float() if v.is_floating_point() else v for k, v in heads.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise GraftError(f"the heads hold NaN or inf at step {step} ({bad[0]}); the last good checkpoint is kept in "
+                         f"{path}: lower --lr and --resume")
+    state.update(optimizer_tensors(opt))
+    state["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        state["rng.cuda"] = torch.cuda.get_rng_state()
+    state.update({f"lora.{n}": p.detach() for n, p in lora_params.items()})
+    save_tensors(os.path.join(path, CHECKPOINT_NAME), state,
+                 {"format": CHECKPOINT_FORMAT, "step": str(step), "meta": json.dumps(meta)})
+
+
+def load_checkpoint(path: str) -> tuple[int, dict, dict]:
+    """(step, meta, tensors) of the checkpoint in `path`."""
+    fix = "start again without --resume"
+    file = os.path.join(path, CHECKPOINT_NAME)
+    if not os.path.isfile(file):
+        raise GraftError(f"--resume: {path} has no checkpoint ({CHECKPOINT_NAME}): start without --resume")
+    tensors, m = load_tensors(file, fix)
+    try:
+        if m.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(m.get("format"))
+        step, meta = int(m["step"]), json.loads(m["meta"])
+    except (KeyError, ValueError, TypeError):
+        raise GraftError(f"{file} is not a graft checkpoint of this version: {fix}")
+    return step, meta, tensors
+
+
+def clear_training_state(path: str) -> None:
+    """What an earlier run left (checkpoint, metrics, adapters): removed by add-heads --force."""
+    for name in (CHECKPOINT_NAME, METRICS_NAME, LORA_NAME, "train_state.json"):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            os.unlink(f)
+
+
+@contextmanager
+def folder_lock(path: str, what: str):
+    """One writer per graft folder: a lock file with the holder's PID. A lock whose process is
+    gone is stale and taken over."""
+    file = os.path.join(path, LOCK_NAME)
+    for _ in range(2):
+        try:
+            fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(open(file).read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise GraftError(f"{path} is in use by another graft process (PID {pid}): wait for it to finish, "
+                                 f"or stop it, before {what}")
+            os.unlink(file)  # stale
+    else:
+        raise GraftError(f"could not lock {path}: remove {file} if no graft process uses the folder")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        try:
+            os.unlink(file)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def merge_lora(hf) -> None:
     """Fold each LoRA adapter into its base weight and put the plain layer back."""
     from peft.tuners.lora import LoraLayer
 
@@ -127,65 +254,6 @@ def _merge_lora(hf) -> None:
             module.merge()
             parent = hf.get_submodule(name.rsplit(".", 1)[0]) if "." in name else hf
             setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
-
-
-def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False, tree_size: int = 0,
-           force: bool = False, max_shard_size: str = "2GB") -> None:
-    """Write a self-contained export of the graft folder `src` into `out` (see `graft export --help`)."""
-    import shutil
-    import tempfile
-
-    from .backbone import _folder_fingerprint
-    from .model import load
-    from .tree import build_tree, default_accuracies
-
-    config = load_config(src)
-    if config.lora and not merge_lora:
-        raise GraftError(f"{src} trained LoRA adapters on the backbone: pass --merge-lora to fold them into the "
-                         "exported backbone")
-    if os.path.abspath(src) == os.path.abspath(out):
-        raise GraftError("--out must differ from the graft folder: choose a new folder")
-    if os.path.exists(out) and (not os.path.isdir(out) or (os.listdir(out) and not force)):
-        raise GraftError(f"--out {out} exists and is not empty: choose another folder or pass --force")
-    target = config.backbone.dtype if dtype == "auto" else dtype
-    # The export holds a full-precision backbone: a 4-bit training backbone is reloaded unquantized.
-    model = load(src, device="cpu", dtype=target, load_in_4bit=False, heads_dtype="float32")
-    hf = model.backbone.hf
-    if config.lora:
-        _merge_lora(hf)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".graft-export-")
-    if ident_is_gguf(hf):
-        # A GGUF load is already dequantized in memory; only the quantizer tag forbids saving it.
-        hf.hf_quantizer = None
-        if hasattr(hf.config, "quantization_config"):
-            del hf.config.quantization_config
-    try:
-        hf.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(tmp)
-        ident = config.backbone
-        training = dict(config.training or {})
-        training["trained_on"] = ident.describe()
-        acc = training.get("rank_accuracy") or default_accuracies(config.heads.num_heads)
-        size = tree_size or (64 if torch.cuda.is_available() else 24)
-        new_ident = type(ident)(**{**ident.__dict__, "source": ".", "sha256": _folder_fingerprint(tmp),
-                                   "gguf_file": None, "dtype": target, "load_in_4bit": False, "revision": None})
-        new = GraftConfig(backbone=new_ident, heads=config.heads, training=training,
-                          tree=build_tree(acc, size), lora=None)
-        save_heads(tmp, model.heads, new)
-        save_config(tmp, new)
-        if os.path.exists(out):
-            old = out.rstrip("/") + ".old-" + os.path.basename(tmp)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def ident_is_gguf(hf) -> bool:

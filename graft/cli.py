@@ -168,7 +168,7 @@ def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_sampl
 @click.option("--save-every", type=int, help="Checkpoint every N steps. [default: 200]")
 @click.option("--seed", type=int, help="[default: 0]")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in GRAFT_DIR exactly (same data order, "
-              "optimizer, schedule and random state).")
+              "optimizer, schedule and random state); options given now replace the run's own.")
 @click.option("--lora-r", type=int, help="Also train LoRA adapters of rank R on the backbone (Medusa-2 style, needs "
               "peft). The backbone then CHANGES: decoding is lossless with respect to the tuned backbone, "
               "not the original.")
@@ -207,7 +207,7 @@ def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, for
     AutoModelForCausalLM.from_pretrained(OUT) still loads the backbone alone;
     graft.load(OUT) and `graft generate OUT` load the whole.
     """
-    from .checkpoint import export
+    from .export import export
 
     export(graft_dir, out, dtype=dtype, merge_lora=merge_lora, tree_size=tree_size, force=force,
            max_shard_size=max_shard_size)

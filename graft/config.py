@@ -23,6 +23,32 @@ class GraftError(Exception):
     """A user-facing error: one line that names the problem and the fix."""
 
 
+def check_types(obj) -> None:
+    """Each field of a config dataclass against its annotation (int, float, str, bool, optional),
+    so that a recipe's `lr: fast` or `max_steps: 1.5` is one line naming the option. Floats must
+    be finite."""
+    import math
+
+    for f in dataclasses.fields(obj):
+        ann, v = str(f.type), getattr(obj, f.name)
+        opt = "None" in ann
+        kind = next((k for k in ("bool", "int", "float", "str") if k in ann.replace("None", "")), None)
+        if kind is None or (opt and v is None):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if kind == "bool":
+            ok = isinstance(v, bool)
+        elif kind == "int":
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif kind == "float":
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        else:
+            ok = isinstance(v, str)
+        if not ok:
+            want = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false"}[kind]
+            raise GraftError(f"{flag} must be {want}, got {v!r}")
+
+
 @dataclass
 class HeadSpec:
     """What heads to graft.
@@ -125,6 +151,7 @@ class TrainConfig:
     num_heads: int = 1  # filled from the head spec; used to check seq_len
 
     def __post_init__(self):
+        check_types(self)
         if self.loss not in ("kl", "ce"):
             raise GraftError(f"--loss must be 'kl' or 'ce', got {self.loss!r}")
         if self.seq_len < self.num_heads + 2:

@@ -63,8 +63,10 @@ class GraftModel(nn.Module):
 
     def save(self, path: str, force: bool = False) -> None:
         ckpt.prepare_out_dir(path, force)
-        ckpt.save_heads(path, self.heads, self.config)
-        ckpt.save_config(path, self.config)
+        with ckpt.folder_lock(path, "grafting new heads into it"):
+            ckpt.clear_training_state(path)  # an older run's checkpoint must not resume onto new heads
+            ckpt.save_heads(path, self.heads, self.config)
+            ckpt.save_config(path, self.config)
 
     def generate(self, prompt: str | None = None, *, input_ids=None, chat: bool = True, **kwargs):
         """Self-speculative generation; see `graft.speculative.DecodeConfig` for the options.

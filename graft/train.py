@@ -9,13 +9,12 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import time
 
 import torch
 
 from . import checkpoint as ckpt
-from .config import GraftError, TrainConfig, atomic_write_bytes, write_json
+from .config import GraftError, TrainConfig, atomic_write_bytes
 from .data import batch_indices, load_records, pack, split_blocks
 from .losses import RANKS, distill_step
 
@@ -30,10 +29,21 @@ def load_recipe(path: str) -> dict:
         raise GraftError(f"recipe {path} not found: check the path")
     except yaml.YAMLError as e:
         raise GraftError(f"recipe {path} is not valid YAML ({e.__class__.__name__}): fix it")
-    if not isinstance(d, dict):
-        raise GraftError(f"recipe {path} must be a mapping of option: value")
-    d = {k.replace("-", "_"): v for k, v in d.get("train", d).items()}
-    return d
+    d = d.get("train", d) if isinstance(d, dict) else d
+    if not isinstance(d, dict) or not all(isinstance(k, str) for k in d):
+        raise GraftError(f"recipe {path} must be a mapping of option: value (under `train:`)")
+    return {k.replace("-", "_"): _number(v) for k, v in d.items()}
+
+
+def _number(v):
+    """YAML 1.1 reads `1e-3` as a string: numbers written so are numbers."""
+    if isinstance(v, str):
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+    return v
 
 
 def make_train_config(values: dict, num_heads: int) -> TrainConfig:
@@ -55,46 +65,6 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _apply_lora(model, r: int, state: dict | None = None):
-    import importlib.util
-
-    if importlib.util.find_spec("peft") is None:
-        raise GraftError("--lora-r needs peft: run `pip install peft`")
-    from peft import LoraConfig, inject_adapter_in_model
-
-    targets = ["q_proj", "v_proj"] if model.backbone.model_type != "gpt2" else ["c_attn"]
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0)
-    inject_adapter_in_model(cfg, model.backbone.hf)
-    params = {n: p for n, p in model.backbone.hf.named_parameters() if "lora_" in n}
-    for p in params.values():
-        p.requires_grad_(True)
-        p.data = p.data.float()
-    if state:
-        for n, p in params.items():
-            p.data.copy_(state[n])
-    return params, {"r": r, "alpha": 2 * r, "target_modules": targets}
-
-
-def _save_checkpoint(path, model, opt, sched, step, tc, lora_params, extra):
-    state = {}
-    for gi, group in enumerate(opt.param_groups):
-        for pi, p in enumerate(group["params"]):
-            for key, v in opt.state.get(p, {}).items():
-                state[f"opt.{gi}.{pi}.{key}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    state["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        state["rng.cuda"] = torch.cuda.get_rng_state()
-    for n, p in lora_params.items():
-        state[f"lora.{n}"] = p.detach()
-    meta = {"step": step, "sched": sched.state_dict(), "train_config": dataclasses.asdict(tc), **extra}
-    # heads first, then the state that names their step: a reader checks both agree
-    ckpt.save_heads(path, model.heads, model.config)
-    ckpt.save_tensors(os.path.join(path, ckpt.TRAIN_STATE_NAME), state, {"format": "graft-train-state",
-                                                                         "step": str(step)})
-    write_json(os.path.join(path, ckpt.TRAIN_META_NAME), meta)
-    ckpt.save_config(path, model.config)
 
 
 def _rewrite_metrics(path: str, upto: int) -> None:
@@ -149,152 +119,190 @@ def micro_step(bb, heads, ids, tc: TrainConfig, autocast, backbone_grad: bool = 
                         chunk=tc.vocab_chunk, backward=backward, autocast=autocast, ranks=ranks)
 
 
+@dataclasses.dataclass
+class _Run:
+    """One training run's moving parts, set up once and advanced step by step."""
+
+    graft_dir: str
+    data: str
+    tc: TrainConfig
+    model: object
+    train_blocks: torch.Tensor
+    eval_blocks: torch.Tensor
+    params: list
+    lora_params: dict
+    opt: object
+    sched: object
+    horizon: list  # [the step the learning-rate decay ends at]; moves under --max-minutes
+    total: int
+    autocast: object
+    lora: dict | None = None  # the adapters' spec, recorded in graft.json when the run ends
+    step: int = 0
+    started: float = 0.0
+    tps: list = dataclasses.field(default_factory=list)
+    last: dict = dataclasses.field(default_factory=dict)
+
+
 def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load_in_4bit: bool = False,
           device: str = "auto", progress: bool = True) -> dict:
-    """Train the heads in `graft_dir` on `data`. Returns the training summary (also in graft.json)."""
-    from tqdm.auto import tqdm
+    """Train the heads in `graft_dir` on `data`. Returns the training summary (also in graft.json).
 
+    Raises:
+        GraftError: bad options or data, another process training the same folder, a diverged loss.
+    """
+    config = ckpt.load_config(graft_dir)
+    with ckpt.folder_lock(graft_dir, "training it"):
+        run = _setup(graft_dir, data, values, config, resume, load_in_4bit, device)
+        _loop(run, config, progress)
+        return _finish(run)
+
+
+def _setup(graft_dir, data, values, config, resume, load_in_4bit, device) -> _Run:
+    """The model, the data, the optimizer and the schedule; from the checkpoint with `resume`."""
     from .model import load
 
-    config = ckpt.load_config(graft_dir)
     tc = make_train_config(values, config.heads.num_heads)
-    meta_file = os.path.join(graft_dir, ckpt.TRAIN_META_NAME)
-    meta, state = None, {}
-    if resume:
-        if not os.path.exists(meta_file):
-            raise GraftError(f"--resume: {graft_dir} has no checkpoint ({ckpt.TRAIN_META_NAME}): start without --resume")
-        from .config import read_json
-
-        meta = read_json(meta_file, "start again without --resume")
-        state, st_meta = ckpt.load_tensors(os.path.join(graft_dir, ckpt.TRAIN_STATE_NAME),
-                                           "start again without --resume")
-        if st_meta.get("step") != str(meta["step"]):
-            raise GraftError(f"the checkpoint in {graft_dir} is inconsistent (state step {st_meta.get('step')}, "
-                             f"log step {meta['step']}): start again without --resume")
-        tc = make_train_config({k: v for k, v in meta["train_config"].items() if k != "num_heads"},
-                               config.heads.num_heads)
+    checkpoint = ckpt.load_checkpoint(graft_dir) if resume else None
+    if checkpoint is not None:  # the run continues with its own options, but for those given now
+        saved = {k: v for k, v in checkpoint[1]["train_config"].items() if k != "num_heads"}
+        tc = make_train_config({**saved, **values}, config.heads.num_heads)
     model = load(graft_dir, device=device, load_in_4bit=load_in_4bit or None, heads_dtype="float32")
     bb, heads = model.backbone, model.heads
+    state = checkpoint[2] if checkpoint else {}
+    if checkpoint:  # the checkpoint's own heads: heads.safetensors may be of another step
+        heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
     heads.train().requires_grad_(True)
-    lora_params, lora_info = {}, None
+    lora_params, lora = {}, None
     if tc.lora_r:
-        lora_state = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
-        lora_params, lora_info = _apply_lora(model, tc.lora_r, lora_state or None)
+        lora = ckpt.lora_spec(bb.model_type, tc.lora_r)
+        saved = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
+        lora_params = ckpt.apply_lora(bb.hf, lora, saved or None, trainable=True)
     if bb.tokenizer is None:
         raise GraftError("the backbone has no tokenizer: graft train needs one to read --data")
     blocks = pack(load_records(data), bb.tokenizer, tc.seq_len)
     train_blocks, eval_blocks = split_blocks(blocks, tc.eval_fraction, tc.seed)
-    micro_per_step = tc.grad_accum
-    total = tc.max_steps or max(1, math.ceil(tc.epochs * len(train_blocks) / (tc.batch_size * micro_per_step)))
+    total = tc.max_steps or max(1, math.ceil(tc.epochs * len(train_blocks) / (tc.batch_size * tc.grad_accum)))
     params = list(heads.parameters()) + list(lora_params.values())
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     # With --max-minutes the cosine decay ends when time runs out, not at a max_steps never reached:
     # the horizon is re-estimated every step from the pace so far (evaluations included).
     horizon = [total]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, tc.warmup, horizon[0]))
-    step = 0
-    if meta is not None:
-        step = meta["step"]
-        for gi, group in enumerate(opt.param_groups):
-            for pi, p in enumerate(group["params"]):
-                st = {key.split(".")[-1]: v.to(p.device) for key, v in state.items()
-                      if key.startswith(f"opt.{gi}.{pi}.")}
-                if st:
-                    opt.state[p] = st
-        sched.load_state_dict(meta["sched"])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bb.device.type == "cuda" else contextlib.nullcontext()
+    run = _Run(graft_dir, data, tc, model, train_blocks, eval_blocks, params, lora_params, opt, sched, horizon,
+               total, autocast, lora)
+    if checkpoint:
+        run.step = checkpoint[0]
+        ckpt.restore_optimizer(opt, state)
+        sched.load_state_dict(checkpoint[1]["sched"])
         for group, lr in zip(opt.param_groups, sched.get_last_lr()):  # load_state_dict leaves lr stale
             group["lr"] = lr
         torch.set_rng_state(state["rng.cpu"])
         if "rng.cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng.cuda"])
-        _rewrite_metrics(graft_dir, step)
+        _rewrite_metrics(graft_dir, run.step)
     else:
-        if os.path.exists(os.path.join(graft_dir, ckpt.METRICS_NAME)):
-            os.unlink(os.path.join(graft_dir, ckpt.METRICS_NAME))
+        ckpt.clear_training_state(graft_dir)
         torch.manual_seed(tc.seed)
-    cuda = bb.device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    metrics = open(os.path.join(graft_dir, ckpt.METRICS_NAME), "a")
-    kill_at = int(os.environ.get("GRAFT_TEST_KILL_AT_STEP", "0"))  # tests: SIGKILL mid-run
-    bar = tqdm(total=total, initial=step, desc=f"train {config.heads.family}", unit="step", disable=not progress)
-    last_saved, t_start, tokens_seen = step, time.perf_counter(), 0
-    pace_from = None  # (step, time) once a few steps have warmed up: the pace under --max-minutes
-    first_step = step
-    last = {"loss": float("nan"), "top1": [0.0] * heads.num_heads}
-    history_tps = []
-    try:
-        while step < total:
+    return run
+
+
+def _step(run: _Run) -> dict:
+    """One optimizer step over grad_accum micro-batches. Returns its loss and per-depth top-1."""
+    bb, heads, tc = run.model.backbone, run.model.heads, run.tc
+    K, micro = heads.num_heads, tc.grad_accum
+    run.opt.zero_grad(set_to_none=True)
+    agg = {"loss": 0.0, "n": [0] * K, "top1": [0] * K}
+    for m in range(micro):
+        idx = batch_indices(run.step * micro + m, tc.batch_size, len(run.train_blocks), tc.seed)
+        ids = run.train_blocks[idx].to(bb.device)
+        st = micro_step(bb, heads, ids, tc, run.autocast, backbone_grad=bool(run.lora_params))
+        agg["loss"] += st["loss"] / micro
+        for k in range(K):
+            agg["n"][k] += st["n"][k]
+            agg["top1"][k] += st["top1"][k]
+    if not math.isfinite(agg["loss"]):
+        raise GraftError(f"the loss became {agg['loss']} at step {run.step + 1}; the last good checkpoint is kept "
+                         f"in {run.graft_dir}: lower --lr and --resume")
+    if micro > 1:
+        for p in run.params:
+            if p.grad is not None:
+                p.grad.div_(micro)
+    torch.nn.utils.clip_grad_norm_(run.params, tc.max_grad_norm)
+    run.opt.step()
+    run.step += 1
+    if bb.device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"loss": agg["loss"], "top1": [a / max(b, 1) for a, b in zip(agg["top1"], agg["n"])]}
+
+
+def _save(run: _Run) -> None:
+    """The checkpoint (one file), then the heads and graft.json that `load` and `export` read."""
+    meta = {"sched": run.sched.state_dict(), "train_config": dataclasses.asdict(run.tc)}
+    ckpt.save_checkpoint(run.graft_dir, heads=run.model.heads, opt=run.opt, step=run.step, meta=meta,
+                         lora_params=run.lora_params)
+    ckpt.save_heads(run.graft_dir, run.model.heads, run.model.config)
+    ckpt.save_config(run.graft_dir, run.model.config)
+
+
+def _loop(run: _Run, config, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    tc = run.tc
+    run.started = time.perf_counter()
+    run.last = {"loss": float("nan"), "top1": [0.0] * run.model.heads.num_heads}
+    first, pace_from = run.step, None  # (step, time) once a few steps have warmed up
+    bar = tqdm(total=run.total, initial=run.step, desc=f"train {config.heads.family}", unit="step",
+               disable=not progress)
+    with open(os.path.join(run.graft_dir, ckpt.METRICS_NAME), "a") as metrics, bar:
+        while run.step < run.total:
             t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            agg = {"loss": 0.0, "n": [0] * heads.num_heads, "top1": [0] * heads.num_heads}
-            for micro in range(micro_per_step):
-                idx = batch_indices(step * micro_per_step + micro, tc.batch_size, len(train_blocks), tc.seed)
-                ids = train_blocks[idx].to(bb.device)
-                st = micro_step(bb, heads, ids, tc, autocast, backbone_grad=bool(lora_params))
-                agg["loss"] += st["loss"] / micro_per_step
-                for k in range(heads.num_heads):
-                    agg["n"][k] += st["n"][k]
-                    agg["top1"][k] += st["top1"][k]
-                tokens_seen += ids.numel()
-            if not math.isfinite(agg["loss"]):
-                raise GraftError(f"the loss became {agg['loss']} at step {step + 1}; the last good checkpoint "
-                                 f"(step {last_saved}) is kept in {graft_dir}: lower --lr and --resume")
-            if micro_per_step > 1:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.div_(micro_per_step)
-            torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-            opt.step()
-            step += 1
-            if cuda:
-                torch.cuda.synchronize()
+            st = _step(run)
             if tc.max_minutes:
                 now = time.perf_counter()
-                if pace_from is None and step >= first_step + 5:
-                    pace_from = (step, now)
+                if pace_from is None and run.step >= first + 5:
+                    pace_from = (run.step, now)
                 elif pace_from is not None:
-                    pace = (now - pace_from[1]) / (step - pace_from[0])
-                    horizon[0] = time_horizon(step, total, pace, tc.max_minutes * 60 - (now - t_start))
-            sched.step()
-            tps = tc.batch_size * micro_per_step * tc.seq_len / (time.perf_counter() - t0)
-            history_tps.append(tps)
-            top1 = [a / max(b, 1) for a, b in zip(agg["top1"], agg["n"])]
-            last = {"loss": agg["loss"], "top1": top1}
-            bar.set_postfix(loss=f"{agg['loss']:.3f}", top1="/".join(f"{a:.2f}" for a in top1), tok_s=f"{tps:.0f}")
+                    pace = (now - pace_from[1]) / (run.step - pace_from[0])
+                    run.horizon[0] = time_horizon(run.step, run.total, pace, tc.max_minutes * 60 - (now - run.started))
+            run.sched.step()
+            tps = tc.batch_size * tc.grad_accum * tc.seq_len / (time.perf_counter() - t0)
+            run.tps.append(tps)
+            run.last = st
+            bar.set_postfix(loss=f"{st['loss']:.3f}", top1="/".join(f"{a:.2f}" for a in st["top1"]), tok_s=f"{tps:.0f}")
             bar.update(1)
-            if step % tc.log_every == 0 or step == total:
-                rec = {"step": step, "loss": agg["loss"], "top1": top1, "lr": sched.get_last_lr()[0],
-                       "tokens_per_s": tps}
-                metrics.write(json.dumps(rec) + "\n")
+            if run.step % tc.log_every == 0 or run.step == run.total:
+                metrics.write(json.dumps({"step": run.step, "loss": st["loss"], "top1": st["top1"],
+                                          "lr": run.sched.get_last_lr()[0], "tokens_per_s": tps}) + "\n")
                 metrics.flush()
-            if step % tc.eval_every == 0 and len(eval_blocks) and step < total:  # the last: below
-                ev = evaluate(model, eval_blocks, tc, autocast)
-                metrics.write(json.dumps({"step": step, "eval": ev}) + "\n")
+            if run.step % tc.eval_every == 0 and len(run.eval_blocks) and run.step < run.total:  # the last: below
+                ev = evaluate(run.model, run.eval_blocks, tc, run.autocast)
+                metrics.write(json.dumps({"step": run.step, "eval": ev}) + "\n")
                 metrics.flush()
-            if step % tc.save_every == 0 or step == total:
-                _save_checkpoint(graft_dir, model, opt, sched, step, tc, lora_params, {})
-                last_saved = step
-            if tc.max_minutes and (time.perf_counter() - t_start) / 60 >= tc.max_minutes and step < total:
-                _save_checkpoint(graft_dir, model, opt, sched, step, tc, lora_params, {})
+            out_of_time = tc.max_minutes and (time.perf_counter() - run.started) / 60 >= tc.max_minutes
+            if run.step % tc.save_every == 0 or run.step == run.total or out_of_time:
+                _save(run)
+            if out_of_time:
                 break
-            if kill_at and step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-    finally:
-        bar.close()
-        metrics.close()
-    ev = evaluate(model, eval_blocks if len(eval_blocks) else train_blocks[:tc.batch_size], tc, autocast)
-    summary = {"steps": step, "loss": last["loss"], "train_top1": last["top1"], "eval_loss": ev["loss"],
+
+
+def _finish(run: _Run) -> dict:
+    """The final evaluation and the training summary in graft.json."""
+    tc, model = run.tc, run.model
+    bb = model.backbone
+    ev = evaluate(model, run.eval_blocks if len(run.eval_blocks) else run.train_blocks[:tc.batch_size], tc,
+                  run.autocast)
+    summary = {"steps": run.step, "loss": run.last["loss"], "train_top1": run.last["top1"], "eval_loss": ev["loss"],
                "top1": ev["top1"], "top5": ev["top5"], "rank_accuracy": ev["rank_accuracy"],
-               "data": data, "seq_len": tc.seq_len, "batch_size": tc.batch_size * micro_per_step,
-               "minutes_this_run": (time.perf_counter() - t_start) / 60,
-               "tokens_per_s": sum(history_tps) / max(len(history_tps), 1),
+               "data": run.data, "seq_len": tc.seq_len, "batch_size": tc.batch_size * tc.grad_accum,
+               "minutes_this_run": (time.perf_counter() - run.started) / 60,
+               "tokens_per_s": sum(run.tps) / max(len(run.tps), 1),
                "device": str(bb.device), "load_in_4bit": bb.identity.load_in_4bit}
     model.config.training = summary
-    model.config.lora = lora_info
-    ckpt.save_config(graft_dir, model.config)
-    if lora_params:
-        ckpt.save_tensors(os.path.join(graft_dir, ckpt.LORA_NAME), {n: p for n, p in lora_params.items()},
-                          {"format": "graft-lora"})
-    with open(os.path.join(graft_dir, ckpt.METRICS_NAME), "a") as f:
-        f.write(json.dumps({"step": step, "eval": ev, "final": True}) + "\n")
+    model.config.lora = run.lora
+    if run.lora_params:  # the backbone itself changed: the folder now carries its adapters
+        ckpt.save_tensors(os.path.join(run.graft_dir, ckpt.LORA_NAME), run.lora_params, {"format": "graft-lora"})
+    ckpt.save_config(run.graft_dir, model.config)
+    with open(os.path.join(run.graft_dir, ckpt.METRICS_NAME), "a") as f:
+        f.write(json.dumps({"step": run.step, "eval": ev, "final": True}) + "\n")
     return summary

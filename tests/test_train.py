@@ -11,6 +11,7 @@ from graft.config import GraftError, TrainConfig
 from graft.data import load_records, pack, record_text
 from graft.losses import distill_step
 from graft.model import add_heads, load
+from graft.export import export
 from graft.train import train
 
 from conftest import CORPUS, tiny_backbone
@@ -129,23 +130,63 @@ def test_training_lowers_the_loss_and_logs(family, tiny_dirs, tiny_data, tmp_pat
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tiny_dirs, tiny_data, tmp_path):
-    """A run killed with SIGKILL after its step-3 checkpoint, then resumed, ends bit-identical."""
+    """A run killed with SIGKILL from outside, wherever it is, then resumed, ends bit-identical
+    to an uninterrupted run: a checkpoint is one file, renamed into place."""
+    import signal
+    import time
+
+    cfg = {**FAST, "max_steps": 300, "save_every": 3, "eval_every": 1000, "log_every": 1}
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     for d in (a, b):
         add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=d, device="cpu")
-    train(a, tiny_data, FAST, device="cpu", progress=False)
+    train(a, tiny_data, cfg, device="cpu", progress=False)
     code = ("import sys; from graft.train import train; "
-            f"train({b!r}, {tiny_data!r}, {FAST!r}, device='cpu', progress=False)")
-    env = {**os.environ, "GRAFT_TEST_KILL_AT_STEP": "4"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
-    assert r.returncode == -9, r.stderr.decode()[-500:]
-    assert json.load(open(os.path.join(b, ckpt.TRAIN_META_NAME)))["step"] == 3
+            f"train({b!r}, {tiny_data!r}, {cfg!r}, device='cpu', progress=False)")
+    p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    file = os.path.join(b, ckpt.CHECKPOINT_NAME)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        try:
+            if ckpt.load_checkpoint(b)[0] >= 6:
+                break
+        except GraftError:
+            pass  # not written yet
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    assert p.wait() == -9, p.stderr.read().decode()[-500:]
+    assert os.path.exists(file) and ckpt.load_checkpoint(b)[0] < 300  # killed mid-run
     train(b, tiny_data, {}, resume=True, device="cpu", progress=False)
     ha = load(a, device="cpu").heads.state_dict()
     hb = load(b, device="cpu").heads.state_dict()
     assert all(torch.equal(ha[k], hb[k]) for k in ha)
     steps = [json.loads(l)["step"] for l in open(os.path.join(b, ckpt.METRICS_NAME)) if '"eval"' not in l]
     assert steps == sorted(steps) and len(steps) == len(set(steps))
+
+
+def test_one_writer_per_folder(tiny_dirs, tiny_data, tmp_path):
+    """A second writer gets a one-line error naming the holder; a stale lock is taken over."""
+    g = str(tmp_path / "g")
+    add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=g, device="cpu")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(os.path.join(g, ckpt.LOCK_NAME), "w") as f:
+            f.write(str(holder.pid))
+        with pytest.raises(GraftError, match=f"PID {holder.pid}"):
+            train(g, tiny_data, FAST, device="cpu", progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    train(g, tiny_data, FAST, device="cpu", progress=False)  # the holder is gone: stale
+    assert not os.path.exists(os.path.join(g, ckpt.LOCK_NAME))
+
+
+def test_add_heads_force_clears_the_old_run(tiny_dirs, tiny_data, tmp_path):
+    g = str(tmp_path / "g")
+    add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=g, device="cpu")
+    train(g, tiny_data, FAST, device="cpu", progress=False)
+    add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=g, device="cpu", force=True)
+    with pytest.raises(GraftError, match="no checkpoint"):
+        train(g, tiny_data, {}, resume=True, device="cpu", progress=False)
 
 
 def test_train_bad_inputs(tiny_dirs, tiny_data, tmp_path):
@@ -172,6 +213,19 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(tiny_dirs, tiny_data, tmp_path)
     load(g, device="cpu")
 
 
+def test_diverged_heads_never_overwrite_a_checkpoint(tiny_dirs, tiny_data, tmp_path):
+    """Heads that became NaN or inf on a save step are not written: what is on disk stays finite."""
+    g = str(tmp_path / "g")
+    add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=g, device="cpu")
+    with pytest.raises(GraftError, match="NaN or inf|loss became"):
+        train(g, tiny_data, {**FAST, "lr": 1e30, "max_grad_norm": 1e30, "warmup": 1, "save_every": 1}, device="cpu",
+              progress=False)
+    load(g, device="cpu")  # the heads on disk are finite (load refuses NaN)
+    if os.path.exists(os.path.join(g, ckpt.CHECKPOINT_NAME)):
+        _, _, tensors = ckpt.load_checkpoint(g)
+        assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("heads."))
+
+
 def test_lora_without_peft(monkeypatch, tiny_dirs, tiny_data, tmp_path):
     import importlib.util
 
@@ -189,8 +243,8 @@ def test_lora_training_and_export_merge(tiny_dirs, tiny_data, tmp_path):
     train(g, tiny_data, {**FAST, "lora_r": 4}, device="cpu", progress=False)
     m = load(g, device="cpu")
     with pytest.raises(GraftError, match="--merge-lora"):
-        ckpt.export(g, out)
-    ckpt.export(g, out, merge_lora=True)
+        export(g, out)
+    export(g, out, merge_lora=True)
     e = load(out, device="cpu")
     ids = torch.tensor([[5, 6, 7, 8]])
     torch.testing.assert_close(e(ids).logits, m(ids).logits, atol=1e-5, rtol=1e-5)
@@ -210,3 +264,26 @@ def test_time_budget_ends_the_lr_decay(tiny_dirs, tiny_data, tmp_path):
     lrs = [json.loads(l)["lr"] for l in open(os.path.join(g, ckpt.METRICS_NAME)) if '"lr"' in l]
     assert 20 < s["steps"] < 10**6
     assert max(lrs) > 0.9 * FAST["lr"] and lrs[-1] < 0.2 * FAST["lr"]
+
+
+@pytest.mark.parametrize("body,msg", [
+    ("train:\n  lr: fast\n", "--lr must be a finite number"),
+    ("train:\n  max_steps: 1.5\n", "--max-steps must be an integer"),
+    ("train:\n  batch_size: [1, 2]\n", "--batch-size must be an integer"),
+    ("train:\n  - lr\n", "must be a mapping"),
+    ("train:\n  lr: .nan\n", "--lr must be a finite number"),
+])
+def test_recipe_values_of_the_wrong_type(body, msg, tiny_dirs, tiny_data, tmp_path):
+    from graft.train import load_recipe
+
+    recipe = write(tmp_path / "r.yaml", body)
+    g = str(tmp_path / "g")
+    add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=g, device="cpu")
+    with pytest.raises(GraftError, match=msg):
+        train(g, tiny_data, load_recipe(recipe), device="cpu", progress=False)
+
+
+def test_recipe_numbers_in_exponent_form(tmp_path):
+    from graft.train import load_recipe
+
+    assert load_recipe(write(tmp_path / "r.yaml", "train:\n  lr: 1e-3\n  max_steps: 10\n")) == {"lr": 1e-3, "max_steps": 10}

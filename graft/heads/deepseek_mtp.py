@@ -109,7 +109,7 @@ class DeepSeekMTPHeads(Heads):
         the depth k-1 state (committed at n-k+1, else module k-1's output on the path's tail)
         and the path's drafted tokens. The B tails go to the module's cache side by side after
         its committed prefix, each seeing the prefix and its own earlier positions."""
-        H, tokens, cache = state["H"], state["tokens"], state["cache"]
+        H, cache = state["H"], state["cache"]
         L = self.spec.head_layers
         dev = H.device
         out = torch.zeros(tree.n, dtype=torch.long, device=dev)

@@ -1,0 +1,105 @@
+"""`graft export`: one self-contained folder with the backbone, its tokenizer, the heads and the
+calibrated draft tree. Above both `model` (loading) and `checkpoint` (file formats).
+
+The export is written into a temporary folder beside `--out` and renamed into place, so an
+interrupted export never leaves a half-written folder where a good one stood; leftovers of an
+export killed outright are removed at the next export into the same parent.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import GraftConfig, GraftError
+
+TMP_PREFIX, OLD_TAG = ".graft-export-", ".old-graft-export-"
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _clean_leftovers(parent: str) -> None:
+    """Temporary folders of exports that died more than an hour ago (a live one is younger)."""
+    for d in glob.glob(os.path.join(parent, TMP_PREFIX + "*")) + glob.glob(os.path.join(parent, "*" + OLD_TAG + "*")):
+        try:
+            if time.time() - os.path.getmtime(d) > 3600:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False, tree_size: int = 0,
+           force: bool = False, max_shard_size: str = "2GB") -> None:
+    """Write a self-contained export of the graft folder `src` into `out` (see `graft export --help`).
+
+    Raises:
+        GraftError: a bad source, an `--out` that exists (without --force) or holds the source.
+    """
+    from .backbone import _folder_fingerprint
+    from .model import load
+    from .tree import build_tree, default_accuracies
+
+    config = ckpt.load_config(src)
+    if config.lora and not merge_lora:
+        raise GraftError(f"{src} trained LoRA adapters on the backbone: pass --merge-lora to fold them into the "
+                         "exported backbone")
+    if _inside(src, out):
+        raise GraftError(f"--out {out} is or contains the graft folder {src}: choose a new folder")
+    if os.path.exists(out) and (not os.path.isdir(out) or (os.listdir(out) and not force)):
+        raise GraftError(f"--out {out} exists and is not empty: choose another folder or pass --force")
+    target = config.backbone.dtype if dtype == "auto" else dtype
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _clean_leftovers(parent)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=TMP_PREFIX)
+    except OSError as e:
+        raise GraftError(f"cannot write beside {out} ({e.strerror}): choose a writable folder")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an export is as readable as any folder
+    try:
+        with ckpt.folder_lock(src, "exporting it"):
+            # The export holds a full-precision backbone: a 4-bit training backbone is reloaded unquantized.
+            model = load(src, device="cpu", dtype=target, load_in_4bit=False, heads_dtype="float32")
+        hf = model.backbone.hf
+        if config.lora:
+            ckpt.merge_lora(hf)
+        if ckpt.ident_is_gguf(hf):
+            # A GGUF load is already dequantized in memory; only the quantizer tag forbids saving it.
+            hf.hf_quantizer = None
+            if hasattr(hf.config, "quantization_config"):
+                del hf.config.quantization_config
+        hf.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(tmp)
+        ident = config.backbone
+        training = dict(config.training or {})
+        training["trained_on"] = ident.describe()
+        acc = training.get("rank_accuracy") or default_accuracies(config.heads.num_heads)
+        size = tree_size or (64 if torch.cuda.is_available() else 24)
+        new_ident = type(ident)(**{**ident.__dict__, "source": ".", "sha256": _folder_fingerprint(tmp),
+                                   "gguf_file": None, "dtype": target, "load_in_4bit": False, "revision": None})
+        new = GraftConfig(backbone=new_ident, heads=config.heads, training=training, tree=build_tree(acc, size),
+                          lora=None)
+        ckpt.save_heads(tmp, model.heads, new)
+        ckpt.save_config(tmp, new)
+        if os.path.exists(out):
+            old = os.path.join(parent, os.path.basename(out.rstrip("/")) + OLD_TAG + os.path.basename(tmp))
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        raise GraftError(f"writing the export to {out} failed ({e.strerror or e}): check the disk and permissions")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
