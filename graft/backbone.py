@@ -41,22 +41,54 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _hash_cache_file() -> str:
+    root = os.environ.get("GRAFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "graft")
+    return os.path.join(root, "file-hashes.json")
+
+
 def sha256_file(path: str) -> str:
+    """The file's sha256, streamed; cached by path, size and modification time, so a large
+    backbone is read once, not at every load."""
+    import json
+
+    st = os.stat(path)
+    key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = _hash_cache_file()
+    try:
+        with open(cache_file) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache, dict) and isinstance(cache.get(key), str):
+        return cache[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    try:
+        from .config import write_json
+
+        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+        write_json(cache_file, {**(cache if isinstance(cache, dict) else {}), key: digest})
+    except OSError:
+        pass  # a read-only home: hash again next time
+    return digest
+
+
+def _weight_files(path: str) -> list[str]:
+    return sorted(n for n in os.listdir(path)
+                  if n.endswith(".safetensors") and n not in (HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE))
 
 
 def _folder_fingerprint(path: str) -> str:
-    """sha256 of config.json plus the names and sizes of the weight files (cheap for 16 GB models)."""
+    """sha256 over config.json and the contents of every safetensors weight file: a model with
+    other weights of the same size does not pass for this one."""
     h = hashlib.sha256()
     with open(os.path.join(path, "config.json"), "rb") as f:
         h.update(f.read())
-    for name in sorted(os.listdir(path)):
-        if name.endswith((".safetensors", ".bin", ".gguf")) and name not in (HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE):
-            h.update(f"{name}:{os.path.getsize(os.path.join(path, name))}".encode())
+    for name in _weight_files(path):
+        h.update(f"{name}:{sha256_file(os.path.join(path, name))}".encode())
     return h.hexdigest()
 
 
@@ -154,7 +186,10 @@ def load_backbone(model: str = DEFAULT_MODEL, *, dtype: str | None = "auto", dev
     config = _load_config(kind, loc, gguf_file, trust_remote_code)
     check_causal_lm(config)
     where = os.path.dirname(loc) if kind == "gguf" else loc
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    kw = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}  # never unpickle
+    if kind == "dir" and not _weight_files(loc):
+        raise GraftError(f"{loc} holds no safetensors weights (graft never loads pickled .bin/.pt files): convert "
+                         "them to safetensors first")
     if revision:
         kw["revision"] = revision
     if load_in_4bit:
@@ -163,7 +198,8 @@ def load_backbone(model: str = DEFAULT_MODEL, *, dtype: str | None = "auto", dev
     try:
         hf = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                                   **kw)
-        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kw) \
+        tkw = {k: v for k, v in kw.items() if k != "use_safetensors"}
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **tkw) \
             if with_tokenizer else None
     except OSError as e:
         raise GraftError(f"could not load the model at {loc}: {str(e).splitlines()[0]}")

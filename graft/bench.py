@@ -70,7 +70,7 @@ BASELINES = {"eager": {}, "static": {"cache_implementation": "static"}, "lookup"
 
 def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, max_new_tokens=256, temperature=0.0, chat=True,
           baselines=("eager", "static", "nodraft"), engine="auto", tree="auto", tree_size=0, json_path=None,
-          plot_path=None, device="auto", dtype=None, progress=True) -> dict:
+          plot_path=None, device="auto", dtype=None, progress=True, verify_backbone=True) -> dict:
     """Run every prompt through each decoder; returns the report (also written to json_path)."""
     from tqdm.auto import tqdm
 
@@ -87,7 +87,7 @@ def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, max_ne
         if importlib.util.find_spec("matplotlib") is None:
             raise GraftError("--plot needs matplotlib: run `pip install 'graft[plot]'`")
     rows = read_prompts(prompts, limit, per_category)
-    model = load(graft_dir, device=device, dtype=dtype)
+    model = load(graft_dir, device=device, dtype=dtype, verify_backbone=verify_backbone)
     bb, hf, tok = model.backbone, model.backbone.hf, model.tokenizer
     dev = bb.device
     eos = tok.eos_token_id if tok is not None else 0

@@ -11,8 +11,23 @@ import click
 from .config import HEAD_FAMILIES, GraftError
 
 # graft.engine.ENGINES, written out so that `graft --help` need not import torch
+# Option choices, defined once here from the library's own lists (kept free of heavy imports).
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]  # graft.backbone.DTYPES, plus auto
+ENGINE_CHOICES = ["auto", "eager", "static", "graph", "compiled"]  # graft.engine.ENGINES
+TREE_CHOICES = ["auto", "calibrated", "chain"]  # graft.speculative.TREE_CHOICES
+
+
+def dtype_option(help="Backbone dtype; auto keeps the saved one (bfloat16 on CUDA, float32 on CPU)."):
+    return click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True, help=help)
+
+
+VERIFY_OPTION = click.option(
+    "--no-verify-backbone", "no_verify", is_flag=True,
+    help="Skip the check that the backbone's weights are those the heads were trained on (a hash of its weight "
+         "files); its shape is still checked.")
+
 ENGINE_OPTION = click.option(
-    "--engine", type=click.Choice(["auto", "eager", "static", "graph", "compiled"]), default="auto",
+    "--engine", type=click.Choice(ENGINE_CHOICES), default="auto",
     show_default=True,
     help="How the verification step runs: graph replays a captured CUDA graph (auto on an unquantized CUDA "
          "backbone); compiled also fuses kernels with torch.compile first (a minute or more of warm-up); static "
@@ -22,7 +37,7 @@ ENGINE_OPTION = click.option(
 def tree_options(f):
     f = click.option("--tree-size", type=int, default=0,
                      help="Draft-tree nodes besides the root (overrides --tree auto).")(f)
-    return click.option("--tree", type=click.Choice(["auto", "calibrated", "chain"]), default="auto",
+    return click.option("--tree", type=click.Choice(TREE_CHOICES), default="auto",
                         show_default=True,
                         help="Greedy drafting: auto sizes the tree from the measured step cost on a GPU (or "
                              "drafts nothing where no tree pays) and takes the calibrated one on CPU; calibrated: "
@@ -53,8 +68,7 @@ def backbone_options(f):
     f = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(f)
     f = click.option("--load-in-4bit", is_flag=True, help="Quantize the frozen backbone to 4-bit NF4 with "
                      "double quantization (bitsandbytes; `pip install 'graft[quant]'`).")(f)
-    f = click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-                     show_default=True, help="Backbone dtype; auto is bfloat16 on CUDA, float32 on CPU.")(f)
+    f = dtype_option("Backbone dtype; auto is bfloat16 on CUDA, float32 on CPU.")(f)
     return f
 
 
@@ -130,20 +144,22 @@ def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, init, a
 @click.option("--num-samples", type=int, default=None, help="Use only the first N prompts.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Start --out over when it holds something else than this run's "
+              "records (without it such a file is never touched).")
 @backbone_options
-def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_samples, batch_size, seed, dtype,
+def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_samples, batch_size, seed, force, dtype,
                      load_in_4bit, device, trust_remote_code):
     """Let MODEL answer each prompt itself and write the answers as chat records (resumable).
 
     Heads trained on text the backbone would write accept more tokens (Medusa-2, EAGLE-3).
-    MODEL may also be a graft folder: its backbone is used. Re-running with the same --out
-    continues where a stopped run left off.
+    MODEL may also be a graft folder: its backbone is used. Re-running with the same prompts and
+    --out continues where a stopped run left off; a file that holds anything else is refused.
     """
     from .data import distill
 
     n = distill(model, prompts, out, max_new_tokens=max_new_tokens, temperature=temperature,
                 num_samples=num_samples, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
-                load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
+                load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, force=force)
     click.echo(f"wrote {n} records to {out}")
 
 
@@ -175,7 +191,8 @@ def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_sampl
 @click.option("--load-in-4bit", is_flag=True, help="Train against the backbone quantized to 4-bit NF4 "
               "(bitsandbytes), to fit large backbones on one GPU.")
 @click.option("--device", default="auto", show_default=True)
-def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, device, **opts):
+@VERIFY_OPTION
+def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, device, no_verify, **opts):
     """Train the heads in GRAFT_DIR by self-distillation from the frozen backbone.
 
     One backbone forward per batch gives the targets: depth k at position i learns the
@@ -186,7 +203,8 @@ def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, device, **opts):
 
     values = load_recipe(recipe) if recipe else {}
     values.update({k: v for k, v in opts.items() if v is not None})
-    summary = train(graft_dir, data, values, resume=resume, load_in_4bit=load_in_4bit, device=device)
+    summary = train(graft_dir, data, values, resume=resume, load_in_4bit=load_in_4bit, device=device,
+                    verify_backbone=not no_verify)
     accs = " ".join(f"{a:.3f}" for a in summary.get("top1", []))
     click.echo(f"done: {summary['steps']} steps, final loss {summary['loss']:.4f}, head top-1 agreement [{accs}]")
 
@@ -194,14 +212,14 @@ def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, device, **opts):
 @main.command("export")
 @click.argument("graft_dir", type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
-              show_default=True, help="Backbone dtype on disk; auto keeps the training dtype.")
+@dtype_option("Backbone dtype on disk; auto keeps the training dtype.")
 @click.option("--merge-lora", is_flag=True, help="Merge LoRA adapters trained with --lora-r into the backbone.")
 @click.option("--tree-size", type=int, default=0, help="Nodes in the calibrated draft tree (0: 24 on CPU, 64 on "
               "GPU).")
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing non-empty --out folder.")
-def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, force):
+@VERIFY_OPTION
+def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, force, no_verify):
     """Write a self-contained folder: backbone (HF safetensors), tokenizer, heads, decoding tree.
 
     AutoModelForCausalLM.from_pretrained(OUT) still loads the backbone alone;
@@ -210,7 +228,7 @@ def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, for
     from .export import export
 
     export(graft_dir, out, dtype=dtype, merge_lora=merge_lora, tree_size=tree_size, force=force,
-           max_shard_size=max_shard_size)
+           max_shard_size=max_shard_size, verify_backbone=not no_verify)
     click.echo(f"exported {graft_dir} -> {out}")
 
 
@@ -228,10 +246,10 @@ def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, for
 @click.option("--stats", is_flag=True, help="Print tokens per step, per-head acceptance and tokens/s to stderr.")
 @ENGINE_OPTION
 @click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True)
+@dtype_option()
+@VERIFY_OPTION
 def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, seed, tree, tree_size, stop,
-                 no_draft, stats, engine, device, dtype):
+                 no_draft, stats, engine, device, dtype, no_verify):
     """Generate from GRAFT_DIR (an export or a graft folder) by self-speculative decoding.
 
     stdout carries only the generated text, streamed as it is accepted.
@@ -241,9 +259,13 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
 
     cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, tree=tree,
                        tree_size=tree_size, draft=not no_draft, stop=stop, engine=engine)
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    model = load(graft_dir, device=device, dtype=None if dtype == "auto" else dtype)
+    try:
+        if prompt == "-":
+            prompt = sys.stdin.buffer.read().decode("utf-8")
+        prompt.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates
+    except UnicodeError:
+        raise GraftError("the prompt is not valid UTF-8 text: re-encode it as UTF-8")
+    model = load(graft_dir, device=device, dtype=None if dtype == "auto" else dtype, verify_backbone=not no_verify)
     ids = encode_prompt(model.tokenizer, prompt, chat)
     tok = model.tokenizer
     shown = {"text": "", "ids": []}
@@ -284,17 +306,17 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot here (matplotlib).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True)
-def bench_cmd(graft_dir, prompts, limit, per_category, max_new_tokens, temperature, chat, baselines, engine, tree, tree_size,
-              json_path, plot_path, device, dtype):
+@dtype_option()
+@VERIFY_OPTION
+def bench_cmd(graft_dir, prompts, limit, per_category, max_new_tokens, temperature, chat, baselines, engine, tree,
+              tree_size, json_path, plot_path, device, dtype, no_verify):
     """Measure acceptance and speedup against plain decoding of the same backbone."""
     from .bench import bench, print_table
 
-    report = bench(graft_dir, prompts, limit=limit, per_category=per_category, max_new_tokens=max_new_tokens, temperature=temperature,
-                   chat=chat, baselines=[b for b in baselines.split(",") if b], engine=engine, tree=tree,
-                   tree_size=tree_size, json_path=json_path,
-                   plot_path=plot_path, device=device, dtype=None if dtype == "auto" else dtype)
+    report = bench(graft_dir, prompts, limit=limit, per_category=per_category, max_new_tokens=max_new_tokens,
+                   temperature=temperature, chat=chat, baselines=[b for b in baselines.split(",") if b],
+                   engine=engine, tree=tree, tree_size=tree_size, json_path=json_path, plot_path=plot_path,
+                   device=device, dtype=None if dtype == "auto" else dtype, verify_backbone=not no_verify)
     print_table(report)
 
 

@@ -110,13 +110,13 @@ class BackboneIdentity:
     dtype: str = "float32"
     load_in_4bit: bool = False
 
-    def same_model(self, other: "BackboneIdentity") -> bool:
+    def same_model(self, other: "BackboneIdentity", weights: bool = True) -> bool:
         keys = ("model_type", "hidden_size", "vocab_size", "num_layers")
         if any(getattr(self, k) != getattr(other, k) for k in keys):
             return False
-        if self.sha256 and other.sha256:
-            return self.sha256 == other.sha256
-        return True
+        if not weights:
+            return True
+        return self.sha256 == other.sha256  # recorded for a folder or file; None only for hub ids
 
     def describe(self) -> str:
         tag = self.sha256[:12] if self.sha256 else (self.revision or "?")

@@ -117,32 +117,52 @@ def prompt_of(rec: dict) -> list[dict]:
                      "rename the field")
 
 
-def _done_records(out: str) -> int:
-    """Count complete records in an existing output file, dropping a torn last line."""
-    if not os.path.exists(out):
+def _done_records(out: str, convs: list, force: bool) -> int:
+    """The records an earlier run of the same prompts wrote to `out` (a torn last line, from a
+    run killed mid-write, is dropped). A file that is anything else is never touched without
+    `force`, which starts it over."""
+    if not os.path.exists(out) or os.path.getsize(out) == 0:
+        return 0
+    if not os.path.isfile(out):
+        raise GraftError(f"--out {out} is not a file: choose a file path")
+    if force:
+        os.truncate(out, 0)
         return 0
     with open(out, "rb") as f:
         data = f.read()
     lines = data.split(b"\n")
-    good = 0
-    for line in lines:
-        if not line.strip():
-            continue
+    good, size = 0, 0
+    for n, line in enumerate(lines):
+        last = n == len(lines) - 1 or not any(x.strip() for x in lines[n + 1:])
         try:
-            json.loads(line)
-            good += 1
-        except json.JSONDecodeError:
-            break
-    keep = b"\n".join(lines[:good]) + (b"\n" if good else b"")
-    if keep != data:
-        with open(out, "wb") as f:
-            f.write(keep)
+            rec = json.loads(line)
+            ours = (isinstance(rec, dict) and isinstance(rec.get("messages"), list) and good < len(convs)
+                    and [m for m in rec["messages"] if m.get("role") != "assistant"] == convs[good])
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            if last and line.strip():
+                break  # torn by a kill: written again
+            ours = not line.strip() and last
+            if ours:
+                break
+        if not ours:
+            raise GraftError(f"--out {out} exists and is not distill-data's output for these prompts (line {n + 1}): "
+                             "choose another --out, or pass --force to start it over")
+        good += 1
+        size += len(line) + 1
+    if size != len(data):
+        os.truncate(out, size)
     return good
 
 
 def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperature=0.0, num_samples=None,
-            batch_size=16, seed=0, dtype="auto", device="auto", load_in_4bit=False, trust_remote_code=False) -> int:
-    """Let the backbone answer every prompt; append chat records to `out` (resumable)."""
+            batch_size=16, seed=0, dtype="auto", device="auto", load_in_4bit=False, trust_remote_code=False,
+            force=False) -> int:
+    """Let the backbone answer every prompt; append chat records to `out`. A re-run with the same
+    prompts continues where a stopped one left off; `force` starts `out` over.
+
+    Raises:
+        GraftError: bad options or prompts, or an `out` that holds something else.
+    """
     from tqdm.auto import tqdm
 
     from .backbone import load_backbone
@@ -150,13 +170,18 @@ def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperatu
 
     if max_new_tokens < 1 or batch_size < 1:
         raise GraftError("--max-new-tokens and --batch-size must be at least 1")
-    if temperature < 0:
-        raise GraftError("--temperature must be >= 0")
+    if not 0 <= temperature < float("inf"):
+        raise GraftError(f"--temperature must be a finite number >= 0, got {temperature}")
+    if os.path.exists(out) and os.path.realpath(out) == os.path.realpath(prompts):
+        raise GraftError("--out is the prompts file itself: choose another --out")
     ds = load_records(prompts)
     if num_samples is not None:
         ds = ds.select(range(min(num_samples, len(ds))))
     convs = [prompt_of(r) for r in ds]
-    done = _done_records(out)
+    parent = os.path.dirname(os.path.abspath(out))
+    if os.path.exists(parent) and not os.path.isdir(parent) or not os.path.isdir(parent) and _file_above(parent):
+        raise GraftError(f"--out {out} lies under a file, not a folder: choose another path")
+    done = _done_records(out, convs, force)
     if done >= len(convs):
         return done
     if is_graft_dir(model):
@@ -167,16 +192,20 @@ def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperatu
     tok, hf = bb.tokenizer, bb.hf
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     torch.manual_seed(seed)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        f = open(out, "a")
+    except OSError as e:
+        raise GraftError(f"cannot write --out {out} ({e.strerror}): choose a writable path")
     kw = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
     bar = tqdm(total=len(convs), initial=done, desc="distill", unit="prompt")
     window = 4 * batch_size
-    with open(out, "a") as f:
+    with f:
         # Within a window of prompts, batches take them in order of length, so they pad little;
         # the window is written in the prompts' order, so a resumed run skips whole records.
         for w0 in range(done, len(convs), window):
             idx = list(range(w0, min(w0 + window, len(convs))))
-            enc = {i: _chat_ids(tok, convs[i]) for i in idx}
+            enc = {i: encode_chat(tok, convs[i]) for i in idx}
             idx.sort(key=lambda i: len(enc[i]))
             answers = {}
             for b0 in range(0, len(idx), batch_size):
@@ -201,8 +230,16 @@ def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperatu
     return len(convs)
 
 
-def _chat_ids(tok, msgs) -> list[int]:
-    if getattr(tok, "chat_template", None):
+def _file_above(path: str) -> bool:
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    return bool(path) and not os.path.isdir(path)
+
+
+def encode_chat(tok, msgs: list[dict], chat: bool = True) -> list[int]:
+    """The prompt ids the model answers: the messages through the tokenizer's chat template with
+    the assistant's turn opened, or their plain text where there is no template (or not `chat`)."""
+    if chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    return tok("\n".join(m["content"] for m in msgs), add_special_tokens=True)["input_ids"]
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 may return a BatchEncoding
+    return list(tok("\n".join(m["content"] for m in msgs), add_special_tokens=True)["input_ids"])

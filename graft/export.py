@@ -37,7 +37,7 @@ def _clean_leftovers(parent: str) -> None:
 
 
 def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False, tree_size: int = 0,
-           force: bool = False, max_shard_size: str = "2GB") -> None:
+           force: bool = False, max_shard_size: str = "2GB", verify_backbone: bool = True) -> None:
     """Write a self-contained export of the graft folder `src` into `out` (see `graft export --help`).
 
     Raises:
@@ -69,7 +69,8 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
     try:
         with ckpt.folder_lock(src, "exporting it"):
             # The export holds a full-precision backbone: a 4-bit training backbone is reloaded unquantized.
-            model = load(src, device="cpu", dtype=target, load_in_4bit=False, heads_dtype="float32")
+            model = load(src, device="cpu", dtype=target, load_in_4bit=False, heads_dtype="float32",
+                         verify_backbone=verify_backbone)
         hf = model.backbone.hf
         if config.lora:
             ckpt.merge_lora(hf)

@@ -86,15 +86,12 @@ class GraftModel(nn.Module):
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """One user prompt -> ids, as `distill-data` encodes the prompts it answers."""
+    from .data import encode_chat
+
     if tokenizer is None:
         raise GraftError("this model has no tokenizer: pass input_ids")
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return encode_chat(tokenizer, [{"role": "user", "content": prompt}], chat)
 
 
 def add_heads(model: str | Backbone = "smollm2-135m", heads: str = "medusa", num_heads: int = 4, *,
@@ -128,11 +125,12 @@ def add_heads(model: str | Backbone = "smollm2-135m", heads: str = "medusa", num
 
 def load(path: str, *, device: str = "auto", dtype: str | None = None, backbone: Backbone | None = None,
          load_in_4bit: bool | None = None, trust_remote_code: bool = False,
-         heads_dtype: str | None = None) -> GraftModel:
+         heads_dtype: str | None = None, verify_backbone: bool = True) -> GraftModel:
     """Load a graft folder (from add-heads, train or export).
 
     The backbone is loaded from the source recorded in graft.json (an export carries its own),
-    and must be the one the heads were made for. Heads are cast to the backbone's dtype unless
+    and must be the one the heads were made for: the same shape and, unless `verify_backbone`
+    is off, the same weights (a hash of the weight files). Heads are cast to the backbone's dtype unless
     `heads_dtype` says otherwise ("float32" for training).
 
     Raises:
@@ -149,7 +147,7 @@ def load(path: str, *, device: str = "auto", dtype: str | None = None, backbone:
         backbone = load_backbone(source, dtype=dtype or "auto", device=device,
                                  load_in_4bit=ident.load_in_4bit if load_in_4bit is None else load_in_4bit,
                                  trust_remote_code=trust_remote_code)
-    if not backbone.identity.same_model(ident):
+    if not backbone.identity.same_model(ident, weights=verify_backbone):
         raise GraftError(f"heads in {path} were made for {ident.describe()}, not {backbone.identity.describe()}: "
                          "load them with their own backbone or graft new heads")
     if config.lora:

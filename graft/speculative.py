@@ -62,9 +62,9 @@ class DecodeConfig:
     engine: str = "auto"
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise GraftError(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not 0 <= self.temperature < float("inf"):  # also refuses nan
+            raise GraftError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # also refuses nan
             raise GraftError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise GraftError("--max-new-tokens must be at least 1")

@@ -144,7 +144,7 @@ class _Run:
 
 
 def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load_in_4bit: bool = False,
-          device: str = "auto", progress: bool = True) -> dict:
+          device: str = "auto", progress: bool = True, verify_backbone: bool = True) -> dict:
     """Train the heads in `graft_dir` on `data`. Returns the training summary (also in graft.json).
 
     Raises:
@@ -152,12 +152,12 @@ def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load
     """
     config = ckpt.load_config(graft_dir)
     with ckpt.folder_lock(graft_dir, "training it"):
-        run = _setup(graft_dir, data, values, config, resume, load_in_4bit, device)
+        run = _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify_backbone)
         _loop(run, config, progress)
         return _finish(run)
 
 
-def _setup(graft_dir, data, values, config, resume, load_in_4bit, device) -> _Run:
+def _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify_backbone=True) -> _Run:
     """The model, the data, the optimizer and the schedule; from the checkpoint with `resume`."""
     from .model import load
 
@@ -166,7 +166,8 @@ def _setup(graft_dir, data, values, config, resume, load_in_4bit, device) -> _Ru
     if checkpoint is not None:  # the run continues with its own options, but for those given now
         saved = {k: v for k, v in checkpoint[1]["train_config"].items() if k != "num_heads"}
         tc = make_train_config({**saved, **values}, config.heads.num_heads)
-    model = load(graft_dir, device=device, load_in_4bit=load_in_4bit or None, heads_dtype="float32")
+    model = load(graft_dir, device=device, load_in_4bit=load_in_4bit or None, heads_dtype="float32",
+                 verify_backbone=verify_backbone)
     bb, heads = model.backbone, model.heads
     state = checkpoint[2] if checkpoint else {}
     if checkpoint:  # the checkpoint's own heads: heads.safetensors may be of another step

@@ -1,5 +1,6 @@
 """The command line, through click's CliRunner: output, files, and one-line errors."""
 import json
+import os
 
 import pytest
 import torch
@@ -166,3 +167,82 @@ def test_engine_choices_match_the_engine_module():
     for cmd in (generate_cmd, bench_cmd):
         (param,) = [p for p in cmd.params if p.name == "engine"]
         assert tuple(param.type.choices) == ENGINES
+
+
+def test_option_lists_match_the_library():
+    from graft.backbone import DTYPES
+    from graft.cli import DTYPE_CHOICES, TREE_CHOICES
+    from graft.speculative import TREE_CHOICES as LIB_TREE
+
+    assert DTYPE_CHOICES == ["auto"] + list(DTYPES)
+    assert TREE_CHOICES == list(LIB_TREE)
+
+
+def test_distill_data_never_overwrites_what_it_did_not_write(tiny_dirs, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(3)))
+    common = ("--max-new-tokens", "4", "--batch-size", "3", "--device", "cpu")
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n\nnot JSON at all\n")
+    one_line_error(run("distill-data", tiny_dirs["llama"], "--prompts", prompts, "--out", notes, *common, ok=False),
+                   "not distill-data's output")
+    assert notes.read_text() == "# my notes\n\nnot JSON at all\n"
+    other = tmp_path / "other.jsonl"  # valid chat records, for other prompts: not ours to resume
+    other.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                      {"role": "assistant", "content": "a"}]}) + "\n" for i in range(5)))
+    before = other.read_text()
+    one_line_error(run("distill-data", tiny_dirs["llama"], "--prompts", prompts, "--out", other, *common, ok=False),
+                   "not distill-data's output")
+    assert other.read_text() == before
+    one_line_error(run("distill-data", tiny_dirs["llama"], "--prompts", prompts, "--out", prompts, *common, ok=False),
+                   "prompts file itself")
+    one_line_error(run("distill-data", tiny_dirs["llama"], "--prompts", prompts, "--out", notes / "x.jsonl", *common,
+                       ok=False), "under a file")
+    run("distill-data", tiny_dirs["llama"], "--prompts", prompts, "--out", other, "--force", *common)
+    assert len(other.read_text().splitlines()) == 3  # --force started it over
+
+
+def test_export_refuses_an_out_that_holds_the_source(tiny_dirs, tmp_path):
+    parent = tmp_path / "runs"
+    g = parent / "g"
+    run("add-heads", tiny_dirs["llama"], "--heads", "medusa", "-k", "2", "--out", g, "--device", "cpu")
+    (parent / "keep.txt").write_text("mine")
+    one_line_error(run("export", g, "--out", parent, "--force", ok=False), "contains the graft folder")
+    assert (g / "graft.json").exists() and (parent / "keep.txt").read_text() == "mine"
+    run("export", g, "--out", tmp_path / "e")
+    assert oct(os.stat(tmp_path / "e").st_mode & 0o777) != oct(0o700)  # an export is not private
+    assert not list(tmp_path.glob(".graft-export-*"))
+
+
+def test_weights_of_the_same_size_are_not_the_same_backbone(tiny_dirs, tmp_path):
+    """The backbone's identity hashes its weights: other weights of the same size are refused,
+    unless the user says --no-verify-backbone."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "bb"
+    shutil.copytree(tiny_dirs["llama"], src)
+    g = tmp_path / "g"
+    run("add-heads", src, "--heads", "medusa", "-k", "2", "--out", g, "--device", "cpu")
+    w = src / "model.safetensors"
+    t = load_file(w)
+    k = next(iter(t))
+    t[k] = t[k] + 0.01
+    save_file(t, w, metadata={"format": "pt"})
+    one_line_error(run("generate", g, "--prompt", "hello", "--max-new-tokens", "2", ok=False), "were made for")
+    run("generate", g, "--prompt", "hello", "--max-new-tokens", "2", "--no-verify-backbone")
+    for f in src.glob("*.safetensors"):
+        f.unlink()
+    (src / "pytorch_model.bin").write_bytes(b"not loaded")
+    one_line_error(run("add-heads", src, "--heads", "medusa", "--out", tmp_path / "g2", "--device", "cpu", ok=False),
+                   "no safetensors")
+
+
+def test_bad_text_and_numbers_are_one_line(tiny_dirs, tmp_path):
+    g, e = tmp_path / "g", tmp_path / "e"
+    run("add-heads", tiny_dirs["llama"], "--heads", "medusa", "-k", "2", "--out", g, "--device", "cpu")
+    one_line_error(run("generate", g, "--prompt", "x", "--temperature", "nan", ok=False), "finite")
+    one_line_error(run("generate", g, "--prompt", "x", "--temperature", "inf", ok=False), "finite")
+    r = CliRunner().invoke(main, ["generate", str(g), "--prompt", "-"], input=b"\xff\xfe bad")
+    one_line_error(r, "UTF-8")
