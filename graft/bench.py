@@ -16,30 +16,45 @@ import torch
 from .config import GraftError, write_json
 
 
-def read_prompts(path: str, limit: int | None, per_category: int | None = None) -> list[dict]:
-    """Prompts of a JSONL file, in file order: the first `limit`, or the first `per_category` of
-    each category (a slice that keeps every category, never a choice by hand)."""
+def read_prompts(path: str, limit: int | None, per_category: int | None = None, turns: str = "first") -> list[dict]:
+    """Questions of a JSONL file, in file order: the first `limit`, or the first `per_category` of
+    each category (a slice that keeps every category, never a choice by hand). A line holds a
+    `prompt`, or Spec-Bench / MT-Bench `turns` (with `category` and `question_id`); `turns`
+    "first" keeps each question's first turn, "all" every turn. Returns {"turns", "category",
+    "question_id"} rows."""
     if limit is not None and limit < 1:
         raise GraftError(f"--limit must be at least 1, got {limit}")
     if per_category is not None and per_category < 1:
         raise GraftError(f"--per-category must be at least 1, got {per_category}")
+    if turns not in ("first", "all"):
+        raise GraftError(f"--turns must be first or all, got {turns!r}")
     if not os.path.isfile(path):
         raise GraftError(f"prompts file {path} does not exist: check the path")
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise GraftError(f"{path} line {n} is not UTF-8 text: re-encode the file as UTF-8")
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 raise GraftError(f"{path} line {n} is not valid JSON: fix or remove it")
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise GraftError(f"{path} line {n} has no string `prompt` field: each line needs one")
+            if not isinstance(rec, dict):
+                raise GraftError(f"{path} line {n} is not a JSON object: each line needs a `prompt` or `turns`")
+            if isinstance(rec.get("turns"), list) and rec["turns"] and all(isinstance(t, str) for t in rec["turns"]):
+                qs = rec["turns"] if turns == "all" else rec["turns"][:1]
+            elif isinstance(rec.get("prompt"), str):
+                qs = [rec["prompt"]]
+            else:
+                raise GraftError(f"{path} line {n} has no string `prompt` nor a list of `turns`: each line needs one")
             cat = str(rec.get("category") or rec.get("source") or "all")
             if per_category and sum(r["category"] == cat for r in rows) >= per_category:
                 continue
-            rows.append({"prompt": rec["prompt"], "category": cat})
+            rows.append({"turns": qs, "category": cat, "question_id": rec.get("question_id", len(rows))})
             if limit and len(rows) >= limit:
                 break
     if not rows:
@@ -68,13 +83,17 @@ BASELINES = {"eager": {}, "static": {"cache_implementation": "static"}, "lookup"
              "nodraft": None}
 
 
-def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, max_new_tokens=256, temperature=0.0, chat=True,
-          baselines=("eager", "static", "nodraft"), engine="auto", tree="auto", tree_size=0, json_path=None,
-          plot_path=None, device="auto", dtype=None, progress=True, verify_backbone=True) -> dict:
-    """Run every prompt through each decoder; returns the report (also written to json_path)."""
+def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, turns="first", max_new_tokens=256,
+          temperature=0.0, chat=True, baselines=("eager", "static", "nodraft"), engine="auto", tree="auto",
+          tree_size=0, json_path=None, answers_path=None, plot_path=None, device="auto", dtype=None, progress=True,
+          verify_backbone=True) -> dict:
+    """Run every prompt through each decoder; returns the report (also written to json_path).
+    `answers_path` gets Spec-Bench answer records (graft's own answers, per turn: the text, new
+    tokens, wall time, decoding steps and accepted lengths), which Spec-Bench's scripts read."""
     from tqdm.auto import tqdm
 
-    from .model import encode_prompt, load
+    from .data import encode_chat
+    from .model import load
     from .engine import resolve_engine
     from .speculative import DecodeConfig, SpeculativeDecoder
 
@@ -86,7 +105,7 @@ def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, max_ne
 
         if importlib.util.find_spec("matplotlib") is None:
             raise GraftError("--plot needs matplotlib: run `pip install 'graft[plot]'`")
-    rows = read_prompts(prompts, limit, per_category)
+    rows = read_prompts(prompts, limit, per_category, turns)
     model = load(graft_dir, device=device, dtype=dtype, verify_backbone=verify_backbone)
     bb, hf, tok = model.backbone, model.backbone.hf, model.tokenizer
     dev = bb.device
@@ -96,7 +115,9 @@ def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, max_ne
                        tree_size=tree_size)
     plain_cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=0, draft=False,
                              engine=engine)
-    encoded = [encode_prompt(tok, r["prompt"], chat) for r in rows]
+    if tok is None:
+        raise GraftError(f"{graft_dir} has no tokenizer: graft bench reads text prompts")
+    encoded = [encode_chat(tok, [{"role": "user", "content": r["turns"][0]}], chat) for r in rows]
     notes = {"engine": resolve_engine(engine, bb)}
     # Warm-up on the longest prompt at full length, so that no timed run allocates a larger cache:
     # graft's static/graph engines size their cache and capture graphs once, and transformers'
@@ -118,32 +139,31 @@ def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, max_ne
             del hf_kw[name]
     notes["warmup_s"] = time.perf_counter() - t0
 
-    per, tree_note = [], None
-    for r, ids in tqdm(list(zip(rows, encoded)), desc="bench", unit="prompt", disable=not progress):
-        rec = {"category": r["category"], "prompt_tokens": len(ids)}
-        sync(dev)
-        g = dec.generate(ids, cfg)
-        tree_note = tree_note or {"draft_nodes": g.draft_nodes, "chosen": g.tree_note}
-        rec["graft"] = {"tokens": len(g.ids), "seconds": g.prefill_s + g.decode_s, "tau": g.tau,
-                        "steps": g.steps, "step_tokens": g.step_tokens, "accepted": g.accepted,
-                        "proposed": g.proposed}
-        if "nodraft" in baselines:
-            p = dec.generate(ids, plain_cfg)
-            rec["nodraft"] = {"tokens": len(p.ids), "seconds": p.prefill_s + p.decode_s}
-            if temperature == 0:
-                rec["identical_nodraft"] = p.ids == g.ids
-        for name, kw in hf_kw.items():
-            sync(dev)
-            t = time.perf_counter()
-            out = _hf_generate(hf, ids, max_new_tokens, temperature, eos, **kw)
-            sync(dev)
-            rec[name] = {"tokens": len(out), "seconds": time.perf_counter() - t}
-            if name == "eager" and temperature == 0:
-                rec["identical"] = out == g.ids
-                if not rec["identical"]:
-                    rec["first_diff"] = next((i for i, (a, b) in enumerate(zip(out, g.ids)) if a != b),
-                                             min(len(out), len(g.ids)))
-        per.append(rec)
+    per, tree_note, answers = [], None, []
+    for r in tqdm(rows, desc="bench", unit="prompt", disable=not progress):
+        msgs, ans = [], {"question_id": r["question_id"], "model_id": f"graft-{model.config.heads.family}",
+                         "choices": [{"index": 0, "turns": [], "new_tokens": [], "wall_time": [],
+                                      "decoding_steps": [], "accept_lengths": []}]}
+        for turn in r["turns"]:  # later turns see graft's own earlier answers, as in MT-Bench
+            msgs.append({"role": "user", "content": turn})
+            ids = encode_chat(tok, msgs, chat)
+            rec, g = _time_one(dec, hf, ids, cfg, plain_cfg, hf_kw, baselines, temperature, max_new_tokens, eos, dev)
+            rec["category"] = r["category"]
+            tree_note = tree_note or {"draft_nodes": g.draft_nodes, "chosen": g.tree_note}
+            per.append(rec)
+            text = tok.decode(g.ids, skip_special_tokens=True)
+            msgs.append({"role": "assistant", "content": text})
+            c = ans["choices"][0]
+            c["turns"].append(text)
+            c["new_tokens"].append(len(g.ids))
+            c["wall_time"].append(g.prefill_s + g.decode_s)
+            c["decoding_steps"].append(g.steps)
+            c["accept_lengths"].append(g.step_lengths)
+        answers.append(ans)
+    if answers_path:
+        from .config import atomic_write_bytes
+
+        atomic_write_bytes(answers_path, "".join(json.dumps(a) + "\n" for a in answers).encode())
     report = summarize(per, baselines)
     report.update({"graft_dir": graft_dir, "prompts": prompts, "n_prompts": len(per), "max_new_tokens": max_new_tokens,
                    "temperature": temperature, "device": device_name(dev),
@@ -157,6 +177,33 @@ def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, max_ne
     if plot_path:
         plot(report, plot_path)
     return report
+
+
+def _time_one(dec, hf, ids, cfg, plain_cfg, hf_kw, baselines, temperature, max_new_tokens, eos, dev):
+    """One prompt through graft and each baseline, each timed alone."""
+    rec = {"prompt_tokens": len(ids)}
+    sync(dev)
+    g = dec.generate(ids, cfg)
+    rec["graft"] = {"tokens": len(g.ids), "seconds": g.prefill_s + g.decode_s, "tau": g.tau,
+                    "steps": g.steps, "step_tokens": g.step_tokens, "accepted": g.accepted,
+                    "proposed": g.proposed}
+    if "nodraft" in baselines:
+        p = dec.generate(ids, plain_cfg)
+        rec["nodraft"] = {"tokens": len(p.ids), "seconds": p.prefill_s + p.decode_s}
+        if temperature == 0:
+            rec["identical_nodraft"] = p.ids == g.ids
+    for name, kw in hf_kw.items():
+        sync(dev)
+        t = time.perf_counter()
+        out = _hf_generate(hf, ids, max_new_tokens, temperature, eos, **kw)
+        sync(dev)
+        rec[name] = {"tokens": len(out), "seconds": time.perf_counter() - t}
+        if name == "eager" and temperature == 0:
+            rec["identical"] = out == g.ids
+            if not rec["identical"]:
+                rec["first_diff"] = next((i for i, (a, b) in enumerate(zip(out, g.ids)) if a != b),
+                                         min(len(out), len(g.ids)))
+    return rec, g
 
 
 def _rate(recs, key):

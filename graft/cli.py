@@ -218,8 +218,11 @@ def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, device, no_verify, 
               "GPU).")
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing non-empty --out folder.")
+@click.option("--format", "fmt", type=click.Choice(["graft", "vllm-medusa"]), default="graft", show_default=True,
+              help="graft: backbone, tokenizer, heads and draft tree for graft itself; vllm-medusa: medusa heads "
+                   "as vLLM's Medusa drafter loads them (serve the backbone as the target model).")
 @VERIFY_OPTION
-def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, force, no_verify):
+def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, force, fmt, no_verify):
     """Write a self-contained folder: backbone (HF safetensors), tokenizer, heads, decoding tree.
 
     AutoModelForCausalLM.from_pretrained(OUT) still loads the backbone alone;
@@ -228,7 +231,7 @@ def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, for
     from .export import export
 
     export(graft_dir, out, dtype=dtype, merge_lora=merge_lora, tree_size=tree_size, force=force,
-           max_shard_size=max_shard_size, verify_backbone=not no_verify)
+           max_shard_size=max_shard_size, verify_backbone=not no_verify, format=fmt)
     click.echo(f"exported {graft_dir} -> {out}")
 
 
@@ -290,8 +293,15 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
 
 @main.command("bench")
 @click.argument("graft_dir", type=click.Path())
-@click.option("--prompts", required=True, type=click.Path(dir_okay=False), help="JSONL with `prompt` and "
-              "optional `category`.")
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False),
+              help="JSONL with a `prompt` per line (and an optional `category`), or a Spec-Bench / MT-Bench "
+                   "question file (`turns`, `category`, `question_id`).")
+@click.option("--turns", type=click.Choice(["first", "all"]), default="first", show_default=True,
+              help="Multi-turn questions: the first turn alone, or every turn (later turns see graft's own "
+                   "earlier answers).")
+@click.option("--answers", "answers_path", type=click.Path(dir_okay=False),
+              help="Write graft's answers as Spec-Bench answer records (text, new tokens, wall time, accepted "
+                   "lengths per step), for Spec-Bench's own speed and equality scripts.")
 @click.option("--limit", type=int, default=None, help="Use the first N prompts.")
 @click.option("--per-category", type=int, default=None, metavar="N",
               help="Use the first N prompts of each category (a slice that keeps every category).")
@@ -308,12 +318,13 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
 @click.option("--device", default="auto", show_default=True)
 @dtype_option()
 @VERIFY_OPTION
-def bench_cmd(graft_dir, prompts, limit, per_category, max_new_tokens, temperature, chat, baselines, engine, tree,
-              tree_size, json_path, plot_path, device, dtype, no_verify):
+def bench_cmd(graft_dir, prompts, turns, answers_path, limit, per_category, max_new_tokens, temperature, chat,
+              baselines, engine, tree, tree_size, json_path, plot_path, device, dtype, no_verify):
     """Measure acceptance and speedup against plain decoding of the same backbone."""
     from .bench import bench, print_table
 
-    report = bench(graft_dir, prompts, limit=limit, per_category=per_category, max_new_tokens=max_new_tokens,
+    report = bench(graft_dir, prompts, limit=limit, per_category=per_category, turns=turns,
+                   answers_path=answers_path, max_new_tokens=max_new_tokens,
                    temperature=temperature, chat=chat, baselines=[b for b in baselines.split(",") if b],
                    engine=engine, tree=tree, tree_size=tree_size, json_path=json_path, plot_path=plot_path,
                    device=device, dtype=None if dtype == "auto" else dtype, verify_backbone=not no_verify)

@@ -36,18 +36,46 @@ def _clean_leftovers(parent: str) -> None:
             pass
 
 
+FORMATS = ("graft", "vllm-medusa")
+
+
+def _replace(tmp: str, out: str, parent: str) -> None:
+    """Move the finished export into place; an older one goes only once the new one stands."""
+    if os.path.exists(out):
+        old = os.path.join(parent, os.path.basename(out.rstrip("/")) + OLD_TAG + os.path.basename(tmp))
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
 def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False, tree_size: int = 0,
-           force: bool = False, max_shard_size: str = "2GB", verify_backbone: bool = True) -> None:
+           force: bool = False, max_shard_size: str = "2GB", verify_backbone: bool = True,
+           format: str = "graft") -> None:
     """Write a self-contained export of the graft folder `src` into `out` (see `graft export --help`).
 
+    format "graft": the backbone, its tokenizer, the heads and the draft tree, which `graft.load`
+    and `graft generate` read. "vllm-medusa": medusa heads alone, as vLLM's Medusa drafter loads
+    them (serve the backbone itself as vLLM's target model).
+
     Raises:
-        GraftError: a bad source, an `--out` that exists (without --force) or holds the source.
+        GraftError: a bad source or format, an `--out` that exists (without --force) or holds the
+            source.
     """
     from .backbone import _folder_fingerprint
     from .model import load
     from .tree import build_tree, default_accuracies
 
+    if format not in FORMATS:
+        raise GraftError(f"unknown --format {format!r}: choose one of {', '.join(FORMATS)}")
     config = ckpt.load_config(src)
+    if format == "vllm-medusa" and config.heads.family != "medusa":
+        raise GraftError(f"--format vllm-medusa takes medusa heads; {src} holds {config.heads.family} heads, which no "
+                         "serving engine loads yet: use the default format")
+    if format != "graft" and config.lora:
+        raise GraftError(f"{src} trained LoRA adapters, so its backbone changed: a serving export holds the heads "
+                         "alone and would pair them with the original backbone")
     if config.lora and not merge_lora:
         raise GraftError(f"{src} trained LoRA adapters on the backbone: pass --merge-lora to fold them into the "
                          "exported backbone")
@@ -71,6 +99,10 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
             # The export holds a full-precision backbone: a 4-bit training backbone is reloaded unquantized.
             model = load(src, device="cpu", dtype=target, load_in_4bit=False, heads_dtype="float32",
                          verify_backbone=verify_backbone)
+        if format == "vllm-medusa":
+            ckpt.save_vllm_medusa(tmp, model.heads, model.backbone, dtype=model.backbone.dtype)
+            _replace(tmp, out, parent)
+            return
         hf = model.backbone.hf
         if config.lora:
             ckpt.merge_lora(hf)
@@ -93,13 +125,7 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
                           lora=None)
         ckpt.save_heads(tmp, model.heads, new)
         ckpt.save_config(tmp, new)
-        if os.path.exists(out):
-            old = os.path.join(parent, os.path.basename(out.rstrip("/")) + OLD_TAG + os.path.basename(tmp))
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        _replace(tmp, out, parent)
     except OSError as e:
         raise GraftError(f"writing the export to {out} failed ({e.strerror or e}): check the disk and permissions")
     finally:

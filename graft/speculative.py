@@ -89,6 +89,7 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     stopped: str = ""  # eos, stop, length, context
+    step_lengths: list = field(default_factory=list)  # new tokens of each verification step
     draft_nodes: int = 0  # nodes of the draft tree besides the root (0: no drafting)
     tree_note: str = ""  # how the tree was chosen
 
@@ -275,6 +276,7 @@ class SpeculativeDecoder:
             n += len(path)
             out.steps += 1
             out.step_tokens += len(new)
+            out.step_lengths.append(len(new))
             if self._emit(out, new, eos, cfg, max_new, on_tokens):
                 break
         if dev.type == "cuda":

@@ -240,9 +240,33 @@ def test_weights_of_the_same_size_are_not_the_same_backbone(tiny_dirs, tmp_path)
 
 
 def test_bad_text_and_numbers_are_one_line(tiny_dirs, tmp_path):
-    g, e = tmp_path / "g", tmp_path / "e"
+    g = tmp_path / "g"
     run("add-heads", tiny_dirs["llama"], "--heads", "medusa", "-k", "2", "--out", g, "--device", "cpu")
     one_line_error(run("generate", g, "--prompt", "x", "--temperature", "nan", ok=False), "finite")
     one_line_error(run("generate", g, "--prompt", "x", "--temperature", "inf", ok=False), "finite")
     r = CliRunner().invoke(main, ["generate", str(g), "--prompt", "-"], input=b"\xff\xfe bad")
     one_line_error(r, "UTF-8")
+
+
+def test_bench_reads_spec_bench_questions_and_writes_answers(tiny_dirs, tmp_path):
+    g = tmp_path / "g"
+    run("add-heads", tiny_dirs["llama"], "--heads", "medusa", "-k", "2", "--out", g, "--device", "cpu")
+    q = tmp_path / "question.jsonl"  # Spec-Bench / MT-Bench layout
+    q.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": t}) + "\n" for i, c, t in [
+        (81, "writing", ["the quick", "hello world"]), (82, "math", ["to be"]), (83, "writing", ["numbers one"])]))
+    ans, rep = tmp_path / "answers.jsonl", tmp_path / "r.json"
+    run("bench", g, "--prompts", q, "--turns", "all", "--per-category", "1", "--max-new-tokens", "6",
+        "--baselines", "nodraft", "--answers", ans, "--json", rep, "--device", "cpu")
+    recs = [json.loads(l) for l in ans.read_text().splitlines()]
+    assert [r["question_id"] for r in recs] == [81, 82]  # the first question of each category
+    c = recs[0]["choices"][0]
+    assert len(c["turns"]) == 2 and all(isinstance(t, str) for t in c["turns"])
+    steps = c["accept_lengths"][0]  # tokens per verification step; the prefill's token comes before them
+    assert len(steps) == c["decoding_steps"][0] and all(n >= 1 for n in steps)
+    assert sum(steps) >= c["new_tokens"][0] - 1 > sum(steps[:-1])
+    assert len(json.loads(rep.read_text())["per_prompt"]) == 3  # one row per turn
+    run("bench", g, "--prompts", q, "--max-new-tokens", "4", "--baselines", "", "--answers", ans, "--device", "cpu")
+    assert all(len(json.loads(l)["choices"][0]["turns"]) == 1 for l in ans.read_text().splitlines())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "ok"}\n\xff\xfe\n')
+    one_line_error(run("bench", g, "--prompts", bad, ok=False), "line 2 is not UTF-8")
