@@ -287,6 +287,48 @@ def save_vllm_medusa(path: str, heads, bb, dtype) -> None:
     write_json(os.path.join(path, "config.json"), config)
 
 
+SPECULATORS_CHECKED = "speculators 0.9.0 (models/eagle3: config.py, core.py, model_definitions.py)"
+
+
+def save_eagle3(path: str, heads, bb, dtype, verifier: str) -> None:
+    """An eagle head as the `speculators` EAGLE-3 format (checked against SPECULATORS_CHECKED),
+    which vLLM serves: `fc`, the draft layer as `layers.0.*` (its q/k/v read [embedding |
+    feature], `hidden_norm` normalises the feature), `norm`, `lm_head` and `embed_tokens` (the
+    backbone's, as graft shares them), and the identity vocabulary maps `d2t`/`t2d` (graft drafts
+    over the full vocabulary)."""
+    V = bb.vocab_size
+    tensors = {"fc.weight": heads.fc.weight, "layers.0.hidden_norm.weight": heads.hidden_norm.weight,
+               "norm.weight": bb.norm.weight, "lm_head.weight": bb.lm_head.weight,
+               "embed_tokens.weight": bb.embed_tokens.weight}
+    tensors.update({f"layers.0.{k}": v for k, v in heads.layer.state_dict().items()})
+    tensors = {k: v.detach().to(dtype) for k, v in tensors.items()}
+    tensors["d2t"] = torch.zeros(V, dtype=torch.long)
+    tensors["t2d"] = torch.ones(V, dtype=torch.bool)
+    save_tensors(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
+    layer = bb.config.to_diff_dict() if hasattr(bb.config, "to_diff_dict") else bb.config.to_dict()
+    layer = {k: v for k, v in layer.items() if k not in ("architectures", "quantization_config", "_name_or_path")}
+    layer.update({"model_type": bb.model_type, "num_hidden_layers": 1, "vocab_size": V,
+                  "hidden_size": bb.hidden_size})
+    config = {
+        "architectures": ["Eagle3DraftModel"],
+        "speculators_model_type": "eagle3",
+        "speculators_version": "0.9.0",
+        "speculators_config": {
+            "algorithm": "eagle3",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": heads.num_heads}],
+            "default_proposal_method": "greedy",
+            "verifier": {"name_or_path": verifier, "architectures": list(bb.config.architectures or [])},
+        },
+        "transformer_layer_config": layer,
+        "draft_vocab_size": V,
+        "norm_before_residual": False,
+        "target_hidden_size": bb.hidden_size,
+        "eagle_aux_hidden_state_layer_ids": list(heads.features),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    write_json(os.path.join(path, "config.json"), config)
+
+
 def ident_is_gguf(hf) -> bool:
     q = getattr(hf, "hf_quantizer", None)
     return q is not None and type(q).__name__.lower().startswith("gguf")

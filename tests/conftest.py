@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
 CORPUS = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
           "all that glitters is not gold", "to be or not to be that is the question",
           "hello world this is a tiny model", "numbers one two three four five six seven"] * 4

@@ -62,3 +62,68 @@ def test_serving_formats_refuse_other_families(tiny_dirs, tmp_path):
         export(g, str(tmp_path / "v"), format="vllm-medusa")
     with pytest.raises(GraftError, match="unknown --format"):
         export(g, str(tmp_path / "v"), format="onnx")
+
+
+INTEROP = r'''
+import sys
+import torch
+from safetensors.torch import load_file, save_file
+from speculators.models.eagle3.core import Eagle3DraftModel
+
+folder, inputs, out = sys.argv[1:4]
+x = load_file(inputs)
+from speculators.models.eagle3.config import Eagle3SpeculatorConfig
+config = Eagle3SpeculatorConfig.from_pretrained(folder)
+config.transformer_layer_config._attn_implementation = "eager"  # flex attention wants long sequences
+model = Eagle3DraftModel.from_pretrained(folder, config=config).float().eval()
+with torch.no_grad():
+    drafts = model(hidden_states=x["hidden_states"], input_ids=x["input_ids"],
+                   document_ids=torch.zeros_like(x["input_ids"]), ttt_steps=int(x["steps"]))
+save_file({f"step{k}": t.contiguous() for k, t in enumerate(drafts)}, out)
+'''
+
+
+def interop_python():
+    import os
+
+    from conftest import ROOT
+
+    py = os.environ.get("GRAFT_INTEROP_PY") or os.path.join(ROOT, ".venv-interop", "bin", "python")
+    if not os.path.exists(py):
+        pytest.skip("no interop environment with `speculators` (scripts/test.sh makes .venv-interop)")
+    return py
+
+
+def test_eagle3_export_drafts_what_graft_drafts_in_speculators(tiny_dirs, tmp_path):
+    """The `speculators` package (in its own environment: it pins other library versions) loads
+    graft's eagle3 export and, run as in its training-time test, drafts graft's tokens."""
+    import subprocess
+
+    from safetensors.torch import save_file
+
+    py = interop_python()
+    g = str(tmp_path / "g")
+    m = add_heads(tiny_dirs["llama"], heads="eagle", num_heads=3, out=g, device="cpu")
+    with torch.no_grad():
+        for p in m.heads.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    m.save(g, force=True)
+    export(g, str(tmp_path / "e3"), format="eagle3")
+    m = load(g, device="cpu", heads_dtype="float32")
+    bb, heads = m.backbone, m.heads
+    T = 12
+    ids = torch.randint(4, 40, (1, T))
+    with torch.no_grad():
+        trunk, final = bb.forward(ids, torch.arange(T)[None], features=heads.features)
+        want = [heads.logits(bb, k, h)[0].argmax(-1) for k, h in enumerate(heads.hidden(bb, trunk, final, ids))]
+    # speculators pairs the features at row i with the token at row i: graft's t_{i+1}
+    nxt = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+    save_file({"hidden_states": trunk.float().contiguous(), "input_ids": nxt.contiguous(), "steps": torch.tensor(3)},
+              str(tmp_path / "in.safetensors"))
+    r = subprocess.run([py, "-c", INTEROP, str(tmp_path / "e3"), str(tmp_path / "in.safetensors"),
+                        str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = load_file(str(tmp_path / "out.safetensors"))
+    for k in range(3):
+        rows = T - k - 1  # rows whose tokens are all real at step k
+        assert torch.equal(got[f"step{k}"][0, :rows], want[k][:rows]), k

@@ -29,8 +29,11 @@ from . import Heads, copy_last_layer, last_row, positions, rms_eps
 
 
 def default_aux_layers(L: int) -> list[int]:
-    """EAGLE-3's choice: the inputs of layers 2, L/2 and L-3 (clamped for shallow models)."""
-    return [min(2, L - 1), L // 2, max(L - 3, 0)]
+    """EAGLE-3's choice: the inputs of layers 2, L/2 and L-3; for shallow models, where those
+    coincide, the embeddings, the middle and the last output (index L), so the ids stay
+    distinct as the serving formats require."""
+    ids = [2, L // 2, L - 3]
+    return ids if len(set(ids)) == 3 and min(ids) >= 0 else sorted({0, L // 2, L})
 
 
 def _widen(layer, d: int) -> None:
