@@ -164,7 +164,7 @@ def restore_optimizer(opt, tensors: dict) -> None:
                 opt.state[p] = st
 
 
-def save_checkpoint(path: str, *, heads, opt, step: int, meta: dict, lora_params: dict) -> None:
+def save_checkpoint(path: str, *, heads, opt, step: int, meta: dict, lora_params: dict, extra=None) -> None:
     """Refuses non-finite heads: a diverged run never overwrites the last good checkpoint."""
     state = {f"heads.{k}": v.float() if v.is_floating_point() else v for k, v in heads.state_dict().items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -176,6 +176,7 @@ def save_checkpoint(path: str, *, heads, opt, step: int, meta: dict, lora_params
     if torch.cuda.is_available():
         state["rng.cuda"] = torch.cuda.get_rng_state()
     state.update({f"lora.{n}": p.detach() for n, p in lora_params.items()})
+    state.update(extra or {})  # other processes' random states
     save_tensors(os.path.join(path, CHECKPOINT_NAME), state,
                  {"format": CHECKPOINT_FORMAT, "step": str(step), "meta": json.dumps(meta)})
 

@@ -8,7 +8,8 @@ import os
 
 import torch
 
-from .config import GraftError
+from .config import GraftError, atomic_write_bytes
+from .distributed import setup as dist_setup
 from .modeling import attention_backends
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
@@ -163,8 +164,6 @@ def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperatu
     Raises:
         GraftError: bad options or prompts, or an `out` that holds something else.
     """
-    from tqdm.auto import tqdm
-
     from .backbone import load_backbone
     from .checkpoint import is_graft_dir, load_config
 
@@ -181,53 +180,81 @@ def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperatu
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.exists(parent) and not os.path.isdir(parent) or not os.path.isdir(parent) and _file_above(parent):
         raise GraftError(f"--out {out} lies under a file, not a folder: choose another path")
-    done = _done_records(out, convs, force)
+    dd = dist_setup()
+    done = dd.gather_objects(_done_records(out, convs, force) if dd.main else None)[0]
     if done >= len(convs):
         return done
     if is_graft_dir(model):
         ident = load_config(model).backbone
         model = os.path.join(model, "") if ident.source == "." else ident.source
-    bb = load_backbone(model, dtype=dtype, device=device, load_in_4bit=load_in_4bit,
+    bb = load_backbone(model, dtype=dtype, device=dd.device(device), load_in_4bit=load_in_4bit,
                        trust_remote_code=trust_remote_code)
-    tok, hf = bb.tokenizer, bb.hf
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + dd.rank)
+    # Several processes (accelerate launch / torchrun): each answers every world-th remaining
+    # prompt into a part file of its own (resumable like `out`); rank 0 then interleaves the
+    # parts into `out` in the prompts' order, in one rename.
+    if dd.world == 1:
+        target, sub_convs, sub_done = out, convs, done
+    else:
+        target = f"{out}.part-{done}-{dd.rank}of{dd.world}"
+        sub_convs = [convs[i] for i in range(done + dd.rank, len(convs), dd.world)]
+        sub_done = _done_records(target, sub_convs, False)
     try:
         os.makedirs(parent, exist_ok=True)
-        f = open(out, "a")
+        f = open(target, "a")
     except OSError as e:
         raise GraftError(f"cannot write --out {out} ({e.strerror}): choose a writable path")
-    kw = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    bar = tqdm(total=len(convs), initial=done, desc="distill", unit="prompt")
-    window = 4 * batch_size
     with f:
-        # Within a window of prompts, batches take them in order of length, so they pad little;
-        # the window is written in the prompts' order, so a resumed run skips whole records.
-        for w0 in range(done, len(convs), window):
-            idx = list(range(w0, min(w0 + window, len(convs))))
-            enc = {i: encode_chat(tok, convs[i]) for i in idx}
-            idx.sort(key=lambda i: len(enc[i]))
-            answers = {}
-            for b0 in range(0, len(idx), batch_size):
-                batch = idx[b0:b0 + batch_size]
-                width = max(len(enc[i]) for i in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                attn = torch.zeros_like(ids)
-                for r, i in enumerate(batch):  # left padding
-                    ids[r, width - len(enc[i]):] = torch.tensor(enc[i])
-                    attn[r, width - len(enc[i]):] = 1
-                with torch.inference_mode(), attention_backends(bb.device, static=False):
-                    gen = hf.generate(input_ids=ids.to(bb.device), attention_mask=attn.to(bb.device),
-                                      max_new_tokens=max_new_tokens, pad_token_id=pad, **kw)
-                for r, i in enumerate(batch):
-                    answers[i] = tok.decode(gen[r, width:], skip_special_tokens=True)
-                bar.update(len(batch))
-            lines = [json.dumps({"messages": convs[i] + [{"role": "assistant", "content": answers[i]}]})
-                     for i in sorted(answers)]
-            f.write("\n".join(lines) + "\n")
-            f.flush()
-    bar.close()
+        _answer(bb, sub_convs, sub_done, f, max_new_tokens, temperature, batch_size, progress=dd.main)
+    if dd.world > 1:
+        dd.barrier()
+        if dd.main:
+            parts = [f"{out}.part-{done}-{r}of{dd.world}" for r in range(dd.world)]
+            lines = [open(p).read().splitlines() for p in parts]
+            merged = [lines[(i - done) % dd.world][(i - done) // dd.world] for i in range(done, len(convs))]
+            old = open(out).read() if os.path.exists(out) else ""
+            atomic_write_bytes(out, (old + "".join(line + "\n" for line in merged)).encode())
+            for p in parts:
+                os.unlink(p)
+        dd.barrier()
     return len(convs)
+
+
+def _answer(bb, convs, done, f, max_new_tokens, temperature, batch_size, progress=True) -> None:
+    """The backbone's answers to convs[done:], appended to the open file `f` as chat records."""
+    from tqdm.auto import tqdm
+
+    tok, hf = bb.tokenizer, bb.hf
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    kw = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    bar = tqdm(total=len(convs), initial=done, desc="distill", unit="prompt", disable=not progress)
+    window = 4 * batch_size
+    # Within a window of prompts, batches take them in order of length, so they pad little;
+    # the window is written in the prompts' order, so a resumed run skips whole records.
+    for w0 in range(done, len(convs), window):
+        idx = list(range(w0, min(w0 + window, len(convs))))
+        enc = {i: encode_chat(tok, convs[i]) for i in idx}
+        idx.sort(key=lambda i: len(enc[i]))
+        answers = {}
+        for b0 in range(0, len(idx), batch_size):
+            batch = idx[b0:b0 + batch_size]
+            width = max(len(enc[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for r, i in enumerate(batch):  # left padding
+                ids[r, width - len(enc[i]):] = torch.tensor(enc[i])
+                attn[r, width - len(enc[i]):] = 1
+            with torch.inference_mode(), attention_backends(bb.device, static=False):
+                gen = hf.generate(input_ids=ids.to(bb.device), attention_mask=attn.to(bb.device),
+                                  max_new_tokens=max_new_tokens, pad_token_id=pad, **kw)
+            for r, i in enumerate(batch):
+                answers[i] = tok.decode(gen[r, width:], skip_special_tokens=True)
+            bar.update(len(batch))
+        lines = [json.dumps({"messages": convs[i] + [{"role": "assistant", "content": answers[i]}]})
+                 for i in sorted(answers)]
+        f.write("\n".join(lines) + "\n")
+        f.flush()
+    bar.close()
 
 
 def _file_above(path: str) -> bool:

@@ -16,6 +16,8 @@ import torch
 from . import checkpoint as ckpt
 from .config import GraftError, TrainConfig, atomic_write_bytes
 from .data import batch_indices, load_records, pack, split_blocks
+from .distributed import Dist
+from .distributed import setup as dist_setup
 from .losses import RANKS, distill_step
 
 
@@ -84,25 +86,29 @@ def _rewrite_metrics(path: str, upto: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, blocks: torch.Tensor, tc: TrainConfig, autocast) -> dict:
+def evaluate(model, blocks: torch.Tensor, tc: TrainConfig, autocast, dd: Dist | None = None) -> dict:
+    """Held-out loss, top-1/top-5 agreement and per-rank accuracy per depth. Under several
+    processes each evaluates its share of the blocks and the counts are summed."""
+    dd = dd or Dist()
     bb, heads = model.backbone, model.heads
     K = heads.num_heads
-    agg = {"n": [0] * K, "top1": [0] * K, "top5": [0] * K, "rank": [[0] * RANKS for _ in range(K)], "loss": 0.0}
-    nb = 0
+    blocks = blocks[dd.rank::dd.world]
+    # one tensor for one all-reduce: loss sum, batches, then per depth n, top1, top5 and ranks
+    agg = torch.zeros(2 + K * (3 + RANKS), dtype=torch.float64)
+    counts = agg[2:].view(K, 3 + RANKS)
     for start in range(0, min(len(blocks), tc.eval_batches * tc.batch_size), tc.batch_size):
         ids = blocks[start:start + tc.batch_size].to(bb.device)
         st = micro_step(bb, heads, ids, tc, autocast, backward=False, ranks=True)
-        nb += 1
-        agg["loss"] += st["loss"]
+        agg[0] += st["loss"]
+        agg[1] += 1
         for k in range(K):
-            for key in ("n", "top1", "top5"):
-                agg[key][k] += st[key][k]
-            for r in range(RANKS):
-                agg["rank"][k][r] += st["rank"][k][r]
-    n = [max(x, 1) for x in agg["n"]]
-    return {"loss": agg["loss"] / max(nb, 1), "top1": [a / b for a, b in zip(agg["top1"], n)],
-            "top5": [a / b for a, b in zip(agg["top5"], n)],
-            "rank_accuracy": [[c / nk for c in row] for row, nk in zip(agg["rank"], n)]}
+            counts[k, :3] += torch.tensor([st["n"][k], st["top1"][k], st["top5"][k]], dtype=torch.float64)
+            counts[k, 3:] += torch.tensor(st["rank"][k], dtype=torch.float64)
+    agg = dd.all_reduce_(agg.to(bb.device)).cpu()
+    counts = agg[2:].view(K, 3 + RANKS)
+    n = counts[:, 0].clamp_min(1)
+    return {"loss": float(agg[0] / agg[1].clamp_min(1)), "top1": (counts[:, 1] / n).tolist(),
+            "top5": (counts[:, 2] / n).tolist(), "rank_accuracy": (counts[:, 3:] / n[:, None]).tolist()}
 
 
 def micro_step(bb, heads, ids, tc: TrainConfig, autocast, backbone_grad: bool = False, backward: bool = True,
@@ -136,6 +142,7 @@ class _Run:
     horizon: list  # [the step the learning-rate decay ends at]; moves under --max-minutes
     total: int
     autocast: object
+    dd: Dist
     lora: dict | None = None  # the adapters' spec, recorded in graft.json when the run ends
     step: int = 0
     started: float = 0.0
@@ -147,17 +154,23 @@ def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load
           device: str = "auto", progress: bool = True, verify_backbone: bool = True) -> dict:
     """Train the heads in `graft_dir` on `data`. Returns the training summary (also in graft.json).
 
+    Under `accelerate launch` or `torchrun` each process trains on its share of every batch
+    (`batch_size` sequences a process; the global batch is batch_size x grad_accum x processes)
+    and the gradients are averaged; rank 0 alone writes.
+
     Raises:
         GraftError: bad options or data, another process training the same folder, a diverged loss.
     """
+    dd = dist_setup()
     config = ckpt.load_config(graft_dir)
-    with ckpt.folder_lock(graft_dir, "training it"):
-        run = _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify_backbone)
-        _loop(run, config, progress)
+    with ckpt.folder_lock(graft_dir, "training it") if dd.main else contextlib.nullcontext():
+        run = _setup(graft_dir, data, values, config, resume, load_in_4bit, dd.device(device), verify_backbone, dd)
+        _loop(run, config, progress and dd.main)
         return _finish(run)
 
 
-def _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify_backbone=True) -> _Run:
+def _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify_backbone=True,
+           dd: Dist | None = None) -> _Run:
     """The model, the data, the optimizer and the schedule; from the checkpoint with `resume`."""
     from .model import load
 
@@ -190,58 +203,79 @@ def _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify
     horizon = [total]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, tc.warmup, horizon[0]))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bb.device.type == "cuda" else contextlib.nullcontext()
+    dd = dd or Dist()
     run = _Run(graft_dir, data, tc, model, train_blocks, eval_blocks, params, lora_params, opt, sched, horizon,
-               total, autocast, lora)
+               total, autocast, dd, lora)
     if checkpoint:
         run.step = checkpoint[0]
         ckpt.restore_optimizer(opt, state)
         sched.load_state_dict(checkpoint[1]["sched"])
         for group, lr in zip(opt.param_groups, sched.get_last_lr()):  # load_state_dict leaves lr stale
             group["lr"] = lr
-        torch.set_rng_state(state["rng.cpu"])
-        if "rng.cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["rng.cuda"])
-        _rewrite_metrics(graft_dir, run.step)
+        own = f".{dd.rank}" if dd.rank else ""  # each process continues with its own random state
+        torch.set_rng_state(state["rng.cpu" + own])
+        if "rng.cuda" + own in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng.cuda" + own])
+        if dd.main:
+            _rewrite_metrics(graft_dir, run.step)
     else:
-        ckpt.clear_training_state(graft_dir)
-        torch.manual_seed(tc.seed)
+        if dd.main:
+            ckpt.clear_training_state(graft_dir)
+        torch.manual_seed(tc.seed + dd.rank)
+    dd.barrier()
     return run
 
 
 def _step(run: _Run) -> dict:
     """One optimizer step over grad_accum micro-batches. Returns its loss and per-depth top-1."""
-    bb, heads, tc = run.model.backbone, run.model.heads, run.tc
+    bb, heads, tc, dd = run.model.backbone, run.model.heads, run.tc, run.dd
     K, micro = heads.num_heads, tc.grad_accum
     run.opt.zero_grad(set_to_none=True)
-    agg = {"loss": 0.0, "n": [0] * K, "top1": [0] * K}
+    agg = torch.zeros(1 + 2 * K, dtype=torch.float64)  # loss, then n and top1 per depth
     for m in range(micro):
-        idx = batch_indices(run.step * micro + m, tc.batch_size, len(run.train_blocks), tc.seed)
-        ids = run.train_blocks[idx].to(bb.device)
+        # the global batch of this micro-step, as one process would take it; each its share
+        idx = batch_indices(run.step * micro + m, tc.batch_size * dd.world, len(run.train_blocks), tc.seed)
+        ids = run.train_blocks[idx[dd.rank * tc.batch_size:(dd.rank + 1) * tc.batch_size]].to(bb.device)
         st = micro_step(bb, heads, ids, tc, run.autocast, backbone_grad=bool(run.lora_params))
-        agg["loss"] += st["loss"] / micro
-        for k in range(K):
-            agg["n"][k] += st["n"][k]
-            agg["top1"][k] += st["top1"][k]
-    if not math.isfinite(agg["loss"]):
-        raise GraftError(f"the loss became {agg['loss']} at step {run.step + 1}; the last good checkpoint is kept "
+        agg[0] += st["loss"] / micro
+        agg[1:] += torch.tensor(st["n"] + st["top1"], dtype=torch.float64)
+    agg = dd.all_reduce_(agg.to(bb.device)).cpu()
+    loss = float(agg[0]) / dd.world
+    if not math.isfinite(loss):  # the same figure on every process: all stop together
+        raise GraftError(f"the loss became {loss} at step {run.step + 1}; the last good checkpoint is kept "
                          f"in {run.graft_dir}: lower --lr and --resume")
     if micro > 1:
         for p in run.params:
             if p.grad is not None:
                 p.grad.div_(micro)
+    dd.average_gradients(run.params)
     torch.nn.utils.clip_grad_norm_(run.params, tc.max_grad_norm)
     run.opt.step()
     run.step += 1
     if bb.device.type == "cuda":
         torch.cuda.synchronize()
-    return {"loss": agg["loss"], "top1": [a / max(b, 1) for a, b in zip(agg["top1"], agg["n"])]}
+    n, top1 = agg[1:1 + K].tolist(), agg[1 + K:].tolist()
+    return {"loss": loss, "top1": [a / max(b, 1) for a, b in zip(top1, n)]}
 
 
 def _save(run: _Run) -> None:
-    """The checkpoint (one file), then the heads and graft.json that `load` and `export` read."""
-    meta = {"sched": run.sched.state_dict(), "train_config": dataclasses.asdict(run.tc)}
+    """The checkpoint (one file), then the heads and graft.json that `load` and `export` read.
+    Every process takes part (their random states go into the checkpoint); rank 0 writes."""
+    dd = run.dd
+    rng = dd.gather_objects((torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None))
+    if not all(torch.isfinite(p).all() for p in run.model.heads.parameters()):  # every process sees it
+        raise GraftError(f"the heads hold NaN or inf at step {run.step}; the last good checkpoint is kept in "
+                         f"{run.graft_dir}: lower --lr and --resume")
+    if not dd.main:
+        return
+    extra = {}
+    for r, (cpu, cuda) in enumerate(rng[1:], start=1):
+        extra[f"rng.cpu.{r}"] = cpu
+        if cuda is not None:
+            extra[f"rng.cuda.{r}"] = cuda
+    meta = {"sched": run.sched.state_dict(), "train_config": dataclasses.asdict(run.tc), "processes": dd.world}
     ckpt.save_checkpoint(run.graft_dir, heads=run.model.heads, opt=run.opt, step=run.step, meta=meta,
-                         lora_params=run.lora_params)
+                         lora_params=run.lora_params, extra=extra)
     ckpt.save_heads(run.graft_dir, run.model.heads, run.model.config)
     ckpt.save_config(run.graft_dir, run.model.config)
 
@@ -255,7 +289,8 @@ def _loop(run: _Run, config, progress: bool) -> None:
     first, pace_from = run.step, None  # (step, time) once a few steps have warmed up
     bar = tqdm(total=run.total, initial=run.step, desc=f"train {config.heads.family}", unit="step",
                disable=not progress)
-    with open(os.path.join(run.graft_dir, ckpt.METRICS_NAME), "a") as metrics, bar:
+    main = run.dd.main
+    with open(os.path.join(run.graft_dir, ckpt.METRICS_NAME), "a") if main else contextlib.nullcontext() as metrics, bar:
         while run.step < run.total:
             t0 = time.perf_counter()
             st = _step(run)
@@ -272,15 +307,18 @@ def _loop(run: _Run, config, progress: bool) -> None:
             run.last = st
             bar.set_postfix(loss=f"{st['loss']:.3f}", top1="/".join(f"{a:.2f}" for a in st["top1"]), tok_s=f"{tps:.0f}")
             bar.update(1)
-            if run.step % tc.log_every == 0 or run.step == run.total:
+            if main and (run.step % tc.log_every == 0 or run.step == run.total):
                 metrics.write(json.dumps({"step": run.step, "loss": st["loss"], "top1": st["top1"],
                                           "lr": run.sched.get_last_lr()[0], "tokens_per_s": tps}) + "\n")
                 metrics.flush()
             if run.step % tc.eval_every == 0 and len(run.eval_blocks) and run.step < run.total:  # the last: below
-                ev = evaluate(run.model, run.eval_blocks, tc, run.autocast)
-                metrics.write(json.dumps({"step": run.step, "eval": ev}) + "\n")
-                metrics.flush()
-            out_of_time = tc.max_minutes and (time.perf_counter() - run.started) / 60 >= tc.max_minutes
+                ev = evaluate(run.model, run.eval_blocks, tc, run.autocast, run.dd)
+                if main:
+                    metrics.write(json.dumps({"step": run.step, "eval": ev}) + "\n")
+                    metrics.flush()
+            out_of_time = torch.tensor(float(bool(tc.max_minutes) and (time.perf_counter() - run.started) / 60
+                                             >= tc.max_minutes))
+            out_of_time = bool(run.dd.all_reduce_(out_of_time.to(run.model.backbone.device)).item())  # all stop at once
             if run.step % tc.save_every == 0 or run.step == run.total or out_of_time:
                 _save(run)
             if out_of_time:
@@ -291,14 +329,16 @@ def _finish(run: _Run) -> dict:
     """The final evaluation and the training summary in graft.json."""
     tc, model = run.tc, run.model
     bb = model.backbone
-    ev = evaluate(model, run.eval_blocks if len(run.eval_blocks) else run.train_blocks[:tc.batch_size], tc,
-                  run.autocast)
+    ev = evaluate(model, run.eval_blocks if len(run.eval_blocks) else run.train_blocks[:tc.batch_size * run.dd.world],
+                  tc, run.autocast, run.dd)
     summary = {"steps": run.step, "loss": run.last["loss"], "train_top1": run.last["top1"], "eval_loss": ev["loss"],
                "top1": ev["top1"], "top5": ev["top5"], "rank_accuracy": ev["rank_accuracy"],
                "data": run.data, "seq_len": tc.seq_len, "batch_size": tc.batch_size * tc.grad_accum,
                "minutes_this_run": (time.perf_counter() - run.started) / 60,
                "tokens_per_s": sum(run.tps) / max(len(run.tps), 1),
-               "device": str(bb.device), "load_in_4bit": bb.identity.load_in_4bit}
+               "device": str(bb.device), "load_in_4bit": bb.identity.load_in_4bit, "processes": run.dd.world}
+    if not run.dd.main:
+        return summary
     model.config.training = summary
     model.config.lora = run.lora
     if run.lora_params:  # the backbone itself changed: the folder now carries its adapters
