@@ -8,6 +8,7 @@ is graft's loop without drafting. The ratio column divides by that.
 
   python benchmarks/step_cost.py smollm2-135m --dtype bfloat16 --engine graph
   python benchmarks/step_cost.py --random-llama 8b --engine graph     # random weights, no download
+  python benchmarks/step_cost.py smollm2-135m --draft-vocab 8192     # drafts over 8192 tokens (FR-Spec)
 
 --random-llama builds a Llama of that shape on the device from a config (1b: Llama-3.2-1B,
 8b: Llama-3-8B, both with a 49,152 vocabulary) and states the memory roofline of a one-token
@@ -53,6 +54,7 @@ def main(argv=None):
     p.add_argument("--engine", default="graph")
     p.add_argument("--families", default="blockwise,deepseek-mtp,eagle")
     p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--draft-vocab", type=int, default=None, help="draft over N tokens only (FR-Spec)")
     p.add_argument("--sizes", default="0,4,16,32,64", help="tree nodes besides the root (0: no drafting)")
     p.add_argument("--context", type=int, default=300, help="prompt tokens before decoding")
     p.add_argument("--new", type=int, default=128)
@@ -78,7 +80,7 @@ def main(argv=None):
     base = None
     for fam in a.families.split(","):
         torch.manual_seed(0)
-        m = add_heads(bb, heads=fam, num_heads=a.num_heads)
+        m = add_heads(bb, heads=fam, num_heads=a.num_heads, draft_vocab=a.draft_vocab)
         m.heads.to(bb.dtype)
         dec = SpeculativeDecoder(m)
         for size in [int(s) for s in a.sizes.split(",")]:
@@ -91,6 +93,7 @@ def main(argv=None):
             if size == 0:
                 base = ms
             rec = {"model": name, "device": device_name(bb.device), "dtype": a.dtype, "engine": a.engine,
+                   "draft_vocab": a.draft_vocab,
                    "family": "none" if size == 0 else fam, "nodes": size + 1, "ms_per_step": ms,
                    "x_nodraft": ms / base, "roofline_ms": roof}
             print(f"{rec['family']:<14}{size + 1:>6}{ms:>9.2f}{ms / base:>11.2f}{roof / ms:>16.2f}", flush=True)

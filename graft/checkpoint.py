@@ -280,9 +280,13 @@ def save_vllm_medusa(path: str, heads, bb, dtype) -> None:
     if shared:
         tensors["lm_heads.0.weight"] = bb.lm_head.weight
     tensors = {k: v.detach().to(dtype) for k, v in tensors.items()}
+    vocab = bb.vocab_size
+    if heads.draft_ids is not None:  # vLLM slices the LM heads by `token_map` itself
+        tensors["token_map"] = heads.draft_ids.detach().cpu()
+        vocab = heads.draft_ids.numel()
     save_tensors(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
     config = {"model_type": "medusa", "architectures": ["MedusaModel"], "hidden_size": bb.hidden_size,
-              "vocab_size": bb.vocab_size, "truncated_vocab_size": bb.vocab_size, "num_heads": heads.num_heads,
+              "vocab_size": bb.vocab_size, "truncated_vocab_size": vocab, "num_heads": heads.num_heads,
               "num_hidden_layers": heads.spec.head_layers, "medusa_fc_bias": True, "original_lm_head": shared,
               "torch_dtype": str(dtype).removeprefix("torch.")}
     write_json(os.path.join(path, "config.json"), config)
@@ -295,16 +299,17 @@ def save_eagle3(path: str, heads, bb, dtype, verifier: str) -> None:
     """An eagle head as the `speculators` EAGLE-3 format (checked against SPECULATORS_CHECKED),
     which vLLM serves: `fc`, the draft layer as `layers.0.*` (its q/k/v read [embedding |
     feature], `hidden_norm` normalises the feature), `norm`, `lm_head` and `embed_tokens` (the
-    backbone's, as graft shares them), and the identity vocabulary maps `d2t`/`t2d` (graft drafts
-    over the full vocabulary)."""
+    backbone's, as graft shares them), and the vocabulary maps `d2t`/`t2d`: the identity, or the
+    draft vocabulary's rows of the LM head with their target ids."""
     V = bb.vocab_size
+    ids = torch.arange(V) if heads.draft_ids is None else heads.draft_ids.detach().cpu()
     tensors = {"fc.weight": heads.fc.weight, "layers.0.hidden_norm.weight": heads.hidden_norm.weight,
-               "norm.weight": bb.norm.weight, "lm_head.weight": bb.lm_head.weight,
+               "norm.weight": bb.norm.weight, "lm_head.weight": bb.lm_head.weight.detach().cpu()[ids],
                "embed_tokens.weight": bb.embed_tokens.weight}
     tensors.update({f"layers.0.{k}": v for k, v in heads.layer.state_dict().items()})
     tensors = {k: v.detach().to(dtype) for k, v in tensors.items()}
-    tensors["d2t"] = torch.zeros(V, dtype=torch.long)
-    tensors["t2d"] = torch.ones(V, dtype=torch.bool)
+    tensors["d2t"] = ids - torch.arange(ids.numel())  # draft id i is target id i + d2t[i]
+    tensors["t2d"] = torch.zeros(V, dtype=torch.bool).index_fill_(0, ids, True)
     save_tensors(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
     layer = bb.config.to_diff_dict() if hasattr(bb.config, "to_diff_dict") else bb.config.to_dict()
     layer = {k: v for k, v in layer.items() if k not in ("architectures", "quantization_config", "_name_or_path")}
@@ -321,7 +326,7 @@ def save_eagle3(path: str, heads, bb, dtype, verifier: str) -> None:
             "verifier": {"name_or_path": verifier, "architectures": list(bb.config.architectures or [])},
         },
         "transformer_layer_config": layer,
-        "draft_vocab_size": V,
+        "draft_vocab_size": ids.numel(),
         "norm_before_residual": False,
         "target_hidden_size": bb.hidden_size,
         "eagle_aux_hidden_state_layer_ids": list(heads.features),

@@ -109,12 +109,15 @@ def main():
 @click.option("--aux-layers", default=None, metavar="I,J,K",
               help="eagle: backbone layers whose inputs are fused into the draft layer (default: 2, L/2, L-3 "
                    "of L layers, as EAGLE-3).")
+@click.option("--draft-vocab", type=int, default=None, metavar="N",
+              help="Drafts score only the N most frequent tokens of the training data (FR-Spec; set when `graft "
+                   "train` starts): cheaper drafting, and the output does not change.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder to write.")
 @click.option("--force", is_flag=True, help="Write into an existing non-empty --out folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @backbone_options
-def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, init, aux_layers, out, force, seed, dtype,
-                  load_in_4bit, device, trust_remote_code):
+def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, init, aux_layers, draft_vocab, out, force,
+                  seed, dtype, load_in_4bit, device, trust_remote_code):
     from .model import add_heads
 
     if aux_layers is not None:
@@ -123,7 +126,8 @@ def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, init, a
         except ValueError:
             raise GraftError(f"--aux-layers must be comma-separated layer indices, e.g. 2,15,27; got {aux_layers!r}")
     gm = add_heads(model, heads=family, num_heads=num_heads, head_layers=head_layers,
-                   shared_lm_head=shared_lm_head, init=init, aux_layers=aux_layers, out=out, force=force, dtype=dtype,
+                   shared_lm_head=shared_lm_head, init=init, aux_layers=aux_layers, draft_vocab=draft_vocab, out=out,
+                   force=force, dtype=dtype,
                    device=device, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, seed=seed)
     s = gm.summary()
     click.echo(f"backbone         {s['backbone']}")

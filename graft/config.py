@@ -61,6 +61,8 @@ class HeadSpec:
     shared_lm_head: medusa only; reuse the backbone's unembedding instead of a copy per head.
     aux_layers: eagle only; the backbone layers whose inputs are fused into the draft layer's
         first input (default: a low, a middle and a high one, as EAGLE-3).
+    draft_vocab: N: drafts score only the N most frequent tokens of the training data (FR-Spec);
+        verification still uses the whole vocabulary, so the output does not change.
     init: "copy" starts transformer layers as copies of the backbone's last decoder layer,
         "random" draws them fresh.
     """
@@ -71,6 +73,7 @@ class HeadSpec:
     shared_lm_head: bool = False
     init: str = "copy"
     aux_layers: list | None = None
+    draft_vocab: int | None = None
 
     def __post_init__(self):
         if self.family not in HEAD_FAMILIES:
@@ -83,6 +86,8 @@ class HeadSpec:
             raise GraftError(f"--head-layers must be between 1 and 4, got {self.head_layers}")
         if self.init not in ("copy", "random"):
             raise GraftError(f"--init must be 'copy' or 'random', got {self.init!r}")
+        if self.draft_vocab is not None and (not isinstance(self.draft_vocab, int) or self.draft_vocab < 1):
+            raise GraftError(f"--draft-vocab must be a positive number of tokens, got {self.draft_vocab!r}")
         if self.family == "eagle" and self.head_layers != 1:
             raise GraftError("eagle drafts with one decoder layer: leave --head-layers at 1")
         if self.aux_layers is not None:

@@ -96,7 +96,7 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 def add_heads(model: str | Backbone = "smollm2-135m", heads: str = "medusa", num_heads: int = 4, *,
               head_layers: int = 1, shared_lm_head: bool = False, init: str = "copy", aux_layers=None,
-              out: str | None = None,
+              draft_vocab: int | None = None, out: str | None = None,
               force: bool = False, dtype: str = "auto", device: str = "auto", load_in_4bit: bool = False,
               trust_remote_code: bool = False, seed: int = 0) -> GraftModel:
     """Graft fresh heads onto a frozen backbone (and save them to `out` if given).
@@ -110,7 +110,7 @@ def add_heads(model: str | Backbone = "smollm2-135m", heads: str = "medusa", num
         GraftError: on bad input (see the CLI's help for each option).
     """
     spec = HeadSpec(family=heads, num_heads=num_heads, head_layers=head_layers, shared_lm_head=shared_lm_head,
-                    init=init, aux_layers=aux_layers)
+                    init=init, aux_layers=aux_layers, draft_vocab=draft_vocab)
     if out is not None:
         ckpt.prepare_out_dir(out, force)  # refuse before the slow load
     bb = model if isinstance(model, Backbone) else load_backbone(

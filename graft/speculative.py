@@ -298,12 +298,16 @@ class SpeculativeDecoder:
         if tree.n == 1:
             _, final, _ = step.verify()
             return [0], [self._choose(bb.logits(final[0, -1]), cfg, gen)]
-        picked = []  # (token, q) per depth
+        picked = []  # (token, q over the whole vocabulary) per depth
+        ids = self.heads.draft_ids  # a draft vocabulary: q is zero outside it, which keeps sampling exact
 
         def sample(depth, logits, width):
             q = warp(logits[0], cfg.temperature, cfg.top_p)
             tok = torch.multinomial(q, 1, generator=gen)
-            picked.append((int(tok.item()), q))
+            if ids is None:
+                picked.append((int(tok.item()), q))
+            else:
+                picked.append((int(ids[tok].item()), torch.zeros(bb.vocab_size, device=q.device).index_copy_(0, ids, q)))
             return tok[None]
 
         self.heads.draft(bb, state, tree, n, sample)

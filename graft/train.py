@@ -195,6 +195,8 @@ def _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify
         raise GraftError("the backbone has no tokenizer: graft train needs one to read --data")
     blocks = pack(load_records(data), bb.tokenizer, tc.seq_len)
     train_blocks, eval_blocks = split_blocks(blocks, tc.eval_fraction, tc.seed)
+    if heads.draft_ids is not None and checkpoint is None:  # FR-Spec: the data's most frequent tokens
+        heads.set_draft_vocab(torch.bincount(train_blocks.flatten(), minlength=bb.vocab_size)[:bb.vocab_size])
     total = tc.max_steps or max(1, math.ceil(tc.epochs * len(train_blocks) / (tc.batch_size * tc.grad_accum)))
     params = list(heads.parameters()) + list(lora_params.values())
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)

@@ -19,7 +19,12 @@ def vllm_medusa_logits(folder, normed):
             cfg["num_heads"] = cfg.pop(k)
         elif "num" in k and "layers" in k:
             cfg["num_hidden_layers"] = cfg.pop(k)
-    w = {k.replace("medusa_heads.", ""): v.float() for k, v in load_file(folder / "model.safetensors").items()}
+    w = {k.replace("medusa_heads.", ""): v for k, v in load_file(folder / "model.safetensors").items()}
+    token_map = w.pop("token_map", None)
+    w = {k: v.float() for k, v in w.items()}
+    if token_map is not None:  # vLLM keeps the map only where the vocabulary is truncated
+        assert cfg["truncated_vocab_size"] == token_map.numel() < cfg["vocab_size"]
+        w = {k: v[token_map] if k.startswith("lm_heads.") else v for k, v in w.items()}
     bias = cfg.get("medusa_fc_bias", False)
     out = []
     for h in range(cfg["num_heads"]):
@@ -31,18 +36,23 @@ def vllm_medusa_logits(folder, normed):
             x = x + torch.nn.functional.silu(y)
         head = w["lm_heads.0.weight"] if cfg.get("original_lm_head", False) else w[f"lm_heads.{h}.weight"]
         assert head.shape[0] == cfg.get("truncated_vocab_size", cfg.get("vocab_size", 32001))
-        out.append(x @ head.T)
+        logits = x @ head.T
+        if token_map is not None:  # vLLM's compute_logits: -inf outside the map
+            logits = torch.full((*logits.shape[:-1], cfg["vocab_size"]), float("-inf")).index_copy(-1, token_map, logits)
+        out.append(logits)
     return out
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_vllm_medusa_export_reproduces_the_heads(shared, tiny_dirs, tmp_path):
+@pytest.mark.parametrize("shared,vocab", [(False, None), (True, None), (False, 20)])
+def test_vllm_medusa_export_reproduces_the_heads(shared, vocab, tiny_dirs, tmp_path):
     g = str(tmp_path / "g")
     m = add_heads(tiny_dirs["llama"], heads="medusa", num_heads=3, head_layers=2, shared_lm_head=shared, out=g,
-                  device="cpu")
+                  device="cpu", draft_vocab=vocab)
     with torch.no_grad():
         for p in m.heads.parameters():
             p.add_(torch.randn_like(p) * 0.1)
+        if vocab:
+            m.heads.set_draft_vocab(torch.rand(m.backbone.vocab_size))
     m.save(g, force=True)
     export(g, str(tmp_path / "v"), format="vllm-medusa")
     m = load(g, device="cpu", heads_dtype="float32")
@@ -52,6 +62,10 @@ def test_vllm_medusa_export_reproduces_the_heads(shared, tiny_dirs, tmp_path):
         _, final = m.backbone.forward(ids, torch.arange(9)[None])
         got = vllm_medusa_logits(tmp_path / "v", m.backbone.norm(final).float())
     for a, b in zip(got, want):
+        if vocab:  # the drafter scores the map's tokens only
+            ids = m.heads.draft_ids
+            assert torch.isinf(a).sum() == a[..., 0].numel() * (a.shape[-1] - vocab)
+            a, b = a[..., ids], b[..., ids]
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -94,7 +108,8 @@ def interop_python():
     return py
 
 
-def test_eagle3_export_drafts_what_graft_drafts_in_speculators(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("vocab", [None, 30])
+def test_eagle3_export_drafts_what_graft_drafts_in_speculators(vocab, tiny_dirs, tmp_path):
     """The `speculators` package (in its own environment: it pins other library versions) loads
     graft's eagle3 export and, run as in its training-time test, drafts graft's tokens."""
     import subprocess
@@ -103,10 +118,12 @@ def test_eagle3_export_drafts_what_graft_drafts_in_speculators(tiny_dirs, tmp_pa
 
     py = interop_python()
     g = str(tmp_path / "g")
-    m = add_heads(tiny_dirs["llama"], heads="eagle", num_heads=3, out=g, device="cpu")
+    m = add_heads(tiny_dirs["llama"], heads="eagle", num_heads=3, out=g, device="cpu", draft_vocab=vocab)
     with torch.no_grad():
         for p in m.heads.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        if vocab:
+            m.heads.set_draft_vocab(torch.rand(m.backbone.vocab_size))
     m.save(g, force=True)
     export(g, str(tmp_path / "e3"), format="eagle3")
     m = load(g, device="cpu", heads_dtype="float32")
@@ -115,7 +132,8 @@ def test_eagle3_export_drafts_what_graft_drafts_in_speculators(tiny_dirs, tmp_pa
     ids = torch.randint(4, 40, (1, T))
     with torch.no_grad():
         trunk, final = bb.forward(ids, torch.arange(T)[None], features=heads.features)
-        want = [heads.logits(bb, k, h)[0].argmax(-1) for k, h in enumerate(heads.hidden(bb, trunk, final, ids))]
+        hs = heads.hidden(bb, trunk, final, ids)
+        want = [heads.draft_logits(bb, k, h)[0].argmax(-1) for k, h in enumerate(hs)]  # draft-vocabulary ids
     # speculators pairs the features at row i with the token at row i: graft's t_{i+1}
     nxt = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
     save_file({"hidden_states": trunk.float().contiguous(), "input_ids": nxt.contiguous(), "steps": torch.tensor(3)},

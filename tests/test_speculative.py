@@ -329,3 +329,50 @@ def test_drafting_up_to_the_end_of_the_context(engine, tokenizer):
         ref = plain_greedy(bb, ids, 256 - P)
         g = m.generate(input_ids=ids, max_new_tokens=40, engine=engine, eos=False)
         assert g.ids == ref and g.stopped == "context", P
+
+
+@pytest.mark.parametrize("family", HEAD_FAMILIES)
+def test_draft_vocabulary_keeps_greedy_output(family, tokenizer):
+    """Drafts scored over a subset of the vocabulary (FR-Spec) are verified by the backbone as
+    any drafts: the output is plain greedy decoding's, for every family and engine."""
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads=family, num_heads=3, draft_vocab=24)
+    perturb(m, 0.1)
+    counts = torch.zeros(len(tokenizer))
+    for p in PROMPTS:  # the prompts' tokens and the continuations' are the "frequent" ones
+        counts[encode(tokenizer, p) + plain_greedy(bb, encode(tokenizer, p), 20)] += 1
+    m.heads.set_draft_vocab(counts)
+    assert set(m.heads.draft_ids.tolist()) == set(counts.topk(24).indices.tolist())
+    taus = []
+    for p in PROMPTS[:3]:
+        ids = encode(tokenizer, p)
+        ref = plain_greedy(bb, ids, 30)
+        for engine in ("eager", "static"):
+            g = m.generate(input_ids=ids, max_new_tokens=30, engine=engine)
+            assert g.ids == ref, (family, p, engine)
+            taus.append(g.tau)
+    assert max(taus) > 1.0  # some drafts from the subset were accepted
+
+
+def test_draft_vocabulary_keeps_sampling_exact(tokenizer):
+    """With a draft vocabulary q is zero outside it; rejection sampling stays exact."""
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="medusa", num_heads=2, draft_vocab=20)
+    perturb(m, 0.05)
+    ids = encode(tokenizer, "hello world")
+    V = len(tokenizer)
+    with torch.no_grad():
+        p1 = warp(bb.hf(torch.tensor([ids])).logits[0, -1], 1.0, 1.0)
+        p2_given = warp(bb.hf(torch.tensor([ids + [t] for t in range(V)])).logits[:, -1], 1.0, 1.0)
+        exact = p1 @ p2_given
+    m.heads.set_draft_vocab(exact + p1)  # the subset holds the likely tokens, so drafts are accepted
+    N, counts, accepted = 2500, torch.zeros(V), 0
+    dec = SpeculativeDecoder(m)
+    for s in range(N):
+        g = dec.generate(ids, DecodeConfig(max_new_tokens=2, temperature=1.0, seed=s, eos=False))
+        counts[g.ids[1]] += 1
+        accepted += g.accepted[0]
+    assert accepted > N * 0.2
+    assert tv(counts / N, exact) < 0.07, tv(counts / N, exact)

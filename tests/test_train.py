@@ -287,3 +287,16 @@ def test_recipe_numbers_in_exponent_form(tmp_path):
     from graft.train import load_recipe
 
     assert load_recipe(write(tmp_path / "r.yaml", "train:\n  lr: 1e-3\n  max_steps: 10\n")) == {"lr": 1e-3, "max_steps": 10}
+
+
+def test_training_sets_the_draft_vocabulary_from_the_data(tiny_dirs, tiny_data, tmp_path, tokenizer):
+    g = str(tmp_path / "g")
+    add_heads(tiny_dirs["llama"], heads="eagle", num_heads=2, draft_vocab=10, out=g, device="cpu")
+    train(g, tiny_data, FAST, device="cpu", progress=False)
+    blocks = pack(load_records(tiny_data), tokenizer, FAST["seq_len"])
+    counts = torch.bincount(blocks.flatten(), minlength=len(tokenizer))
+    got = load(g, device="cpu").heads.draft_ids.tolist()
+    assert got == sorted(got) and len(got) == 10
+    assert min(counts[got]) >= counts.sort(descending=True).values[9]  # the most frequent ten (ties either way)
+    with pytest.raises(GraftError, match="--draft-vocab"):
+        add_heads(tiny_dirs["llama"], heads="eagle", num_heads=2, draft_vocab=0, device="cpu")

@@ -35,6 +35,13 @@ class Heads(nn.Module):
         super().__init__()
         self.spec = spec
         self.num_heads = spec.num_heads
+        if spec.draft_vocab:
+            if spec.draft_vocab > bb.vocab_size:
+                raise GraftError(f"--draft-vocab {spec.draft_vocab} exceeds the vocabulary ({bb.vocab_size} tokens)")
+            # FR-Spec: the token ids drafts are scored over; training's data sets them (set_draft_vocab)
+            self.register_buffer("draft_ids", torch.arange(spec.draft_vocab))
+        else:
+            self.draft_ids = None
 
     def hidden(self, bb, trunk, final, ids) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -42,6 +49,33 @@ class Heads(nn.Module):
     def logits(self, bb, k: int, h: torch.Tensor) -> torch.Tensor:
         """Default: the backbone's shared final norm and unembedding."""
         return bb.lm_head(bb.norm(h.to(bb.dtype))).float()
+
+    def unembed(self, bb, k: int, h: torch.Tensor):
+        """(the unembedding's input, its (V, d) weight) for depth k: `logits` is their product."""
+        return bb.norm(h.to(bb.dtype)), bb.lm_head.weight
+
+    def draft_logits(self, bb, k: int, h: torch.Tensor) -> torch.Tensor:
+        """What drafting scores: `logits`, or with a draft vocabulary only its N tokens (..., N)."""
+        if self.draft_ids is None:
+            return self.logits(bb, k, h)
+        x, w = self.unembed(bb, k, h)
+        # the subset's rows, kept while neither the weight nor the subset changes (decoding)
+        key = (w.data_ptr(), w._version, self.draft_ids._version, w.dtype)
+        cache = self.__dict__.setdefault("_draft_rows", {})
+        if cache.get(k, (None,))[0] != key:
+            cache[k] = (key, w.detach().index_select(0, self.draft_ids))
+        return torch.nn.functional.linear(x.to(w.dtype), cache[k][1]).float()
+
+    def pick(self, choose, depth: int, logits: torch.Tensor, width: int) -> torch.Tensor:
+        """`choose` over draft logits, as token ids of the whole vocabulary."""
+        top = choose(depth, logits, width)
+        return top if self.draft_ids is None else self.draft_ids[top]
+
+    @torch.no_grad()
+    def set_draft_vocab(self, counts: torch.Tensor) -> None:
+        """The N most frequent tokens (counts over the vocabulary), in id order."""
+        n = self.draft_ids.numel()
+        self.draft_ids.copy_(counts.topk(n).indices.sort().values.to(self.draft_ids.device))
 
     def new_state(self, bb, max_len: int) -> dict:
         return {}
@@ -74,10 +108,14 @@ class ParallelHeads(Heads):
         return torch.stack([self.logits(bb, k, h[k]) for k in range(self.num_heads)])
 
     def draft(self, bb, state, tree, n, choose):
-        logits = self.all_logits(bb, self.last_hidden(bb, state))  # (K, V)
+        h = self.last_hidden(bb, state)  # (K, d)
+        if self.draft_ids is None:
+            logits = self.all_logits(bb, h)  # (K, V)
+        else:
+            logits = torch.stack([self.draft_logits(bb, k, h[k]) for k in range(self.num_heads)])  # (K, N)
         out = torch.zeros(tree.n, dtype=torch.long, device=logits.device)
         for lv in tree.levels(logits.device):
-            top = choose(lv.depth, logits[lv.depth - 1][None], lv.width)  # (1, R)
+            top = self.pick(choose, lv.depth, logits[lv.depth - 1][None], lv.width)  # (1, R)
             out[lv.nodes] = top[0, lv.ranks]
         return out
 

@@ -34,6 +34,9 @@ class BlockwiseHeads(ParallelHeads):
     def logits(self, bb, k, h):
         return bb.lm_head(h.to(bb.dtype)).float()  # h is already normalised
 
+    def unembed(self, bb, k, h):
+        return h.to(bb.dtype), bb.lm_head.weight  # h is already normalised
+
     def all_logits(self, bb, h):
         return self.logits(bb, 0, h)  # one product reads the unembedding once for all heads
 

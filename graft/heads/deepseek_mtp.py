@@ -138,7 +138,7 @@ class DeepSeekMTPHeads(Heads):
                 cur = module(bb, hin.reshape(1, B * T, -1), self._emb(bb, toks.reshape(1, B * T)),
                              pos.reshape(1, B * T), cache, (k - 1) * L, slots, mask).view(B, T, -1)
             prev = cur
-            top = choose(k, self.logits(bb, k - 1, cur[:, -1]), lv.width)  # (B, R)
+            top = self.pick(choose, k, self.draft_logits(bb, k - 1, cur[:, -1]), lv.width)  # (B, R)
             out[lv.nodes] = top.flatten()[lv.flat]
         return out
 

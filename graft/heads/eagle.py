@@ -159,7 +159,7 @@ class EagleHeads(Heads):
                 seen = (cols[None, None, :] == (n - 1 + lv.lines)[:, :, None]).any(dim=1)  # (B, S)
                 mask = additive_mask((cols < n)[None, :] | seen, self._dtype)
                 g = self._step(bb, prev[lv.up][None], out[nodes][None], pos[None], cache, n - 1 + nodes, mask)[0]
-            top = choose(lv.depth, self.logits(bb, lv.depth - 1, g), lv.width)  # (B, R)
+            top = self.pick(choose, lv.depth, self.draft_logits(bb, lv.depth - 1, g), lv.width)  # (B, R)
             out[lv.nodes] = top.flatten()[lv.flat]
             prev = g
         return out

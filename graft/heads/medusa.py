@@ -55,6 +55,10 @@ class MedusaHeads(ParallelHeads):
             return bb.lm_head(h.to(bb.dtype)).float()
         return self.lm_heads[k](h.to(self.lm_heads[k].weight.dtype)).float()
 
+    def unembed(self, bb, k, h):
+        w = bb.lm_head.weight if self.lm_heads is None else self.lm_heads[k].weight
+        return h.to(w.dtype), w
+
     def all_logits(self, bb, h):
         if self.lm_heads is None:  # one product reads the shared unembedding once for all heads
             return self.logits(bb, 0, h)
