@@ -23,6 +23,10 @@ class GraftError(Exception):
     """A user-facing error: one line that names the problem and the fix."""
 
 
+class WriteError(GraftError):
+    """A file could not be written (a full disk, a read-only folder); nothing half-written stays."""
+
+
 def check_types(obj) -> None:
     """Each field of a config dataclass against its annotation (int, float, str, bool, optional),
     so that a recipe's `lr: fast` or `max_steps: 1.5` is one line naming the option. Floats must
@@ -211,18 +215,31 @@ class GraftConfig:
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    except OSError as e:
+        raise WriteError(f"could not write {path} ({e.strerror or e}): choose a writable folder") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private; ours are as readable as any
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(f"could not write {path} ({e.strerror or e}): free some space or fix the folder's "
+                             "permissions") from None
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -14,7 +14,7 @@ import time
 import torch
 
 from . import checkpoint as ckpt
-from .config import GraftError, TrainConfig, atomic_write_bytes
+from .config import GraftError, TrainConfig, WriteError, atomic_write_bytes
 from .data import batch_indices, load_records, pack, split_blocks
 from .distributed import Dist
 from .distributed import setup as dist_setup
@@ -276,10 +276,14 @@ def _save(run: _Run) -> None:
         if cuda is not None:
             extra[f"rng.cuda.{r}"] = cuda
     meta = {"sched": run.sched.state_dict(), "train_config": dataclasses.asdict(run.tc), "processes": dd.world}
-    ckpt.save_checkpoint(run.graft_dir, heads=run.model.heads, opt=run.opt, step=run.step, meta=meta,
-                         lora_params=run.lora_params, extra=extra)
-    ckpt.save_heads(run.graft_dir, run.model.heads, run.model.config)
-    ckpt.save_config(run.graft_dir, run.model.config)
+    try:
+        ckpt.save_checkpoint(run.graft_dir, heads=run.model.heads, opt=run.opt, step=run.step, meta=meta,
+                             lora_params=run.lora_params, extra=extra)
+        ckpt.save_heads(run.graft_dir, run.model.heads, run.model.config)
+        ckpt.save_config(run.graft_dir, run.model.config)
+    except WriteError as e:  # a full disk, say: each file is whole or absent, never half-written
+        raise GraftError(f"the step-{run.step} checkpoint was not written ({e}); the last complete checkpoint is "
+                         "kept: --resume once that is fixed") from None
 
 
 def _loop(run: _Run, config, progress: bool) -> None:

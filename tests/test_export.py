@@ -43,24 +43,30 @@ def vllm_medusa_logits(folder, normed):
     return out
 
 
-@pytest.mark.parametrize("shared,vocab", [(False, None), (True, None), (False, 20)])
-def test_vllm_medusa_export_reproduces_the_heads(shared, vocab, tiny_dirs, tmp_path):
+def grafted(tmp_path, tiny_dirs, family, fmt, scale, vocab, **kw):
+    """Perturbed heads with an optional draft vocabulary, saved and exported as `fmt`; returns the
+    graft folder's model (float32 heads) and the export's folder."""
     g = str(tmp_path / "g")
-    m = add_heads(tiny_dirs["llama"], heads="medusa", num_heads=3, head_layers=2, shared_lm_head=shared, out=g,
-                  device="cpu", draft_vocab=vocab)
+    m = add_heads(tiny_dirs["llama"], heads=family, num_heads=3, out=g, device="cpu", draft_vocab=vocab, **kw)
     with torch.no_grad():
         for p in m.heads.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+            p.add_(torch.randn_like(p) * scale)
         if vocab:
             m.heads.set_draft_vocab(torch.rand(m.backbone.vocab_size))
     m.save(g, force=True)
-    export(g, str(tmp_path / "v"), format="vllm-medusa")
-    m = load(g, device="cpu", heads_dtype="float32")
+    export(g, str(tmp_path / "x"), format=fmt)
+    return load(g, device="cpu", heads_dtype="float32"), tmp_path / "x"
+
+
+@pytest.mark.parametrize("shared,vocab", [(False, None), (True, None), (False, 20)])
+def test_vllm_medusa_export_reproduces_the_heads(shared, vocab, tiny_dirs, tmp_path):
+    m, folder = grafted(tmp_path, tiny_dirs, "medusa", "vllm-medusa", 0.1, vocab, head_layers=2,
+                        shared_lm_head=shared)
     ids = torch.randint(4, 40, (1, 9))
     with torch.no_grad():
         want = m(ids).head_logits
         _, final = m.backbone.forward(ids, torch.arange(9)[None])
-        got = vllm_medusa_logits(tmp_path / "v", m.backbone.norm(final).float())
+        got = vllm_medusa_logits(folder, m.backbone.norm(final).float())
     for a, b in zip(got, want):
         if vocab:  # the drafter scores the map's tokens only
             ids = m.heads.draft_ids
@@ -117,16 +123,7 @@ def test_eagle3_export_drafts_what_graft_drafts_in_speculators(vocab, tiny_dirs,
     from safetensors.torch import save_file
 
     py = interop_python()
-    g = str(tmp_path / "g")
-    m = add_heads(tiny_dirs["llama"], heads="eagle", num_heads=3, out=g, device="cpu", draft_vocab=vocab)
-    with torch.no_grad():
-        for p in m.heads.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-        if vocab:
-            m.heads.set_draft_vocab(torch.rand(m.backbone.vocab_size))
-    m.save(g, force=True)
-    export(g, str(tmp_path / "e3"), format="eagle3")
-    m = load(g, device="cpu", heads_dtype="float32")
+    m, folder = grafted(tmp_path, tiny_dirs, "eagle", "eagle3", 0.05, vocab)
     bb, heads = m.backbone, m.heads
     T = 12
     ids = torch.randint(4, 40, (1, T))
@@ -138,7 +135,7 @@ def test_eagle3_export_drafts_what_graft_drafts_in_speculators(vocab, tiny_dirs,
     nxt = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
     save_file({"hidden_states": trunk.float().contiguous(), "input_ids": nxt.contiguous(), "steps": torch.tensor(3)},
               str(tmp_path / "in.safetensors"))
-    r = subprocess.run([py, "-c", INTEROP, str(tmp_path / "e3"), str(tmp_path / "in.safetensors"),
+    r = subprocess.run([py, "-c", INTEROP, str(folder), str(tmp_path / "in.safetensors"),
                         str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     got = load_file(str(tmp_path / "out.safetensors"))

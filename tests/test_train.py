@@ -300,3 +300,40 @@ def test_training_sets_the_draft_vocabulary_from_the_data(tiny_dirs, tiny_data, 
     assert min(counts[got]) >= counts.sort(descending=True).values[9]  # the most frequent ten (ties either way)
     with pytest.raises(GraftError, match="--draft-vocab"):
         add_heads(tiny_dirs["llama"], heads="eagle", num_heads=2, draft_vocab=0, device="cpu")
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last(tiny_dirs, tiny_data, tmp_path, monkeypatch):
+    """A full disk while checkpointing: a one-line error, the last checkpoint whole, no temp files."""
+    import errno
+
+    from graft import config as cfg
+
+    g = str(tmp_path / "g")
+    add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=g, device="cpu")
+    train(g, tiny_data, {**FAST, "max_steps": 3}, device="cpu", progress=False)
+    real = cfg.os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cfg.os, "fsync", full)
+    with pytest.raises(GraftError, match="No space left on device"):
+        train(g, tiny_data, {**FAST, "max_steps": 6}, resume=True, device="cpu", progress=False)
+    monkeypatch.setattr(cfg.os, "fsync", real)
+    train(g, tiny_data, {**FAST, "max_steps": 3, "save_every": 1}, device="cpu", progress=False)
+    calls = []
+
+    def full_later(fd):  # the metrics log and first checkpoints go through; then the disk is full
+        calls.append(fd)
+        if len(calls) > 3:
+            full(fd)
+        return real(fd)
+
+    monkeypatch.setattr(cfg.os, "fsync", full_later)
+    with pytest.raises(GraftError, match="checkpoint was not written"):
+        train(g, tiny_data, {**FAST, "max_steps": 6, "save_every": 1}, resume=True, device="cpu", progress=False)
+    monkeypatch.setattr(cfg.os, "fsync", real)
+    assert ckpt.load_checkpoint(g)[0] in (3, 4)  # whole: the step before the failure, or the one that failed after it
+    assert not [f for f in os.listdir(g) if f.startswith(".tmp-")]
+    train(g, tiny_data, {}, resume=True, device="cpu", progress=False)  # and it resumes
+    assert oct(os.stat(os.path.join(g, ckpt.HEADS_NAME)).st_mode & 0o044) != oct(0)  # not private
