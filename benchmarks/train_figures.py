@@ -1,4 +1,4 @@
-"""Training figures of `graft train` (issue #3): throughput and peak GPU memory. Prints them.
+"""Training figures of `graft train`: throughput and peak GPU memory. Prints them.
 
   throughput: training tokens/s (backbone forward without grad, all heads, chunked KL loss,
               backward, AdamW step) against the backbone's forward-only tokens/s (logits for

@@ -44,6 +44,9 @@ def load_records(source: str):
         except Exception as e:  # the hub raises many types; all mean "could not get it"
             raise GraftError(f"could not load dataset {source!r} from the hub ({e.__class__.__name__}): "
                              "give a local file, or run where the hub is reachable")
+    for f in files:
+        if f.endswith(".jsonl"):
+            _check_jsonl(f)
     try:
         ds = datasets.load_dataset(kind, data_files=files, split="train")
     except Exception as e:  # datasets wraps parse errors in several exception types
@@ -51,6 +54,23 @@ def load_records(source: str):
     if len(ds) == 0:
         raise GraftError(f"{source} holds no records: give a file with records")
     return ds
+
+
+def _check_jsonl(path: str) -> None:
+    """Name the file and line of the first bad line (datasets' own errors name neither)."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise GraftError(f"{path} line {n} is not UTF-8 text: re-encode the file as UTF-8")
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise GraftError(f"{path} line {n} is not valid JSON ({e.msg}): fix or remove it")
+                if not isinstance(rec, dict):
+                    raise GraftError(f"{path} line {n} is not a JSON object: each line needs one record")
 
 
 def record_text(rec: dict, tokenizer) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole graft pipeline on the embedded SmolLM2-135M-Instruct:
 # add-heads -> distill-data -> train -> export -> generate -> bench.
-# Sized for about ten minutes on a 2-core CPU; larger when a GPU is present.
+# Sized for about six minutes on a 2-core CPU; larger when a GPU is present.
 # Everything is written under runs/demo (override with DEMO_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."

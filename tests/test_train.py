@@ -62,7 +62,7 @@ def test_bad_data(tmp_path, tokenizer):
         load_records(str(tmp_path / "missing.jsonl"))
     with pytest.raises(GraftError, match="empty"):
         load_records(write(tmp_path / "empty.jsonl", ""))
-    with pytest.raises(GraftError, match="could not be parsed"):
+    with pytest.raises(GraftError, match="line 1 is not valid JSON"):
         load_records(write(tmp_path / "bad.jsonl", "{not json\n"))
     ds = load_records(write(tmp_path / "odd.jsonl", json.dumps({"foo": 1}) + "\n"))
     with pytest.raises(GraftError, match="none of the fields"):
@@ -337,3 +337,13 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last(tiny_dirs, tin
     assert not [f for f in os.listdir(g) if f.startswith(".tmp-")]
     train(g, tiny_data, {}, resume=True, device="cpu", progress=False)  # and it resumes
     assert oct(os.stat(os.path.join(g, ckpt.HEADS_NAME)).st_mode & 0o044) != oct(0)  # not private
+
+
+def test_a_bad_data_line_is_named(tmp_path):
+    good = json.dumps({"text": "hello"})
+    bad = write(tmp_path / "d.jsonl", f"{good}\n{good}\n{{oops\n")
+    with pytest.raises(GraftError, match="d.jsonl line 3 is not valid JSON"):
+        load_records(bad)
+    (tmp_path / "u.jsonl").write_bytes(good.encode() + b"\n\xff\xfe\n")
+    with pytest.raises(GraftError, match="u.jsonl line 2 is not UTF-8"):
+        load_records(str(tmp_path / "u.jsonl"))
