@@ -82,6 +82,9 @@ class Tree:
     """A fixed draft tree: host-side structure for acceptance, device tensors for the step."""
 
     def __init__(self, paths: list[list[int]]):
+        if not isinstance(paths, (list, tuple)) or not all(isinstance(p, (list, tuple)) and p for p in paths):
+            raise GraftError("a draft tree must be a list of paths, each a non-empty list of ranks: re-export the "
+                             "folder to rebuild graft.json's tree")
         paths = sorted((tuple(p) for p in paths), key=lambda p: (len(p), p))
         index = {(): 0}
         parent, depth, rank = [-1], [0], [0]

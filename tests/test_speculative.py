@@ -376,3 +376,9 @@ def test_draft_vocabulary_keeps_sampling_exact(tokenizer):
         accepted += g.accepted[0]
     assert accepted > N * 0.2
     assert tv(counts / N, exact) < 0.07, tv(counts / N, exact)
+
+
+@pytest.mark.parametrize("tree", ["abc", 5, [[0], [-1]], [[0], ["x"]], [[1, 0], [0]], [[]]])
+def test_a_tampered_tree_is_one_line(tree):
+    with pytest.raises(GraftError):
+        Tree(tree)
