@@ -82,15 +82,14 @@ class Tree:
     """A fixed draft tree: host-side structure for acceptance, device tensors for the step."""
 
     def __init__(self, paths: list[list[int]]):
-        if not isinstance(paths, (list, tuple)) or not all(isinstance(p, (list, tuple)) and p for p in paths):
-            raise GraftError("a draft tree must be a list of paths, each a non-empty list of ranks: re-export the "
-                             "folder to rebuild graft.json's tree")
+        if not isinstance(paths, (list, tuple)) or not all(
+                isinstance(p, (list, tuple)) and p and all(type(r) is int and r >= 0 for r in p) for p in paths):
+            raise GraftError("a draft tree must be a list of paths, each a non-empty list of ranks (integers >= 0): "
+                             "re-export the folder to rebuild graft.json's tree")
         paths = sorted((tuple(p) for p in paths), key=lambda p: (len(p), p))
         index = {(): 0}
         parent, depth, rank = [-1], [0], [0]
         for p in paths:
-            if any((not isinstance(r, int)) or r < 0 for r in p):
-                raise GraftError(f"draft tree path {list(p)} has a rank that is not a non-negative integer")
             if p[:-1] not in index:
                 raise GraftError(f"draft tree path {list(p)} has no parent path: the tree must be prefix-closed")
             index[p] = len(parent)
