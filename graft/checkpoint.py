@@ -335,6 +335,38 @@ def save_eagle3(path: str, heads, bb, dtype, verifier: str) -> None:
     write_json(os.path.join(path, "config.json"), config)
 
 
+SGLANG_CHECKED = "sgl-project/sglang@03d5a77 (models/llama_eagle3.py; set_eagle3_layers_to_capture in models/llama.py)"
+
+
+def save_sglang_eagle3(path: str, heads, bb, dtype) -> None:
+    """An eagle head as SGLang's EAGLE-3 drafter for Llama loads it (checked against
+    SGLANG_CHECKED): a LlamaConfig with `architectures: ["LlamaForCausalLMEagle3"]`, the draft
+    layer as `midlayer.*`, and `eagle_config.eagle_aux_hidden_state_layer_ids` counted SGLang's way,
+    as the layer whose output is taken (graft counts the layer whose input is: one less)."""
+    if min(heads.features) < 1:
+        raise GraftError("SGLang takes layer outputs as EAGLE-3 features, so the embeddings (aux layer 0) cannot be "
+                         "one: graft the heads with --aux-layers of 1 or more")
+    V = bb.vocab_size
+    ids = torch.arange(V) if heads.draft_ids is None else heads.draft_ids.detach().cpu()
+    tensors = {"fc.weight": heads.fc.weight, "midlayer.hidden_norm.weight": heads.hidden_norm.weight,
+               "norm.weight": bb.norm.weight, "lm_head.weight": bb.lm_head.weight.detach().cpu()[ids],
+               "embed_tokens.weight": bb.embed_tokens.weight}
+    tensors.update({f"midlayer.{k}": v for k, v in heads.layer.state_dict().items()})
+    tensors = {k: v.detach().to(dtype) for k, v in tensors.items()}
+    tensors["d2t"] = ids - torch.arange(ids.numel())
+    tensors["t2d"] = torch.zeros(V, dtype=torch.bool).index_fill_(0, ids, True)
+    save_tensors(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
+    config = bb.config.to_diff_dict() if hasattr(bb.config, "to_diff_dict") else bb.config.to_dict()
+    config = {k: v for k, v in config.items() if k not in ("quantization_config", "_name_or_path")}
+    config.update({"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "num_hidden_layers": 1,
+                   "vocab_size": V, "draft_vocab_size": ids.numel(), "hidden_size": bb.hidden_size,
+                   "target_hidden_size": bb.hidden_size, "tie_word_embeddings": False,
+                   "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in heads.features],
+                                    "use_aux_hidden_state": True},
+                   "torch_dtype": str(dtype).removeprefix("torch.")})
+    write_json(os.path.join(path, "config.json"), config)
+
+
 def ident_is_gguf(hf) -> bool:
     q = getattr(hf, "hf_quantizer", None)
     return q is not None and type(q).__name__.lower().startswith("gguf")

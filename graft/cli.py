@@ -222,11 +222,12 @@ def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, device, no_verify, 
               "GPU).")
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing non-empty --out folder.")
-@click.option("--format", "fmt", type=click.Choice(["graft", "vllm-medusa", "eagle3"]), default="graft",
-              show_default=True,
+@click.option("--format", "fmt", type=click.Choice(["graft", "vllm-medusa", "eagle3", "sglang-eagle3"]),
+              default="graft", show_default=True,
               help="graft: backbone, tokenizer, heads and draft tree for graft itself; vllm-medusa: medusa heads "
                    "as vLLM's Medusa drafter loads them; eagle3: eagle heads in the speculators EAGLE-3 format that "
-                   "vLLM serves (for both, serve the backbone itself as the target model).")
+                   "vLLM serves; sglang-eagle3: eagle heads as SGLang's Llama EAGLE-3 drafter loads them (for the "
+                   "serving formats, serve the backbone itself as the target model).")
 @VERIFY_OPTION
 def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, force, fmt, no_verify):
     """Write a self-contained folder: backbone (HF safetensors), tokenizer, heads, decoding tree.

@@ -36,7 +36,7 @@ def _clean_leftovers(parent: str) -> None:
             pass
 
 
-FORMATS = ("graft", "vllm-medusa", "eagle3")
+FORMATS = ("graft", "vllm-medusa", "eagle3", "sglang-eagle3")
 
 
 def _replace(tmp: str, out: str, parent: str) -> None:
@@ -70,12 +70,15 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
     if format not in FORMATS:
         raise GraftError(f"unknown --format {format!r}: choose one of {', '.join(FORMATS)}")
     config = ckpt.load_config(src)
-    need = {"vllm-medusa": "medusa", "eagle3": "eagle"}.get(format)
+    need = {"vllm-medusa": "medusa", "eagle3": "eagle", "sglang-eagle3": "eagle"}.get(format)
     if need and config.heads.family != need:
         raise GraftError(f"--format {format} takes {need} heads; {src} holds {config.heads.family} heads, which no "
                          "serving engine loads yet: use the default format")
     if format == "eagle3" and config.backbone.model_type not in ("llama", "qwen3"):
         raise GraftError(f"--format eagle3 is defined for Llama and Qwen3 backbones, not {config.backbone.model_type}")
+    if format == "sglang-eagle3" and config.backbone.model_type != "llama":
+        raise GraftError(f"--format sglang-eagle3 is SGLang's Llama drafter, not one for {config.backbone.model_type}: "
+                         "use --format eagle3")
     if format != "graft" and config.lora:
         raise GraftError(f"{src} trained LoRA adapters, so its backbone changed: a serving export holds the heads "
                          "alone and would pair them with the original backbone")
@@ -110,6 +113,10 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
             source = config.backbone.source
             verifier = os.path.abspath(src) if source == "." else source
             ckpt.save_eagle3(tmp, model.heads, model.backbone, model.backbone.dtype, verifier)
+            _replace(tmp, out, parent)
+            return
+        if format == "sglang-eagle3":
+            ckpt.save_sglang_eagle3(tmp, model.heads, model.backbone, model.backbone.dtype)
             _replace(tmp, out, parent)
             return
         hf = model.backbone.hf

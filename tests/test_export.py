@@ -48,6 +48,7 @@ def grafted(tmp_path, tiny_dirs, family, fmt, scale, vocab, **kw):
     graft folder's model (float32 heads) and the export's folder."""
     g = str(tmp_path / "g")
     m = add_heads(tiny_dirs["llama"], heads=family, num_heads=3, out=g, device="cpu", draft_vocab=vocab, **kw)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         for p in m.heads.parameters():
             p.add_(torch.randn_like(p) * scale)
@@ -142,3 +143,39 @@ def test_eagle3_export_drafts_what_graft_drafts_in_speculators(vocab, tiny_dirs,
     for k in range(3):
         rows = T - k - 1  # rows whose tokens are all real at step k
         assert torch.equal(got[f"step{k}"][0, :rows], want[k][:rows]), k
+
+
+def test_sglang_eagle3_export_fills_every_parameter_of_sglangs_drafter(tiny_dirs, tmp_path):
+    """SGLang's LlamaForCausalLMEagle3.load_weights (sgl-project/sglang@03d5a77), replayed on the
+    export's names: every parameter of its drafter is filled, with graft's tensors."""
+    m, folder = grafted(tmp_path, tiny_dirs, "eagle", "sglang-eagle3", 0.05, 30, aux_layers=[1, 2])
+    cfg = json.load(open(folder / "config.json"))
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["num_hidden_layers"] == 1
+    assert cfg["draft_vocab_size"] == 30 and cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1]
+    params = {"model.embed_tokens.weight", "model.fc.weight", "model.midlayer.self_attn.qkv_proj.weight",
+              "model.midlayer.self_attn.o_proj.weight", "model.midlayer.mlp.gate_up_proj.weight",
+              "model.midlayer.mlp.down_proj.weight", "model.midlayer.input_layernorm.weight",
+              "model.midlayer.post_attention_layernorm.weight", "model.midlayer.hidden_norm.weight",
+              "model.norm.weight", "lm_head.weight"}
+    stacked = [(".qkv_proj", ".q_proj"), (".qkv_proj", ".k_proj"), (".qkv_proj", ".v_proj"),
+               (".gate_up_proj", ".gate_proj"), (".gate_up_proj", ".up_proj")]
+    filled = {}
+    w = load_file(folder / "model.safetensors")
+    for name, t in w.items():
+        if "d2t" in name or "t2d" in name:
+            continue
+        for param, shard in stacked:
+            if shard in name:
+                name = name.replace(shard, param)
+                break
+        p = name if name in params else f"model.{name}"
+        assert p in params, name
+        filled.setdefault(p, []).append(t)
+    assert set(filled) == params
+    heads = m.heads
+    torch.testing.assert_close(w["midlayer.self_attn.q_proj.weight"], heads.layer.self_attn.q_proj.weight)
+    torch.testing.assert_close(w["midlayer.hidden_norm.weight"], heads.hidden_norm.weight)
+    torch.testing.assert_close(w["lm_head.weight"], m.backbone.lm_head.weight[heads.draft_ids])
+    assert torch.equal(w["d2t"] + torch.arange(30), heads.draft_ids)  # SGLang's hot token ids
+    with pytest.raises(GraftError, match="embeddings"):
+        grafted(tmp_path / "b", tiny_dirs, "eagle", "sglang-eagle3", 0.0, None, aux_layers=[0, 2])
