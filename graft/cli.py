@@ -14,7 +14,7 @@ from .config import HEAD_FAMILIES, GraftError
 # Option choices, defined once here from the library's own lists (kept free of heavy imports).
 DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]  # graft.backbone.DTYPES, plus auto
 ENGINE_CHOICES = ["auto", "eager", "static", "graph", "compiled"]  # graft.engine.ENGINES
-TREE_CHOICES = ["auto", "calibrated", "chain"]  # graft.speculative.TREE_CHOICES
+TREE_CHOICES = ["auto", "calibrated", "chain", "dynamic"]  # graft.speculative.TREE_CHOICES
 
 
 def dtype_option(help="Backbone dtype; auto keeps the saved one (bfloat16 on CUDA, float32 on CPU)."):
@@ -41,7 +41,8 @@ def tree_options(f):
                         show_default=True,
                         help="Greedy drafting: auto sizes the tree from the measured step cost on a GPU (or "
                              "drafts nothing where no tree pays) and takes the calibrated one on CPU; calibrated: "
-                             "the export's tree; chain: one path.")(f)
+                             "the export's tree; chain: one path; dynamic (eagle): a tree shaped at every step by "
+                             "the drafts' cumulative probability (EAGLE-2), --tree-size nodes.")(f)
 
 
 MODEL_HELP = ("MODEL: a Hugging Face model folder, a .gguf file, a hub id (needs the hub or its cache), or the "

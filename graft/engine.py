@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .modeling import KVCache, additive_mask, attention_backends, device_ids
+from .tree import ancestors
 
 ENGINES = ("auto", "eager", "static", "graph", "compiled")
 
@@ -152,8 +153,14 @@ class Step:
 
     def _verify(self, n, root, tokens):
         bb = self.bb
+        parents = None
         if tokens is None:
-            if self.drafts:
+            if self.drafts and self.tree.dynamic:  # the heads choose the tree's shape too
+                drafted, parents, depths = self.heads.draft_dynamic(bb, self.state, self.tree, n)
+                tokens = torch.cat([root, drafted[1:]])
+                self.anc.copy_(ancestors(parents, self.tree.max_depth))
+                self.depth.copy_(depths)
+            elif self.drafts:
                 drafted = self.heads.draft(bb, self.state, self.tree, n, greedy_choose)
                 tokens = torch.cat([root, drafted[1:]])
             else:
@@ -165,6 +172,8 @@ class Step:
         trunk, final = bb.forward(tokens[None], positions, self.cache, start, mask,
                                   None if self.heads is None else self.heads.features)
         target = bb.logits(final[0]).argmax(dim=-1)  # (N,)
+        if parents is not None:  # a dynamic tree: the host needs its shape for the acceptance
+            return trunk, final, torch.cat([tokens, target, parents])
         return trunk, final, torch.cat([tokens, target])
 
     def _mask_and_slots(self, n):

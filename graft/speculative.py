@@ -23,10 +23,10 @@ import torch
 from .config import GraftError
 from .engine import ENGINES, Step, resolve_engine
 from .modeling import additive_mask, attention_backends, causal_allowed
-from .tree import Tree, build_tree, chain, default_accuracies
+from .tree import DynamicTree, Tree, build_tree, chain, default_accuracies
 
 
-TREE_CHOICES = ("auto", "calibrated", "chain")
+TREE_CHOICES = ("auto", "calibrated", "chain", "dynamic")
 
 
 @dataclass
@@ -40,7 +40,8 @@ class DecodeConfig:
     tree: at temperature 0, "auto" sizes the tree from the measured step cost on a CUDA device
         (graft.fit: the size that maximises expected tokens per millisecond, or no drafting
         where none pays) and takes the calibrated tree elsewhere; "calibrated" the tree in
-        graft.json; "chain" one path. Sampling always drafts a chain.
+        graft.json; "chain" one path; "dynamic" (eagle) a tree the heads shape at every step by
+        cumulative draft probability (EAGLE-2). Sampling always drafts a chain.
     tree_size: nodes in the draft tree besides the root (0: as `tree` says); overrides "auto".
     draft: False runs graft's own loop without drafting (one token per forward): a baseline.
     stop: strings that end generation once the generated text contains one.
@@ -167,6 +168,13 @@ class SpeculativeDecoder:
             return None, "drafting off"
         if cfg.temperature > 0 or cfg.tree == "chain":
             return Tree(chain(K)), "chain"
+        if cfg.tree == "dynamic":
+            if not hasattr(self.heads, "draft_dynamic"):
+                raise GraftError(f"--tree dynamic is drafted by eagle heads; {self.heads.family} heads draft the "
+                                 "calibrated tree: use --tree auto")
+            cuda = self.bb.device.type == "cuda"
+            size = cfg.tree_size or (32 if cuda else 16)
+            return DynamicTree(size, 8 if cuda else 4, K), f"dynamic ({size} nodes, EAGLE-2)"
         if cfg.tree_size:
             return Tree(build_tree(self.accuracies(), cfg.tree_size)), "--tree-size"
         if cfg.tree == "auto" and self.bb.device.type == "cuda":
@@ -289,6 +297,9 @@ class SpeculativeDecoder:
         Returns (the accepted nodes, root first; the new tokens, bonus included)."""
         _, _, packed = step.verify()
         host = packed.tolist()
+        if tree.dynamic:
+            n = tree.n
+            return tree.accept(host[:n], host[n:2 * n], host[2 * n:])
         return tree.accept(host[:tree.n], host[tree.n:])
 
     def _sample_step(self, step: Step, tree: Tree, cfg, gen, state, n, root):

@@ -81,6 +81,8 @@ class Level:
 class Tree:
     """A fixed draft tree: host-side structure for acceptance, device tensors for the step."""
 
+    dynamic = False
+
     def __init__(self, paths: list[list[int]]):
         if not isinstance(paths, (list, tuple)) or not all(
                 isinstance(p, (list, tuple)) and p and all(type(r) is int and r >= 0 for r in p) for p in paths):
@@ -153,3 +155,60 @@ class Tree:
                 best = i
         path = self.lineage[best]
         return path, [tokens[j] for j in path[1:]] + [target[best]]
+
+
+class DynamicTree:
+    """The shape of a tree the heads choose at every step (EAGLE-2): from the root, the `width`
+    best candidates of each expanded node, the `width` best of those by cumulative draft
+    probability expanded again, `depth` times; then the `size` best of all candidates are
+    verified. Every shape is fixed (so the step stays capturable); which nodes hang where is data
+    the step returns with the tokens (`parents`)."""
+
+    dynamic = True
+
+    def __init__(self, size: int, width: int, depth: int):
+        if size < 1 or width < 1 or depth < 1:
+            raise GraftError("a dynamic tree needs at least one node, one candidate per node and one depth")
+        if size > width + (depth - 1) * width * width:
+            raise GraftError(f"a dynamic tree of {size} nodes needs more candidates than {width} per node over "
+                             f"{depth} depths draft: lower --tree-size")
+        self.size, self.width, self.max_depth = size, width, depth
+        self.n = size + 1
+        self.paths = ("dynamic", size, width, depth)  # a key for the captured steps
+        self.anc = torch.eye(self.n, dtype=torch.bool)  # the step fills in each tree's own
+        self.depths = [0] * self.n
+
+    @property
+    def pool(self) -> int:
+        """Candidates drafted per step: `width` at depth 1, width x width at every further depth."""
+        return self.width + (self.max_depth - 1) * self.width * self.width
+
+    @staticmethod
+    def accept(tokens: list, target: list, parents: list) -> tuple[list, list]:
+        """As Tree.accept, for a tree given by each node's parent (parents before children)."""
+        n = len(tokens)
+        good, depth = [True] + [False] * (n - 1), [0] * n
+        best = 0
+        for i in range(1, n):
+            p = parents[i]
+            depth[i] = depth[p] + 1
+            good[i] = good[p] and tokens[i] == target[p]
+            if good[i] and depth[i] > depth[best]:
+                best = i
+        path = [best]
+        while path[-1] != 0:
+            path.append(parents[path[-1]])
+        path = path[::-1]
+        return path, [tokens[j] for j in path[1:]] + [target[best]]
+
+
+def ancestors(parents: torch.Tensor, depth: int) -> torch.Tensor:
+    """(n,) parent of each node (the root its own) -> (n, n) ancestor-or-self, by pointer
+    jumping on the device: after `depth` rounds every node has met all its ancestors."""
+    n = parents.numel()
+    anc = torch.eye(n, dtype=torch.bool, device=parents.device)
+    up = parents
+    for _ in range(depth):
+        anc = anc | anc[up]
+        up = up[up]
+    return anc

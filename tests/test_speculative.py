@@ -382,3 +382,89 @@ def test_draft_vocabulary_keeps_sampling_exact(tokenizer):
 def test_a_tampered_tree_is_one_line(tree):
     with pytest.raises(GraftError):
         Tree(tree)
+
+
+@pytest.mark.parametrize("mt", ["llama", "gpt2"])
+def test_dynamic_tree_is_lossless(mt, tokenizer):
+    """EAGLE-2's tree, shaped by the drafts at every step, verified and accepted by its parents:
+    the output is plain greedy decoding's, with fresh and perturbed heads, in both engines."""
+    torch.manual_seed(0)
+    bb = tiny_backbone(mt, tokenizer)
+    m = add_heads(bb, heads="eagle", num_heads=3)
+    for state in ("fresh", "random"):
+        if state == "random":
+            perturb(m, 0.3)
+        for p in PROMPTS[:3]:
+            ids = encode(tokenizer, p)
+            ref = plain_greedy(bb, ids, 30)
+            for engine in ("eager", "static"):
+                for size in (5, 16):
+                    g = m.generate(input_ids=ids, max_new_tokens=30, tree="dynamic", tree_size=size, engine=engine)
+                    assert g.ids == ref, (mt, state, p, engine, size)
+                    assert g.draft_nodes == size
+
+
+def test_dynamic_tree_with_trained_heads(trained, tokenizer):
+    m = load(trained["eagle"], device="cpu")
+    taus = {"calibrated": [], "dynamic": []}
+    for p in PROMPTS:
+        ids = encode(tokenizer, p)
+        ref = plain_greedy(m.backbone, ids, 40)
+        for tree in taus:
+            g = m.generate(input_ids=ids, max_new_tokens=40, tree=tree, tree_size=12)
+            assert g.ids == ref, (p, tree)
+            taus[tree].append(g.tau)
+    assert sum(taus["dynamic"]) / len(PROMPTS) > 1.2, taus
+
+
+def test_dynamic_tree_acceptance_follows_the_parents():
+    from graft.tree import DynamicTree, ancestors
+
+    # root 0; 1 and 2 under the root; 3 under 2; 4 under 3
+    parents = [0, 0, 0, 2, 3]
+    tokens = [9, 5, 6, 7, 8]
+    target = [6, 1, 7, 8, 4]  # the backbone follows 6 -> 7 -> 8, then says 4
+    path, new = DynamicTree.accept(tokens, target, parents)
+    assert path == [0, 2, 3, 4] and new == [6, 7, 8, 4]
+    anc = ancestors(torch.tensor(parents), 3)
+    assert anc[4].tolist() == [True, False, True, True, True] and anc[1].tolist() == [True, True, False, False, False]
+    with pytest.raises(GraftError, match="lower --tree-size"):
+        DynamicTree(100, 2, 3)
+
+
+def test_dynamic_tree_nodes_are_what_their_paths_draft(tokenizer):
+    """Each node of an EAGLE-2 tree is among the top candidates that a chain drafted along its
+    ancestors' tokens proposes: the batched frontier sees what one path at a time sees."""
+    from graft.tree import DynamicTree
+
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="eagle", num_heads=3)
+    perturb(m, 0.5)  # large: the draft layer's keys must differ from node to node for the test to see
+    heads = m.heads
+    ids = torch.tensor(encode(tokenizer, PROMPTS[1]))
+    n = ids.numel()
+    with torch.inference_mode():
+        state = heads.new_state(bb, 128)
+        trunk, final = bb.forward(ids[None], torch.arange(n)[None], features=heads.features)
+        nxt = torch.cat([ids[1:], bb.logits(final[0, -1]).argmax()[None]])
+        heads.commit(bb, state, trunk, final, nxt, 0, n)
+        tree = DynamicTree(20, 3, 3)
+        tokens, parents, depths = (t.tolist() for t in heads.draft_dynamic(bb, state, tree, n))
+        for v in range(1, tree.n):
+            line = [v]
+            while parents[line[-1]] != 0:
+                line.append(parents[line[-1]])
+            line = line[::-1]  # the node's path below the root
+            assert depths[v] == len(line)
+
+            def forced(d, lg, R):  # the path's own tokens above, the top candidates at the node
+                if d < len(line):
+                    return torch.tensor([[tokens[line[d - 1]]]])
+                return lg.topk(tree.width, dim=-1).indices
+
+            chain_tree = Tree([[0] * d for d in range(1, len(line) + 1)])
+            cands = []
+            heads.draft(bb, state, chain_tree, n, lambda d, lg, R: (cands.append(forced(d, lg, R)),
+                                                                     forced(d, lg, R)[:, :1])[1])
+            assert tokens[v] in cands[len(line) - 1][0].tolist(), v
