@@ -99,7 +99,8 @@ class HeadSpec:
                 raise GraftError("--aux-layers is for the eagle family only: leave it out")
             if (not isinstance(self.aux_layers, (list, tuple)) or not self.aux_layers
                     or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.aux_layers)):
-                raise GraftError(f"--aux-layers must be non-negative layer indices, e.g. 2,15,27; got {self.aux_layers!r}")
+                raise GraftError(f"--aux-layers must be non-negative layer indices, e.g. 2,15,27; "
+                                 f"got {self.aux_layers!r}")
             self.aux_layers = list(self.aux_layers)
 
 

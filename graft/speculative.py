@@ -318,7 +318,8 @@ class SpeculativeDecoder:
             if ids is None:
                 picked.append((int(tok.item()), q))
             else:
-                picked.append((int(ids[tok].item()), torch.zeros(bb.vocab_size, device=q.device).index_copy_(0, ids, q)))
+                full = torch.zeros(bb.vocab_size, device=q.device).index_copy_(0, ids, q)
+                picked.append((int(ids[tok].item()), full))
             return tok[None]
 
         self.heads.draft(bb, state, tree, n, sample)

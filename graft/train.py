@@ -296,7 +296,8 @@ def _loop(run: _Run, config, progress: bool) -> None:
     bar = tqdm(total=run.total, initial=run.step, desc=f"train {config.heads.family}", unit="step",
                disable=not progress)
     main = run.dd.main
-    with open(os.path.join(run.graft_dir, ckpt.METRICS_NAME), "a") if main else contextlib.nullcontext() as metrics, bar:
+    log = open(os.path.join(run.graft_dir, ckpt.METRICS_NAME), "a") if main else contextlib.nullcontext()
+    with log as metrics, bar:
         while run.step < run.total:
             t0 = time.perf_counter()
             st = _step(run)
