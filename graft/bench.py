@@ -14,6 +14,7 @@ from collections import defaultdict
 import torch
 
 from .config import GraftError, write_json
+from .data import read_jsonl
 
 
 def read_prompts(path: str, limit: int | None, per_category: int | None = None, turns: str = "first") -> list[dict]:
@@ -31,32 +32,19 @@ def read_prompts(path: str, limit: int | None, per_category: int | None = None, 
     if not os.path.isfile(path):
         raise GraftError(f"prompts file {path} does not exist: check the path")
     rows = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise GraftError(f"{path} line {n} is not UTF-8 text: re-encode the file as UTF-8")
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise GraftError(f"{path} line {n} is not valid JSON: fix or remove it")
-            if not isinstance(rec, dict):
-                raise GraftError(f"{path} line {n} is not a JSON object: each line needs a `prompt` or `turns`")
-            if isinstance(rec.get("turns"), list) and rec["turns"] and all(isinstance(t, str) for t in rec["turns"]):
-                qs = rec["turns"] if turns == "all" else rec["turns"][:1]
-            elif isinstance(rec.get("prompt"), str):
-                qs = [rec["prompt"]]
-            else:
-                raise GraftError(f"{path} line {n} has no string `prompt` nor a list of `turns`: each line needs one")
-            cat = str(rec.get("category") or rec.get("source") or "all")
-            if per_category and sum(r["category"] == cat for r in rows) >= per_category:
-                continue
-            rows.append({"turns": qs, "category": cat, "question_id": rec.get("question_id", len(rows))})
-            if limit and len(rows) >= limit:
-                break
+    for n, rec in read_jsonl(path):
+        if isinstance(rec.get("turns"), list) and rec["turns"] and all(isinstance(t, str) for t in rec["turns"]):
+            qs = rec["turns"] if turns == "all" else rec["turns"][:1]
+        elif isinstance(rec.get("prompt"), str):
+            qs = [rec["prompt"]]
+        else:
+            raise GraftError(f"{path} line {n} has no string `prompt` nor a list of `turns`: each line needs one")
+        cat = str(rec.get("category") or rec.get("source") or "all")
+        if per_category and sum(r["category"] == cat for r in rows) >= per_category:
+            continue
+        rows.append({"turns": qs, "category": cat, "question_id": rec.get("question_id", len(rows))})
+        if limit and len(rows) >= limit:
+            break
     if not rows:
         raise GraftError(f"{path} holds no prompts: give a JSONL file with one {{\"prompt\": ...}} per line")
     return rows

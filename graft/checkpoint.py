@@ -292,6 +292,24 @@ def save_vllm_medusa(path: str, heads, bb, dtype) -> None:
     write_json(os.path.join(path, "config.json"), config)
 
 
+def _save_eagle3_tensors(path: str, heads, bb, dtype, layer: str) -> torch.Tensor:
+    """The EAGLE-3 tensors both serving layouts share, the draft layer named `layer`: `fc`, the
+    layer with its `hidden_norm`, `norm`, `embed_tokens`, the LM head's rows for the draft
+    vocabulary and the maps `d2t` (draft id i is target id i + d2t[i]) and `t2d`. Returns the
+    draft vocabulary's target ids (all of them without one)."""
+    V = bb.vocab_size
+    ids = torch.arange(V) if heads.draft_ids is None else heads.draft_ids.detach().cpu()
+    tensors = {"fc.weight": heads.fc.weight, f"{layer}.hidden_norm.weight": heads.hidden_norm.weight,
+               "norm.weight": bb.norm.weight, "lm_head.weight": bb.lm_head.weight.detach().cpu()[ids],
+               "embed_tokens.weight": bb.embed_tokens.weight}
+    tensors.update({f"{layer}.{k}": v for k, v in heads.layer.state_dict().items()})
+    tensors = {k: v.detach().to(dtype) for k, v in tensors.items()}
+    tensors["d2t"] = ids - torch.arange(ids.numel())
+    tensors["t2d"] = torch.zeros(V, dtype=torch.bool).index_fill_(0, ids, True)
+    save_tensors(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
+    return ids
+
+
 SPECULATORS_CHECKED = "speculators 0.9.0 (models/eagle3: config.py, core.py, model_definitions.py)"
 
 
@@ -302,15 +320,7 @@ def save_eagle3(path: str, heads, bb, dtype, verifier: str) -> None:
     backbone's, as graft shares them), and the vocabulary maps `d2t`/`t2d`: the identity, or the
     draft vocabulary's rows of the LM head with their target ids."""
     V = bb.vocab_size
-    ids = torch.arange(V) if heads.draft_ids is None else heads.draft_ids.detach().cpu()
-    tensors = {"fc.weight": heads.fc.weight, "layers.0.hidden_norm.weight": heads.hidden_norm.weight,
-               "norm.weight": bb.norm.weight, "lm_head.weight": bb.lm_head.weight.detach().cpu()[ids],
-               "embed_tokens.weight": bb.embed_tokens.weight}
-    tensors.update({f"layers.0.{k}": v for k, v in heads.layer.state_dict().items()})
-    tensors = {k: v.detach().to(dtype) for k, v in tensors.items()}
-    tensors["d2t"] = ids - torch.arange(ids.numel())  # draft id i is target id i + d2t[i]
-    tensors["t2d"] = torch.zeros(V, dtype=torch.bool).index_fill_(0, ids, True)
-    save_tensors(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
+    ids = _save_eagle3_tensors(path, heads, bb, dtype, "layers.0")
     layer = bb.config.to_diff_dict() if hasattr(bb.config, "to_diff_dict") else bb.config.to_dict()
     layer = {k: v for k, v in layer.items() if k not in ("architectures", "quantization_config", "_name_or_path")}
     layer.update({"model_type": bb.model_type, "num_hidden_layers": 1, "vocab_size": V,
@@ -347,15 +357,7 @@ def save_sglang_eagle3(path: str, heads, bb, dtype) -> None:
         raise GraftError("SGLang takes layer outputs as EAGLE-3 features, so the embeddings (aux layer 0) cannot be "
                          "one: graft the heads with --aux-layers of 1 or more")
     V = bb.vocab_size
-    ids = torch.arange(V) if heads.draft_ids is None else heads.draft_ids.detach().cpu()
-    tensors = {"fc.weight": heads.fc.weight, "midlayer.hidden_norm.weight": heads.hidden_norm.weight,
-               "norm.weight": bb.norm.weight, "lm_head.weight": bb.lm_head.weight.detach().cpu()[ids],
-               "embed_tokens.weight": bb.embed_tokens.weight}
-    tensors.update({f"midlayer.{k}": v for k, v in heads.layer.state_dict().items()})
-    tensors = {k: v.detach().to(dtype) for k, v in tensors.items()}
-    tensors["d2t"] = ids - torch.arange(ids.numel())
-    tensors["t2d"] = torch.zeros(V, dtype=torch.bool).index_fill_(0, ids, True)
-    save_tensors(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
+    ids = _save_eagle3_tensors(path, heads, bb, dtype, "midlayer")
     config = bb.config.to_diff_dict() if hasattr(bb.config, "to_diff_dict") else bb.config.to_dict()
     config = {k: v for k, v in config.items() if k not in ("quantization_config", "_name_or_path")}
     config.update({"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "num_hidden_layers": 1,

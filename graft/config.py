@@ -226,7 +226,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private; ours are as readable as any
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's file is private; ours are as readable as any
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -237,7 +237,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

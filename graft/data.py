@@ -46,7 +46,8 @@ def load_records(source: str):
                              "give a local file, or run where the hub is reachable")
     for f in files:
         if f.endswith(".jsonl"):
-            _check_jsonl(f)
+            for _ in read_jsonl(f):  # only the checks: datasets reads the records
+                pass
     try:
         ds = datasets.load_dataset(kind, data_files=files, split="train")
     except Exception as e:  # datasets wraps parse errors in several exception types
@@ -56,21 +57,25 @@ def load_records(source: str):
     return ds
 
 
-def _check_jsonl(path: str) -> None:
-    """Name the file and line of the first bad line (datasets' own errors name neither)."""
+def read_jsonl(path: str):
+    """(line number, record) for each non-blank line of a JSONL file; a line that is not UTF-8, not
+    JSON or not an object is a one-line error naming the file and the line (datasets' own errors
+    name neither)."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise GraftError(f"{path} line {n} is not UTF-8 text: re-encode the file as UTF-8")
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise GraftError(f"{path} line {n} is not valid JSON ({e.msg}): fix or remove it")
-                if not isinstance(rec, dict):
-                    raise GraftError(f"{path} line {n} is not a JSON object: each line needs one record")
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GraftError(f"{path} line {n} is not valid JSON ({e.msg}): fix or remove it")
+            if not isinstance(rec, dict):
+                raise GraftError(f"{path} line {n} is not a JSON object: each line needs one record")
+            yield n, rec
 
 
 def record_text(rec: dict, tokenizer) -> str:

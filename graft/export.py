@@ -16,7 +16,7 @@ import time
 import torch
 
 from . import checkpoint as ckpt
-from .config import GraftConfig, GraftError
+from .config import GraftConfig, GraftError, current_umask
 
 TMP_PREFIX, OLD_TAG = ".graft-export-", ".old-graft-export-"
 
@@ -56,8 +56,9 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
     """Write a self-contained export of the graft folder `src` into `out` (see `graft export --help`).
 
     format "graft": the backbone, its tokenizer, the heads and the draft tree, which `graft.load`
-    and `graft generate` read. "vllm-medusa": medusa heads alone, as vLLM's Medusa drafter loads
-    them (serve the backbone itself as vLLM's target model).
+    and `graft generate` read. The serving formats hold the heads alone, in an engine's layout
+    (serve the backbone itself as its target model): "vllm-medusa" (medusa heads), "eagle3"
+    (eagle heads, the speculators format vLLM serves), "sglang-eagle3" (eagle heads on a Llama).
 
     Raises:
         GraftError: a bad source or format, an `--out` that exists (without --force) or holds the
@@ -97,29 +98,24 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
         tmp = tempfile.mkdtemp(dir=parent, prefix=TMP_PREFIX)
     except OSError as e:
         raise GraftError(f"cannot write beside {out} ({e.strerror}): choose a writable folder")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an export is as readable as any folder
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; an export is as readable as any folder
     try:
         with ckpt.folder_lock(src, "exporting it"):
             # The export holds a full-precision backbone: a 4-bit training backbone is reloaded unquantized.
             model = load(src, device="cpu", dtype=target, load_in_4bit=False, heads_dtype="float32",
                          verify_backbone=verify_backbone)
-        if format == "vllm-medusa":
-            ckpt.save_vllm_medusa(tmp, model.heads, model.backbone, dtype=model.backbone.dtype)
+        heads, bb = model.heads, model.backbone
+        if format != "graft":  # the heads alone, in a serving engine's layout
+            if format == "vllm-medusa":
+                ckpt.save_vllm_medusa(tmp, heads, bb, dtype=bb.dtype)
+            elif format == "eagle3":
+                source = config.backbone.source
+                ckpt.save_eagle3(tmp, heads, bb, bb.dtype, os.path.abspath(src) if source == "." else source)
+            else:
+                ckpt.save_sglang_eagle3(tmp, heads, bb, bb.dtype)
             _replace(tmp, out, parent)
             return
-        if format == "eagle3":
-            source = config.backbone.source
-            verifier = os.path.abspath(src) if source == "." else source
-            ckpt.save_eagle3(tmp, model.heads, model.backbone, model.backbone.dtype, verifier)
-            _replace(tmp, out, parent)
-            return
-        if format == "sglang-eagle3":
-            ckpt.save_sglang_eagle3(tmp, model.heads, model.backbone, model.backbone.dtype)
-            _replace(tmp, out, parent)
-            return
-        hf = model.backbone.hf
+        hf = bb.hf
         if config.lora:
             ckpt.merge_lora(hf)
         if ckpt.ident_is_gguf(hf):

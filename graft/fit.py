@@ -73,7 +73,7 @@ def _shape(tree) -> str:
 
 def fit_tree(dec, engine: str) -> tuple[Tree | None, str]:
     """The tree with the most expected tokens per millisecond, or None where none pays."""
-    memo = dec.__dict__.setdefault("_fitted", {})
+    memo = dec.fitted
     if engine in memo:
         return memo[engine]
     acc = dec.accuracies()

@@ -154,6 +154,7 @@ class SpeculativeDecoder:
         self.bb = model.backbone
         self.heads = model.heads
         self._pool = {}  # engine -> {"max_len", "cache", "state", "steps"} (static and graph)
+        self.fitted = {}  # engine -> (tree, how it was chosen): graft.fit measures a card once
 
     def accuracies(self) -> list:
         """Per depth and rank, the chance that a draft is the backbone's token (calibrated in
@@ -269,12 +270,11 @@ class SpeculativeDecoder:
         if self._emit(out, new, eos, cfg, max_new, on_tokens):
             out.decode_s = time.perf_counter() - t0
             return self._finish(out)
-        committed = True  # the prefill's commit above stands in for the first step's
         while True:
-            step.load(n - len(path) if not committed else n, path, new, n)
-            if not committed:
+            first = out.steps == 0  # the prefill's commit above stands in for the first step's
+            step.load(n if first else n - len(path), path, new, n)
+            if not first:
                 step.commit()
-            committed = False
             if greedy:
                 path, new = self._greedy_step(step, shape)
             else:

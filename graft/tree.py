@@ -117,7 +117,6 @@ class Tree:
         self.parents, self.depths, self.ranks = parent, depth, rank
         self.anc = anc
         self.max_depth = max(depth)
-        self.max_rank = max(rank) + 1
         self._levels = {}
 
     def levels(self, device) -> list[Level]:

@@ -66,10 +66,13 @@ class Heads(nn.Module):
             cache[k] = (key, w.detach().index_select(0, self.draft_ids))
         return torch.nn.functional.linear(x.to(w.dtype), cache[k][1]).float()
 
+    def to_vocab(self, idx: torch.Tensor) -> torch.Tensor:
+        """Indices into draft logits -> token ids of the whole vocabulary."""
+        return idx if self.draft_ids is None else self.draft_ids[idx]
+
     def pick(self, choose, depth: int, logits: torch.Tensor, width: int) -> torch.Tensor:
         """`choose` over draft logits, as token ids of the whole vocabulary."""
-        top = choose(depth, logits, width)
-        return top if self.draft_ids is None else self.draft_ids[top]
+        return self.to_vocab(choose(depth, logits, width))
 
     @torch.no_grad()
     def set_draft_vocab(self, counts: torch.Tensor) -> None:
@@ -98,6 +101,14 @@ class ParallelHeads(Heads):
     """Heads that draft every depth at once from the last accepted position (blockwise, medusa,
     meta-mtp): depth d's candidates are head d's, the same under every parent, so a tree is
     each depth's top-R arranged as Medusa's sparse tree (section 2.1.2)."""
+
+    def new_state(self, bb, max_len):
+        """Default: the backbone's final state at the last accepted position, which heads on top of
+        it (blockwise, medusa) draft from."""
+        return {"final": torch.zeros(bb.hidden_size, dtype=bb.dtype, device=bb.device)}
+
+    def commit(self, bb, state, trunk, final, next_tokens, start, count):
+        state["final"].copy_(last_row(final, count)[0, 0])
 
     def last_hidden(self, bb, state) -> torch.Tensor:
         """(K, d) each head's representation at the last accepted position."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ParallelHeads, last_row
+from . import ParallelHeads
 
 
 class BlockwiseHeads(ParallelHeads):
@@ -39,12 +39,6 @@ class BlockwiseHeads(ParallelHeads):
 
     def all_logits(self, bb, h):
         return self.logits(bb, 0, h)  # one product reads the unembedding once for all heads
-
-    def new_state(self, bb, max_len):
-        return {"final": torch.zeros(bb.hidden_size, dtype=bb.dtype, device=bb.device)}
-
-    def commit(self, bb, state, trunk, final, next_tokens, start, count):
-        state["final"].copy_(last_row(final, count)[0, 0])
 
     def last_hidden(self, bb, state):
         return torch.stack(self._apply_heads(bb.norm(state["final"]).to(self.out[0].weight.dtype)))

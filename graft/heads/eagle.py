@@ -185,7 +185,7 @@ class EagleHeads(Heads):
         depth = torch.ones(P, dtype=torch.long, device=dev)
         logp = torch.log_softmax(self.draft_logits(bb, 0, state["g"][None]), dim=-1)[0]  # (V or N,)
         top = logp.topk(k)
-        tok[:k] = self._ids(top.indices)
+        tok[:k] = self.to_vocab(top.indices)
         score[:k] = top.values
         front = torch.arange(k, device=dev)  # pool indices of the frontier
         slots = torch.zeros(k, 0, dtype=torch.long, device=dev)  # each frontier node's ancestors' slots
@@ -200,7 +200,7 @@ class EagleHeads(Heads):
             logp = torch.log_softmax(self.draft_logits(bb, d - 1, g), dim=-1)  # (k, V or N)
             top = logp.topk(k, dim=-1)  # (k, k)
             lo = k + (d - 2) * k * k
-            tok[lo:lo + k * k] = self._ids(top.indices).flatten()
+            tok[lo:lo + k * k] = self.to_vocab(top.indices).flatten()
             cand = (score[front][:, None] + top.values).flatten()
             score[lo:lo + k * k] = cand
             parent[lo:lo + k * k] = front.repeat_interleave(k)
@@ -216,6 +216,3 @@ class EagleHeads(Heads):
         par = torch.where(parent[chosen] < 0, 0, node[parent[chosen].clamp_min(0)])
         zero = torch.zeros(1, dtype=torch.long, device=dev)
         return torch.cat([zero, tok[chosen]]), torch.cat([zero, par]), torch.cat([zero, depth[chosen]])
-
-    def _ids(self, idx):
-        return idx if self.draft_ids is None else self.draft_ids[idx]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ParallelHeads, last_row
+from . import ParallelHeads
 
 
 class ResBlock(nn.Module):
@@ -63,12 +63,6 @@ class MedusaHeads(ParallelHeads):
         if self.lm_heads is None:  # one product reads the shared unembedding once for all heads
             return self.logits(bb, 0, h)
         return super().all_logits(bb, h)
-
-    def new_state(self, bb, max_len):
-        return {"final": torch.zeros(bb.hidden_size, dtype=bb.dtype, device=bb.device)}
-
-    def commit(self, bb, state, trunk, final, next_tokens, start, count):
-        state["final"].copy_(last_row(final, count)[0, 0])
 
     def last_hidden(self, bb, state):
         normed = bb.norm(state["final"]).to(self.blocks[0][0].linear.weight.dtype)
