@@ -3,6 +3,12 @@ are never held at once (with a 128k vocabulary that alone exhausts a 24 GB card)
 
 Depth k (1..K; index k-1 in lists of heads) at position i is trained toward the backbone's
 distribution at position i+k, the one for token i+k+1: the backbone itself predicts token i+1.
+
+With a draft vocabulary (FR-Spec; EAGLE-3's `d2t`) the heads score only its N tokens, and their
+target is the backbone's distribution restricted to them and renormalised: the heads' logits,
+their softmax and their backward shrink by V/N, which is most of a step's cost when K heads
+unembed into a large vocabulary. Agreement is still counted against the backbone's argmax over
+the whole vocabulary.
 """
 from __future__ import annotations
 
@@ -66,6 +72,7 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
     w = head_weights(K, decay)
     ctx = autocast or contextlib.nullcontext()
     dev = final.device
+    sub = heads.draft_ids  # None, or the (N,) token ids of a draft vocabulary
     with torch.no_grad():
         normed = bb.norm(final)
     # head k's rows: positions 0..T-k-2, targets at positions k+1..T-1
@@ -75,6 +82,10 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
         leaves.append(own.detach().requires_grad_(backward and own.requires_grad))
     # ce: the token after target position j is ids[:, j+1]; the last position has none
     nxt = torch.cat([ids[:, 1:], ids.new_full((B, 1), -100)], dim=1)
+    if sub is not None:  # token ids -> draft-vocabulary indices; tokens outside it have no target
+        where = torch.full((bb.vocab_size,), -100, dtype=torch.long, device=dev)
+        where[sub] = torch.arange(sub.numel(), device=dev)
+        nxt = torch.where(nxt < 0, nxt, where[nxt.clamp_min(0)])
     rows = [B * max(T - k - 1, 0) for k in range(K)]
     n_rows = rows if loss == "kl" else [int((nxt[:, k + 1:] != -100).sum()) for k in range(K)]
     loss_k = torch.zeros(K, device=dev)
@@ -85,8 +96,10 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
         c1 = min(c0 + step, T)
         with torch.no_grad():
             p_logits = bb.lm_head(normed[:, c0:c1]).float()
-            logp = F.log_softmax(p_logits, dim=-1)
             target = p_logits.argmax(-1)
+            if sub is not None:
+                p_logits = p_logits.index_select(-1, sub)
+            logp = F.log_softmax(p_logits, dim=-1)
             del p_logits
             if loss == "kl":
                 p = logp.exp()
@@ -98,7 +111,7 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
             if j0 >= c1:
                 continue
             with ctx:
-                q_logits = heads.logits(bb, k, leaves[k][:, j0 - s:c1 - s])
+                q_logits = heads.draft_logits(bb, k, leaves[k][:, j0 - s:c1 - s])
             if loss == "kl":
                 l_sum = _SoftKL.apply(q_logits, p[:, j0 - c0:], plogp[:, j0 - c0:])
             else:
@@ -111,10 +124,10 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
                 loss_k[k] += l_chunk.detach()
                 tgt = target[:, j0 - c0:]
                 if ranks:
-                    hit = q_logits.topk(RANKS, dim=-1).indices == tgt[..., None]
+                    hit = heads.to_vocab(q_logits.topk(RANKS, dim=-1).indices) == tgt[..., None]
                     hits[k] += hit.flatten(0, 1).sum(0)
                 else:
-                    top1[k] += (q_logits.argmax(-1) == tgt).sum()
+                    top1[k] += (heads.to_vocab(q_logits.argmax(-1)) == tgt).sum()
     used = [(h[:, :leaf.shape[1]], leaf.grad) for h, leaf in zip(hs, leaves) if leaf.grad is not None]
     if used:
         torch.autograd.backward([u for u, _ in used], [g for _, g in used])

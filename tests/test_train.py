@@ -78,11 +78,16 @@ def test_seq_len_must_exceed_heads():
 
 @pytest.mark.parametrize("family", ["medusa", "deepseek-mtp"])
 @pytest.mark.parametrize("kind", ["kl", "ce"])
-def test_chunked_loss_matches_direct_reference(family, kind, tokenizer):
-    """distill_step (chunked, per-chunk backward) against a plain full-logits computation."""
+@pytest.mark.parametrize("draft_vocab", [None, 12])
+def test_chunked_loss_matches_direct_reference(family, kind, draft_vocab, tokenizer):
+    """distill_step (chunked, per-chunk backward) against a plain full-logits computation; with
+    a draft vocabulary, against the same computation over its tokens alone (renormalised)."""
     torch.manual_seed(0)
     bb = tiny_backbone("llama", tokenizer)
-    m = add_heads(bb, heads=family, num_heads=3)
+    m = add_heads(bb, heads=family, num_heads=3, draft_vocab=draft_vocab)
+    if draft_vocab:
+        m.heads.set_draft_vocab(torch.rand(bb.vocab_size))
+    sub = m.heads.draft_ids if draft_vocab else torch.arange(bb.vocab_size)
     with torch.no_grad():
         for p in m.heads.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -96,17 +101,20 @@ def test_chunked_loss_matches_direct_reference(family, kind, tokenizer):
 
     # reference: full logits, explicit shifts
     out = m(ids)
-    logp = torch.log_softmax(out.logits, -1)
+    logp = torch.log_softmax(out.logits[..., sub], -1)
+    where = torch.full((bb.vocab_size,), -100).index_put_((sub,), torch.arange(sub.numel()))
     w = torch.tensor([1.0, 0.5, 0.25]) / 1.75
     ref = 0.0
     for k, hl in enumerate(out.head_logits):
         s = k + 1
-        logq = torch.log_softmax(hl[:, :10 - s], -1)
+        logq = torch.log_softmax(hl[:, :10 - s][..., sub], -1)
         if kind == "kl":
             p = logp[:, s:]
             lk = (p.exp() * (p - logq)).sum(-1).mean()
         else:
-            lk = torch.nn.functional.nll_loss(logq[:, :-1].reshape(-1, logq.shape[-1]), ids[:, s + 1:].reshape(-1))
+            tgt = where[ids[:, s + 1:]].reshape(-1)
+            lk = torch.nn.functional.nll_loss(logq[:, :-1].reshape(-1, logq.shape[-1]), tgt, reduction="sum")
+            lk = lk / (tgt >= 0).sum().clamp_min(1)
         ref = ref + w[k] * lk
     ref.backward()
     assert stats["loss"] == pytest.approx(ref.item(), rel=1e-4)

@@ -59,6 +59,8 @@ class Heads(nn.Module):
         if self.draft_ids is None:
             return self.logits(bb, k, h)
         x, w = self.unembed(bb, k, h)
+        if w.requires_grad and torch.is_grad_enabled():  # training the unembedding (medusa's own LM heads)
+            return torch.nn.functional.linear(x.to(w.dtype), w.index_select(0, self.draft_ids)).float()
         # the subset's rows, kept while neither the weight nor the subset changes (decoding)
         key = (w.data_ptr(), w._version, self.draft_ids._version, w.dtype)
         cache = self.__dict__.setdefault("_draft_rows", {})
