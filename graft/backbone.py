@@ -192,13 +192,19 @@ def load_backbone(model: str = DEFAULT_MODEL, *, dtype: str | None = "auto", dev
                          "them to safetensors first")
     if revision:
         kw["revision"] = revision
-    if load_in_4bit:
+    saved_q = getattr(config, "quantization_config", None)
+    saved_q = saved_q if isinstance(saved_q, dict) else (saved_q.to_dict() if saved_q is not None else {})
+    if saved_q.get("quant_method") == "bitsandbytes" and saved_q.get("load_in_4bit"):
+        load_in_4bit = True  # a folder saved 4-bit (graft export --keep-4bit) loads as it was saved
+        bnb_config(torch_dtype)  # bitsandbytes must be there
+    elif load_in_4bit:
         kw["quantization_config"] = bnb_config(torch_dtype)
+    if load_in_4bit:
         kw["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else dev.type}
     try:
         hf = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                                   **kw)
-        tkw = {k: v for k, v in kw.items() if k != "use_safetensors"}
+        tkw = {k: v for k, v in kw.items() if k in ("gguf_file", "revision")}
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **tkw) \
             if with_tokenizer else None
     except OSError as e:
@@ -242,6 +248,7 @@ class Backbone:
         self.rotary = getattr(base, "rotary_emb", None)
         self.wpe = getattr(base, "wpe", None)
         self.layer_fn = LAYER_FNS[self.model_type]
+        self.weights_note = ""  # how a 4-bit backbone decodes (decode_weights)
         cfg = self.config
         n_heads = cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
@@ -269,6 +276,36 @@ class Backbone:
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any projection still holds bitsandbytes 4-bit weights."""
+        return any(_is_4bit(m) for m in self.hf.modules())
+
+    def dequantize(self, dtype: torch.dtype) -> int:
+        """Replace every 4-bit projection by a dense one holding its dequantized weights in `dtype`:
+        the same weights, ordinary matmuls (which CUDA graphs capture), more memory. The identity
+        stays that of the 4-bit backbone, which the heads were trained on. Returns the bytes added."""
+        added = 0
+        for parent in list(self.hf.modules()):
+            for name, child in list(parent.named_children()):
+                if not _is_4bit(child):
+                    continue
+                w = dense_weight(child)
+                dense = torch.nn.Linear(w.shape[1], w.shape[0], bias=child.bias is not None, device=w.device,
+                                        dtype=dtype)
+                with torch.no_grad():
+                    dense.weight.copy_(w)
+                    if child.bias is not None:
+                        dense.bias.copy_(child.bias)
+                setattr(parent, name, dense.requires_grad_(False))
+                added += dense.weight.numel() * dense.weight.element_size()
+        return added
+
+    def dense_bytes(self, dtype: torch.dtype) -> int:
+        """What `dequantize(dtype)` would add: the 4-bit projections' weights at full size."""
+        size = torch.finfo(dtype).bits // 8
+        return sum(m.in_features * m.out_features * size for m in self.hf.modules() if _is_4bit(m))
 
     @property
     def hidden_size(self) -> int:
@@ -331,11 +368,51 @@ def _first_attr(obj, names, what):
                      "this architecture is not supported")
 
 
+DECODE_DTYPES = ("auto", "4bit") + tuple(DTYPES)
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def decode_weights(bb: "Backbone", choice: str) -> str:
+    """How a 4-bit backbone holds its weights while decoding. "4bit": as they are (bitsandbytes'
+    matmuls; the eager engine unless another is asked for). A dtype: dequantized once into dense
+    projections of that dtype (the same weights; more memory; ordinary matmuls that the graph
+    engine captures). "auto": dense in the compute dtype where that takes at most half of the
+    free memory, else 4bit. Returns what was done, for --stats."""
+    if choice not in DECODE_DTYPES:
+        raise GraftError(f"unknown --decode-dtype {choice!r}: choose one of {', '.join(DECODE_DTYPES)}")
+    if not bb.quantized:
+        if choice not in ("auto", "4bit"):
+            raise GraftError(f"--decode-dtype {choice} applies to 4-bit backbones, and this one is dense: use --dtype")
+        return "dense backbone"
+    dtype = bb.dtype if choice in ("auto", "4bit") else DTYPES[choice]
+    need = bb.dense_bytes(dtype)
+    if choice == "4bit" or (choice == "auto" and need > _free_bytes(bb.device) // 2):
+        return f"4-bit weights ({need / 2**30:.1f} GiB dense would not fit)" if choice == "auto" else "4-bit weights"
+    bb.dequantize(dtype)
+    return f"4-bit weights dequantized to {str(dtype).removeprefix('torch.')} (+{need / 2**30:.2f} GiB)"
+
+
+def _is_4bit(module) -> bool:
+    w = getattr(module, "weight", None)
+    return w is not None and getattr(w, "quant_state", None) is not None
+
+
 def dense_weight(module) -> torch.Tensor:
     """A full-precision copy of a Linear's weight, dequantizing a bitsandbytes 4-bit one."""
     w = module.weight
     if hasattr(w, "quant_state") and w.quant_state is not None:
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
+        data, state = w.data, w.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes repacks weights at a CPU forward
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
+        return bnbf.dequantize_4bit(data, state).to(torch.float32)
     return w.detach().to(torch.float32).clone()

@@ -74,7 +74,7 @@ BASELINES = {"eager": {}, "static": {"cache_implementation": "static"}, "lookup"
 def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, turns="first", max_new_tokens=256,
           temperature=0.0, chat=True, baselines=("eager", "static", "nodraft"), engine="auto", tree="auto",
           tree_size=0, json_path=None, answers_path=None, plot_path=None, device="auto", dtype=None, progress=True,
-          verify_backbone=True) -> dict:
+          verify_backbone=True, decode_dtype="auto") -> dict:
     """Run every prompt through each decoder; returns the report (also written to json_path).
     `answers_path` gets Spec-Bench answer records (graft's own answers, per turn: the text, new
     tokens, wall time, decoding steps and accepted lengths), which Spec-Bench's scripts read."""
@@ -94,7 +94,7 @@ def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, turns=
         if importlib.util.find_spec("matplotlib") is None:
             raise GraftError("--plot needs matplotlib: run `pip install 'graft[plot]'`")
     rows = read_prompts(prompts, limit, per_category, turns)
-    model = load(graft_dir, device=device, dtype=dtype, verify_backbone=verify_backbone)
+    model = load(graft_dir, device=device, dtype=dtype, verify_backbone=verify_backbone, decode_dtype=decode_dtype)
     bb, hf, tok = model.backbone, model.backbone.hf, model.tokenizer
     dev = bb.device
     eos = tok.eos_token_id if tok is not None else 0
@@ -107,6 +107,8 @@ def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, turns=
         raise GraftError(f"{graft_dir} has no tokenizer: graft bench reads text prompts")
     encoded = [encode_chat(tok, [{"role": "user", "content": r["turns"][0]}], chat) for r in rows]
     notes = {"engine": resolve_engine(engine, bb)}
+    if bb.identity.load_in_4bit:
+        notes["backbone"] = bb.weights_note
     # Warm-up on the longest prompt at full length, so that no timed run allocates a larger cache:
     # graft's static/graph engines size their cache and capture graphs once, and transformers'
     # static cache keeps the largest length it has seen, so torch.compile does not recompile.

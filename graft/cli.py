@@ -34,6 +34,14 @@ ENGINE_OPTION = click.option(
          "fixes shapes without a graph; eager (auto on CPU).")
 
 
+DECODE_DTYPE_OPTION = click.option(
+    "--decode-dtype", type=click.Choice(["auto", "4bit", "bfloat16", "float16", "float32"]), default="auto",
+    show_default=True,
+    help="A 4-bit backbone while decoding: 4bit keeps bitsandbytes' weights (least memory, eager engine); a dtype "
+         "dequantizes them once into dense weights (the same values, more memory, the fast graph engine); auto "
+         "dequantizes when that takes at most half of the free memory.")
+
+
 def tree_options(f):
     f = click.option("--tree-size", type=int, default=0,
                      help="Draft-tree nodes besides the root (overrides --tree auto).")(f)
@@ -229,8 +237,11 @@ def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, device, no_verify, 
                    "as vLLM's Medusa drafter loads them; eagle3: eagle heads in the speculators EAGLE-3 format that "
                    "vLLM serves; sglang-eagle3: eagle heads as SGLang's Llama EAGLE-3 drafter loads them (for the "
                    "serving formats, serve the backbone itself as the target model).")
+@click.option("--keep-4bit", is_flag=True, help="Write the backbone 4-bit, as a folder trained with --load-in-4bit "
+              "holds it (bitsandbytes' serialisation in safetensors; about a quarter of the size). Default: the "
+              "backbone in full precision.")
 @VERIFY_OPTION
-def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, force, fmt, no_verify):
+def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, force, fmt, keep_4bit, no_verify):
     """Write a self-contained folder: backbone (HF safetensors), tokenizer, heads, decoding tree.
 
     AutoModelForCausalLM.from_pretrained(OUT) still loads the backbone alone;
@@ -239,7 +250,7 @@ def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, for
     from .export import export
 
     export(graft_dir, out, dtype=dtype, merge_lora=merge_lora, tree_size=tree_size, force=force,
-           max_shard_size=max_shard_size, verify_backbone=not no_verify, format=fmt)
+           max_shard_size=max_shard_size, verify_backbone=not no_verify, format=fmt, keep_4bit=keep_4bit)
     click.echo(f"exported {graft_dir} -> {out}")
 
 
@@ -256,11 +267,12 @@ def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, for
 @click.option("--no-draft", is_flag=True, help="Plain decoding through graft's engine (for comparison).")
 @click.option("--stats", is_flag=True, help="Print tokens per step, per-head acceptance and tokens/s to stderr.")
 @ENGINE_OPTION
+@DECODE_DTYPE_OPTION
 @click.option("--device", default="auto", show_default=True)
 @dtype_option()
 @VERIFY_OPTION
 def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, seed, tree, tree_size, stop,
-                 no_draft, stats, engine, device, dtype, no_verify):
+                 no_draft, stats, engine, decode_dtype, device, dtype, no_verify):
     """Generate from GRAFT_DIR (an export or a graft folder) by self-speculative decoding.
 
     stdout carries only the generated text, streamed as it is accepted.
@@ -276,7 +288,8 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
         prompt.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates
     except UnicodeError:
         raise GraftError("the prompt is not valid UTF-8 text: re-encode it as UTF-8")
-    model = load(graft_dir, device=device, dtype=None if dtype == "auto" else dtype, verify_backbone=not no_verify)
+    model = load(graft_dir, device=device, dtype=None if dtype == "auto" else dtype, verify_backbone=not no_verify,
+                 decode_dtype=decode_dtype)
     ids = encode_prompt(model.tokenizer, prompt, chat)
     tok = model.tokenizer
     shown = {"text": "", "ids": []}
@@ -297,6 +310,8 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
         click.echo(f"tokens {len(g.ids)}  steps {g.steps}  tokens/step {g.tau:.2f}  per-head acceptance [{acc}]  "
                    f"{g.tokens_per_s:.1f} tok/s  (stopped: {g.stopped})", err=True)
         click.echo(f"draft tree: {g.draft_nodes} nodes ({g.tree_note})", err=True)
+        if model.backbone.identity.load_in_4bit:
+            click.echo(f"backbone: {model.backbone.weights_note}", err=True)
 
 
 @main.command("bench")
@@ -320,6 +335,7 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
               help="Comma list of baselines: eager (transformers generate), static (static cache + "
                    "torch.compile), nodraft (graft's loop with drafting off).")
 @ENGINE_OPTION
+@DECODE_DTYPE_OPTION
 @tree_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot here (matplotlib).")
@@ -327,7 +343,7 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
 @dtype_option()
 @VERIFY_OPTION
 def bench_cmd(graft_dir, prompts, turns, answers_path, limit, per_category, max_new_tokens, temperature, chat,
-              baselines, engine, tree, tree_size, json_path, plot_path, device, dtype, no_verify):
+              baselines, engine, decode_dtype, tree, tree_size, json_path, plot_path, device, dtype, no_verify):
     """Measure acceptance and speedup against plain decoding of the same backbone."""
     from .bench import bench, print_table
 
@@ -335,7 +351,8 @@ def bench_cmd(graft_dir, prompts, turns, answers_path, limit, per_category, max_
                    answers_path=answers_path, max_new_tokens=max_new_tokens,
                    temperature=temperature, chat=chat, baselines=[b for b in baselines.split(",") if b],
                    engine=engine, tree=tree, tree_size=tree_size, json_path=json_path, plot_path=plot_path,
-                   device=device, dtype=None if dtype == "auto" else dtype, verify_backbone=not no_verify)
+                   device=device, dtype=None if dtype == "auto" else dtype, verify_backbone=not no_verify,
+                   decode_dtype=decode_dtype)
     print_table(report)
 
 

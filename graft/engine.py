@@ -34,7 +34,7 @@ def resolve_engine(engine: str, bb) -> str:
 
             raise GraftError(f"--engine {engine} needs a CUDA device: use eager or static on CPU")
         return engine
-    if bb.device.type == "cuda" and not bb.identity.load_in_4bit:
+    if bb.device.type == "cuda" and not bb.quantized:
         return "graph"
     return "eager"
 

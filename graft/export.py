@@ -52,7 +52,7 @@ def _replace(tmp: str, out: str, parent: str) -> None:
 
 def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False, tree_size: int = 0,
            force: bool = False, max_shard_size: str = "2GB", verify_backbone: bool = True,
-           format: str = "graft") -> None:
+           format: str = "graft", keep_4bit: bool = False) -> None:
     """Write a self-contained export of the graft folder `src` into `out` (see `graft export --help`).
 
     format "graft": the backbone, its tokenizer, the heads and the draft tree, which `graft.load`
@@ -86,6 +86,15 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
     if config.lora and not merge_lora:
         raise GraftError(f"{src} trained LoRA adapters on the backbone: pass --merge-lora to fold them into the "
                          "exported backbone")
+    if keep_4bit and (format != "graft" or not config.backbone.load_in_4bit):
+        raise GraftError("--keep-4bit writes the 4-bit backbone that a graft folder trained with --load-in-4bit "
+                         f"holds; {src} " + ("was trained on a full-precision backbone" if format == "graft" else
+                                             f"is exported with --format {format}, which holds no backbone"))
+    if keep_4bit and config.lora:
+        raise GraftError(f"{src} trained LoRA adapters, which cannot be merged into 4-bit weights: export without "
+                         "--keep-4bit")
+    if keep_4bit and dtype != "auto":
+        raise GraftError("--keep-4bit keeps the backbone's 4-bit weights and their compute dtype: leave --dtype auto")
     if _inside(src, out):
         raise GraftError(f"--out {out} is or contains the graft folder {src}: choose a new folder")
     if os.path.exists(out) and (not os.path.isdir(out) or (os.listdir(out) and not force)):
@@ -101,9 +110,9 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; an export is as readable as any folder
     try:
         with ckpt.folder_lock(src, "exporting it"):
-            # The export holds a full-precision backbone: a 4-bit training backbone is reloaded unquantized.
-            model = load(src, device="cpu", dtype=target, load_in_4bit=False, heads_dtype="float32",
-                         verify_backbone=verify_backbone)
+            # A full-precision backbone unless --keep-4bit: a 4-bit training backbone is reloaded unquantized.
+            model = load(src, device="auto" if keep_4bit else "cpu", dtype=target, load_in_4bit=keep_4bit,
+                         heads_dtype="float32", verify_backbone=verify_backbone)
         heads, bb = model.heads, model.backbone
         if format != "graft":  # the heads alone, in a serving engine's layout
             if format == "vllm-medusa":
@@ -118,7 +127,8 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
         hf = bb.hf
         if config.lora:
             ckpt.merge_lora(hf)
-        if ckpt.ident_is_gguf(hf):
+        # with --keep-4bit, bitsandbytes' own serialisation (safetensors), which loads back 4-bit
+        if not keep_4bit and ckpt.ident_is_gguf(hf):
             # A GGUF load is already dequantized in memory; only the quantizer tag forbids saving it.
             hf.hf_quantizer = None
             if hasattr(hf.config, "quantization_config"):
@@ -132,7 +142,7 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
         acc = training.get("rank_accuracy") or default_accuracies(config.heads.num_heads)
         size = tree_size or (64 if torch.cuda.is_available() else 24)
         new_ident = type(ident)(**{**ident.__dict__, "source": ".", "sha256": _folder_fingerprint(tmp),
-                                   "gguf_file": None, "dtype": target, "load_in_4bit": False, "revision": None})
+                                   "gguf_file": None, "dtype": target, "load_in_4bit": keep_4bit, "revision": None})
         new = GraftConfig(backbone=new_ident, heads=config.heads, training=training, tree=build_tree(acc, size),
                           lora=None)
         ckpt.save_heads(tmp, model.heads, new)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .backbone import Backbone, load_backbone
+from .backbone import Backbone, decode_weights, load_backbone
 from .config import GraftConfig, GraftError, HeadSpec
 from .heads import build_heads
 
@@ -125,13 +125,15 @@ def add_heads(model: str | Backbone = "smollm2-135m", heads: str = "medusa", num
 
 def load(path: str, *, device: str = "auto", dtype: str | None = None, backbone: Backbone | None = None,
          load_in_4bit: bool | None = None, trust_remote_code: bool = False,
-         heads_dtype: str | None = None, verify_backbone: bool = True) -> GraftModel:
+         heads_dtype: str | None = None, verify_backbone: bool = True,
+         decode_dtype: str | None = None) -> GraftModel:
     """Load a graft folder (from add-heads, train or export).
 
     The backbone is loaded from the source recorded in graft.json (an export carries its own),
     and must be the one the heads were made for: the same shape and, unless `verify_backbone`
     is off, the same weights (a hash of the weight files). Heads are cast to the backbone's dtype unless
-    `heads_dtype` says otherwise ("float32" for training).
+    `heads_dtype` says otherwise ("float32" for training). `decode_dtype` (decoding only): how a
+    4-bit backbone holds its weights, see `graft.backbone.decode_weights`.
 
     Raises:
         GraftError: not a graft folder, corrupt files, or heads made for another backbone.
@@ -157,4 +159,6 @@ def load(path: str, *, device: str = "auto", dtype: str | None = None, backbone:
     target = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         heads_dtype or "", backbone.dtype)
     heads.to(dtype=target).eval().requires_grad_(False)
+    if decode_dtype is not None:
+        backbone.weights_note = decode_weights(backbone, decode_dtype)
     return GraftModel(backbone, heads, config)
