@@ -8,6 +8,8 @@
 
 Examples (GPU):
   python benchmarks/train_figures.py throughput --model smollm2-135m --family medusa --batch 32 --seq 512
+  python benchmarks/train_figures.py throughput --shape llama3-8b --family blockwise --batch 1 --seq 2048 [--4bit]
+      [--draft-vocab 32768]
   python benchmarks/train_figures.py memory --family medusa --heads 4 --seq 2048 --shared-lm-head
 Random token ids stand in for text: speed and memory do not depend on what the tokens say.
 """
@@ -64,8 +66,15 @@ def _trainer(model, tc):
 
 
 def throughput(a):
-    model = add_heads(a.model, heads=a.family, num_heads=a.heads, device=a.device)
+    if a.shape:
+        bb = random_backbone(a.shape, _device(a), four_bit=a.four_bit)
+        model = add_heads(bb, heads=a.family, num_heads=a.heads, draft_vocab=a.draft_vocab)
+    else:
+        model = add_heads(a.model, heads=a.family, num_heads=a.heads, device=a.device, draft_vocab=a.draft_vocab,
+                          load_in_4bit=a.four_bit)
     bb = model.backbone
+    if a.draft_vocab:  # which tokens does not matter for the cost
+        model.heads.set_draft_vocab(torch.rand(bb.vocab_size))
     dev = bb.device
     tc = TrainConfig(seq_len=a.seq, batch_size=a.batch, num_heads=a.heads)
     ids = torch.randint(0, bb.vocab_size, (a.batch, a.seq), device=dev)
@@ -74,10 +83,12 @@ def throughput(a):
     step = _trainer(model, tc)
     trn = _timed(lambda: step(ids), dev, a.warmup, a.steps)
     n = a.batch * a.seq
-    out = {"figure": "throughput", "model": a.model, "family": a.family, "heads": a.heads, "batch": a.batch,
-           "seq": a.seq, "dtype": str(bb.dtype).removeprefix("torch."), "device": device_name(dev),
+    out = {"figure": "throughput", "model": f"random {a.shape}" if a.shape else a.model, "family": a.family,
+           "heads": a.heads, "batch": a.batch, "seq": a.seq, "four_bit": a.four_bit, "draft_vocab": a.draft_vocab,
+           "dtype": str(bb.dtype).removeprefix("torch."), "device": device_name(dev),
            "forward_tokens_per_s": n / fwd, "train_tokens_per_s": n / trn, "train_over_forward": fwd / trn}
-    print(f"{a.family} x{a.heads} on {a.model}, batch {a.batch} x {a.seq}, {out['dtype']}, {out['device']}: "
+    print(f"{a.family} x{a.heads} on {out['model']}{' 4-bit' if a.four_bit else ''}, draft vocabulary "
+          f"{a.draft_vocab or 'all'}, batch {a.batch} x {a.seq}, {out['dtype']}, {out['device']}: "
           f"backbone forward {out['forward_tokens_per_s']:.0f} tok/s, training {out['train_tokens_per_s']:.0f} tok/s "
           f"({out['train_over_forward']:.2f} of forward)")
     return out
@@ -101,18 +112,21 @@ def _quantize_linears(module, dev):
             _quantize_linears(child, dev)
 
 
-def memory(a):
+def _device(a):
+    return torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def random_backbone(shape: str, dev, four_bit: bool = True):
+    """A random-weight Llama of `shape` in bf16 on `dev`, its projections quantized to NF4 when
+    `four_bit` (one layer at a time: never the whole model in bf16)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from graft.backbone import Backbone
 
-    dev = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = LlamaConfig(**SHAPES[a.shape], max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
     torch.manual_seed(0)
-    t0 = time.perf_counter()
     with torch.device("meta"):
         hf = LlamaForCausalLM(cfg)
-    # materialise one layer at a time in bf16 on the device, quantize it, move on: never the whole model in bf16
     for layer in hf.model.layers:
         layer.to_empty(device=dev).to(torch.bfloat16)
         for p in layer.parameters():
@@ -120,7 +134,8 @@ def memory(a):
                 torch.nn.init.normal_(p, std=0.02)
             else:
                 torch.nn.init.ones_(p)
-        _quantize_linears(layer, dev)
+        if four_bit:
+            _quantize_linears(layer, dev)
     for mod in (hf.model.embed_tokens, hf.model.norm, hf.lm_head):
         mod.to_empty(device=dev).to(torch.bfloat16)
     torch.nn.init.normal_(hf.model.embed_tokens.weight, std=0.02)
@@ -128,12 +143,21 @@ def memory(a):
     torch.nn.init.ones_(hf.model.norm.weight)
     with torch.device(dev):  # recompute the rotary inv_freq buffer that to_empty would leave unset
         hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg)
-    bb = Backbone.from_hf(hf, source=f"random {a.shape}")
-    model = add_heads(bb, heads=a.family, num_heads=a.heads, shared_lm_head=a.shared_lm_head)
+    return Backbone.from_hf(hf, source=f"random {shape}")
+
+
+def memory(a):
+    dev = _device(a)
+    t0 = time.perf_counter()
+    bb = random_backbone(a.shape, dev)
+    model = add_heads(bb, heads=a.family, num_heads=a.heads, shared_lm_head=a.shared_lm_head,
+                      draft_vocab=a.draft_vocab)
+    if a.draft_vocab:
+        model.heads.set_draft_vocab(torch.rand(bb.vocab_size))
     build_s = time.perf_counter() - t0
     tc = TrainConfig(seq_len=a.seq, batch_size=a.batch, num_heads=a.heads, vocab_chunk=a.vocab_chunk)
     step = _trainer(model, tc)
-    ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), device=dev)
+    ids = torch.randint(0, bb.vocab_size, (a.batch, a.seq), device=dev)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
@@ -144,7 +168,7 @@ def memory(a):
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
     reserved = torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else 0
     out = {"figure": "memory", "shape": a.shape, "family": a.family, "heads": a.heads,
-           "shared_lm_head": a.shared_lm_head, "batch": a.batch, "seq": a.seq, "vocab_chunk": a.vocab_chunk,
+           "shared_lm_head": a.shared_lm_head, "draft_vocab": a.draft_vocab, "batch": a.batch, "seq": a.seq, "vocab_chunk": a.vocab_chunk,
            "backbone": "4-bit NF4 (double quant), random weights", "device": device_name(dev),
            "head_params": sum(p.numel() for p in model.heads.parameters()),
            "before_training_gib": weights / gib, "peak_allocated_gib": peak / gib, "peak_reserved_gib": reserved / gib,
@@ -162,6 +186,8 @@ def main(argv=None):
     sub = p.add_subparsers(dest="figure", required=True)
     t = sub.add_parser("throughput", help="training tokens/s against backbone forward-only tokens/s")
     t.add_argument("--model", default="smollm2-135m")
+    t.add_argument("--shape", choices=sorted(SHAPES), help="a random-weight Llama of this shape instead of --model")
+    t.add_argument("--4bit", dest="four_bit", action="store_true", help="the backbone quantized to NF4")
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--seq", type=int, default=512)
     m = sub.add_parser("memory", help="peak GPU memory with a 4-bit backbone of a given shape")
@@ -173,6 +199,7 @@ def main(argv=None):
     for q in (t, m):
         q.add_argument("--family", default="medusa")
         q.add_argument("--heads", type=int, default=4)
+        q.add_argument("--draft-vocab", type=int, default=None, help="heads score only N tokens (FR-Spec)")
         q.add_argument("--steps", type=int, default=5)
         q.add_argument("--warmup", type=int, default=2)
         q.add_argument("--device", default="auto")
