@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -42,8 +44,9 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def _hash_cache_file() -> str:
-    root = os.environ.get("GRAFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "graft")
-    return os.path.join(root, "file-hashes.json")
+    from .config import cache_dir
+
+    return os.path.join(cache_dir(), "file-hashes.json")
 
 
 def sha256_file(path: str) -> str:
@@ -201,13 +204,17 @@ def load_backbone(model: str = DEFAULT_MODEL, *, dtype: str | None = "auto", dev
         kw["quantization_config"] = bnb_config(torch_dtype)
     if load_in_4bit:
         kw["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else dev.type}
+    weights, wkw = where, kw
+    if gguf_file and load_in_4bit:  # transformers quantizes no GGUF load: quantize a dense copy of it
+        weights = _dense_copy(where, gguf_file, sha256_file(loc), torch_dtype)
+        wkw = {k: v for k, v in kw.items() if k != "gguf_file"}
     try:
-        hf = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                  **kw)
+        hf = AutoModelForCausalLM.from_pretrained(weights, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                  **wkw)
         tkw = {k: v for k, v in kw.items() if k in ("gguf_file", "revision")}
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **tkw) \
             if with_tokenizer else None
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise GraftError(f"could not load the model at {loc}: {str(e).splitlines()[0]}")
     if not load_in_4bit:
         hf.to(dev)
@@ -225,6 +232,34 @@ def load_backbone(model: str = DEFAULT_MODEL, *, dtype: str | None = "auto", dev
         load_in_4bit=load_in_4bit,
     )
     return Backbone(hf, identity, tok)
+
+
+def _dense_copy(where: str, gguf_file: str, digest: str, dtype: torch.dtype) -> str:
+    """A GGUF file's weights, dequantized, as a safetensors folder in graft's cache (made once per
+    file and dtype), for loaders that take no GGUF (bitsandbytes' 4-bit quantization)."""
+    from transformers import AutoModelForCausalLM
+
+    from .config import cache_dir
+
+    name = f"{digest[:16]}-{str(dtype).removeprefix('torch.')}"
+    folder = os.path.join(cache_dir(), "gguf-dense", name)
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    hf = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf_file, dtype=dtype)
+    hf.hf_quantizer = None  # dequantized in memory; only the GGUF tag forbids saving it
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=f".{name}-")
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        os.replace(tmp, folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(os.path.join(folder, "config.json")):  # not a concurrent load that won the race
+            raise GraftError(f"could not write a dense copy of {gguf_file} under {cache_dir()} ({e.strerror}): "
+                             "set GRAFT_CACHE to a writable folder with room for it")
+    return folder
 
 
 class Backbone:

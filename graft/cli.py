@@ -219,7 +219,9 @@ def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, device, no_verify, 
     summary = train(graft_dir, data, values, resume=resume, load_in_4bit=load_in_4bit, device=device,
                     verify_backbone=not no_verify)
     accs = " ".join(f"{a:.3f}" for a in summary.get("top1", []))
-    click.echo(f"done: {summary['steps']} steps, final loss {summary['loss']:.4f}, head top-1 agreement [{accs}]")
+    memory = f", peak GPU memory {summary['peak_gpu_gib']:.1f} GiB" if "peak_gpu_gib" in summary else ""
+    click.echo(f"done: {summary['steps']} steps, final loss {summary['loss']:.4f}, head top-1 agreement [{accs}], "
+               f"{summary['tokens_per_s']:.0f} tok/s{memory}")
 
 
 @main.command("export")

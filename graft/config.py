@@ -237,6 +237,12 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+def cache_dir() -> str:
+    """graft's cache (`$GRAFT_CACHE`, default ~/.cache/graft): file hashes, measured step costs,
+    dense copies of GGUF files for 4-bit loading."""
+    return os.environ.get("GRAFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "graft")
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -27,8 +27,9 @@ CONTEXT, NEW = 256, 32  # the measuring generation: prompt tokens, new tokens
 
 
 def cache_path() -> str:
-    root = os.environ.get("GRAFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "graft")
-    return os.path.join(root, "step-cost.json")
+    from .config import cache_dir
+
+    return os.path.join(cache_dir(), "step-cost.json")
 
 
 def _key(dec, engine: str) -> str:

@@ -344,6 +344,8 @@ def _finish(run: _Run) -> dict:
                "minutes_this_run": (time.perf_counter() - run.started) / 60,
                "tokens_per_s": sum(run.tps) / max(len(run.tps), 1),
                "device": str(bb.device), "load_in_4bit": bb.identity.load_in_4bit, "processes": run.dd.world}
+    if bb.device.type == "cuda":
+        summary["peak_gpu_gib"] = torch.cuda.max_memory_allocated(bb.device) / 2 ** 30
     if not run.dd.main:
         return summary
     model.config.training = summary
