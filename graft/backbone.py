@@ -417,10 +417,11 @@ def _free_bytes(device: torch.device) -> int:
 
 def decode_weights(bb: "Backbone", choice: str) -> str:
     """How a 4-bit backbone holds its weights while decoding. "4bit": as they are (bitsandbytes'
-    matmuls; the eager engine unless another is asked for). A dtype: dequantized once into dense
-    projections of that dtype (the same weights; more memory; ordinary matmuls that the graph
-    engine captures). "auto": dense in the compute dtype where that takes at most half of the
-    free memory, else 4bit. Returns what was done, for --stats."""
+    matmuls, which the graph engine captures too). A dtype: dequantized once into dense
+    projections of that dtype (the same weights; more memory; on an H200 a SmolLM2 step without
+    drafts took 3.0 ms dense against 3.6 ms 4-bit in the graph engine, 30 ms in the eager one).
+    "auto": dense in the compute dtype where that takes at most half of the free memory, else
+    4bit. Returns what was done, for --stats."""
     if choice not in DECODE_DTYPES:
         raise GraftError(f"unknown --decode-dtype {choice!r}: choose one of {', '.join(DECODE_DTYPES)}")
     if not bb.quantized:

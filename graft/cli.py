@@ -29,16 +29,15 @@ VERIFY_OPTION = click.option(
 ENGINE_OPTION = click.option(
     "--engine", type=click.Choice(ENGINE_CHOICES), default="auto",
     show_default=True,
-    help="How the verification step runs: graph replays a captured CUDA graph (auto on an unquantized CUDA "
-         "backbone); compiled also fuses kernels with torch.compile first (a minute or more of warm-up); static "
+    help="How the verification step runs: graph replays a captured CUDA graph (auto on CUDA); compiled also fuses kernels with torch.compile first (a minute or more of warm-up); static "
          "fixes shapes without a graph; eager (auto on CPU).")
 
 
 DECODE_DTYPE_OPTION = click.option(
     "--decode-dtype", type=click.Choice(["auto", "4bit", "bfloat16", "float16", "float32"]), default="auto",
     show_default=True,
-    help="A 4-bit backbone while decoding: 4bit keeps bitsandbytes' weights (least memory, eager engine); a dtype "
-         "dequantizes them once into dense weights (the same values, more memory, the fast graph engine); auto "
+    help="A 4-bit backbone while decoding: 4bit keeps bitsandbytes' weights (least memory, slower matmuls); a dtype "
+         "dequantizes them once into dense weights (the same values, more memory, the fastest steps); auto "
          "dequantizes when that takes at most half of the free memory.")
 
 

@@ -34,9 +34,7 @@ def resolve_engine(engine: str, bb) -> str:
 
             raise GraftError(f"--engine {engine} needs a CUDA device: use eager or static on CPU")
         return engine
-    if bb.device.type == "cuda" and not bb.quantized:
-        return "graph"
-    return "eager"
+    return "graph" if bb.device.type == "cuda" else "eager"  # bitsandbytes' 4-bit matmuls capture too
 
 
 def greedy_choose(depth: int, logits: torch.Tensor, width: int) -> torch.Tensor:

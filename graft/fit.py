@@ -39,7 +39,8 @@ def _key(dec, engine: str) -> str:
     ident = bb.identity
     return "|".join([f"{ident.model_type} d{ident.hidden_size} L{ident.num_layers} V{ident.vocab_size}",
                      json.dumps(spec.__dict__, sort_keys=True), device_name(bb.device),
-                     str(bb.dtype).removeprefix("torch."), engine, f"torch {torch.__version__}"])
+                     str(bb.dtype).removeprefix("torch.") + (" 4-bit" if bb.quantized else ""), engine,
+                     f"torch {torch.__version__}"])
 
 
 def _load() -> dict:

@@ -47,7 +47,7 @@ class DecodeConfig:
     stop: strings that end generation once the generated text contains one.
     eos: stop at the tokenizer's end-of-sequence token(s).
     engine: how the verification step runs (see graft.engine): "auto" is "graph" (CUDA graphs)
-        on a CUDA device with an unquantized backbone, else "eager"; "static" fixes all shapes
+        on a CUDA device (4-bit backbones included), else "eager"; "static" fixes all shapes
         without capturing a graph.
     """
 
