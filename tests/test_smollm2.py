@@ -81,3 +81,15 @@ def test_training_lowers_the_loss(tmp_path):
     losses = [json.loads(l)["loss"] for l in open(f"{g}/metrics.jsonl") if '"eval"' not in l]
     assert losses[-1] < losses[0], losses
     assert s["steps"] == 8
+
+
+def test_4bit_from_gguf_goes_through_a_cached_dense_copy(smol, tmp_path, monkeypatch):
+    """transformers quantizes no GGUF load: graft quantizes a dense copy, made once per file."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("GRAFT_CACHE", str(tmp_path))
+    q = load_backbone("smollm2-135m", device="cpu", dtype="float32", load_in_4bit=True)
+    assert q.quantized and q.identity.load_in_4bit and q.identity.same_model(smol.identity, weights=True)
+    copies = list((tmp_path / "gguf-dense").iterdir())
+    assert len(copies) == 1 and (copies[0] / "model.safetensors").exists()
+    ids = torch.tensor([encode_prompt(smol.tokenizer, PROMPTS[0], True)])
+    assert (q.hf(ids).logits[0, -1].argmax() == smol.hf(ids).logits[0, -1].argmax()).item()
