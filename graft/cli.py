@@ -29,7 +29,8 @@ VERIFY_OPTION = click.option(
 ENGINE_OPTION = click.option(
     "--engine", type=click.Choice(ENGINE_CHOICES), default="auto",
     show_default=True,
-    help="How the verification step runs: graph replays a captured CUDA graph (auto on CUDA); compiled also fuses kernels with torch.compile first (a minute or more of warm-up); static "
+    help="How the verification step runs: graph replays a captured CUDA graph (auto on CUDA); compiled also "
+         "fuses kernels with torch.compile first (a minute or more of warm-up); static "
          "fixes shapes without a graph; eager (auto on CPU).")
 
 
