@@ -17,5 +17,5 @@ if [ "${GRAFT_INTEROP:-1}" != 0 ] && [ ! -f "$INTEROP/.graft-ok" ]; then
     echo "warning: could not install speculators; the eagle3 interop test will be skipped" >&2
   fi
 fi
-if [ -f "$INTEROP/.graft-ok" ]; then export GRAFT_INTEROP_PY="$PWD/$INTEROP/bin/python"; fi
+if [ -f "$INTEROP/.graft-ok" ]; then export GRAFT_INTEROP_PY="$(cd "$INTEROP" && pwd)/bin/python"; fi
 "$PY" -m pytest -p no:cacheprovider "$@"
