@@ -284,6 +284,7 @@ class Backbone:
         self.wpe = getattr(base, "wpe", None)
         self.layer_fn = LAYER_FNS[self.model_type]
         self.weights_note = ""  # how a 4-bit backbone decodes (decode_weights)
+        self.sharded = False  # decoder layers sharded over processes (shard)
         cfg = self.config
         n_heads = cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
@@ -311,6 +312,26 @@ class Backbone:
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
+
+    def shard(self, device: torch.device) -> None:
+        """Shard every decoder layer's weights over the processes of the run (FSDP2), then move
+        the backbone to `device`: each process keeps 1/N of the layers' weights and gathers one
+        layer at a time while it runs (the embeddings, final norm and unembedding stay whole).
+        Call on a backbone loaded on the CPU, in every process."""
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            raise GraftError(f"--shard-backbone needs FSDP2 (torch 2.6 or newer; this is {torch.__version__}): "
+                             "upgrade torch")
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for layer in self.layers:
+            fully_shard(layer, mesh=mesh)
+        self.hf.to(device)
+        self.sharded = True
 
     @property
     def quantized(self) -> bool:
@@ -381,7 +402,11 @@ class Backbone:
             trunk = h
             if features is not None and i in features:
                 taken[i] = h
+            if self.sharded:  # FSDP2: gather this layer's weights for its call, then free them
+                layer.unshard()
             h = self.layer_fn(layer, h, rope, cache=cache, cache_layer=i, start=start, mask=mask)
+            if self.sharded:
+                layer.reshard()
         if features is not None:
             taken[len(self.layers)] = h
             trunk = torch.cat([taken[i] for i in features], dim=-1)

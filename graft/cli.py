@@ -203,9 +203,12 @@ def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_sampl
               "not the original.")
 @click.option("--load-in-4bit", is_flag=True, help="Train against the backbone quantized to 4-bit NF4 "
               "(bitsandbytes), to fit large backbones on one GPU.")
+@click.option("--shard-backbone", is_flag=True, help="Under torchrun or accelerate launch: shard the frozen "
+              "backbone's decoder layers over the processes (FSDP2) instead of holding it whole on each GPU, for "
+              "backbones that do not fit one (each process still loads it once on the CPU).")
 @click.option("--device", default="auto", show_default=True)
 @VERIFY_OPTION
-def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, device, no_verify, **opts):
+def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, shard_backbone, device, no_verify, **opts):
     """Train the heads in GRAFT_DIR by self-distillation from the frozen backbone.
 
     One backbone forward per batch gives the targets: depth k at position i learns the
@@ -217,7 +220,11 @@ def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, device, no_verify, 
     values = load_recipe(recipe) if recipe else {}
     values.update({k: v for k, v in opts.items() if v is not None})
     summary = train(graft_dir, data, values, resume=resume, load_in_4bit=load_in_4bit, device=device,
-                    verify_backbone=not no_verify)
+                    verify_backbone=not no_verify, shard_backbone=shard_backbone)
+    from .distributed import setup
+
+    if not setup().main:  # one summary per run, not one per process
+        return
     accs = " ".join(f"{a:.3f}" for a in summary.get("top1", []))
     memory = f", peak GPU memory {summary['peak_gpu_gib']:.1f} GiB" if "peak_gpu_gib" in summary else ""
     click.echo(f"done: {summary['steps']} steps, final loss {summary['loss']:.4f}, head top-1 agreement [{accs}], "

@@ -92,13 +92,19 @@ def evaluate(model, blocks: torch.Tensor, tc: TrainConfig, autocast, dd: Dist | 
     dd = dd or Dist()
     bb, heads = model.backbone, model.heads
     K = heads.num_heads
-    blocks = blocks[dd.rank::dd.world]
+    # every process runs as many batches (a sharded backbone gathers its layers collectively);
+    # one whose share has run out repeats a block and leaves it uncounted
+    share = math.ceil(len(blocks) / dd.world)
+    spare, blocks = blocks[:1], blocks[dd.rank::dd.world]
     # one tensor for one all-reduce: loss sum, batches, then per depth n, top1, top5 and ranks
     agg = torch.zeros(2 + K * (3 + RANKS), dtype=torch.float64)
     counts = agg[2:].view(K, 3 + RANKS)
-    for start in range(0, min(len(blocks), tc.eval_batches * tc.batch_size), tc.batch_size):
-        ids = blocks[start:start + tc.batch_size].to(bb.device)
-        st = micro_step(bb, heads, ids, tc, autocast, backward=False, ranks=True)
+    for start in range(0, min(share, tc.eval_batches * tc.batch_size), tc.batch_size):
+        ids = blocks[start:start + tc.batch_size]
+        st = micro_step(bb, heads, (ids if len(ids) else spare).to(bb.device), tc, autocast, backward=False,
+                        ranks=True)
+        if not len(ids):
+            continue
         agg[0] += st["loss"]
         agg[1] += 1
         for k in range(K):
@@ -151,12 +157,14 @@ class _Run:
 
 
 def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load_in_4bit: bool = False,
-          device: str = "auto", progress: bool = True, verify_backbone: bool = True) -> dict:
+          device: str = "auto", progress: bool = True, verify_backbone: bool = True,
+          shard_backbone: bool = False) -> dict:
     """Train the heads in `graft_dir` on `data`. Returns the training summary (also in graft.json).
 
     Under `accelerate launch` or `torchrun` each process trains on its share of every batch
     (`batch_size` sequences a process; the global batch is batch_size x grad_accum x processes)
-    and the gradients are averaged; rank 0 alone writes.
+    and the gradients are averaged; rank 0 alone writes. `shard_backbone` shards the frozen
+    backbone's decoder layers over the processes (FSDP2) instead of holding it whole in each.
 
     Raises:
         GraftError: bad options or data, another process training the same folder, a diverged loss.
@@ -164,14 +172,28 @@ def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load
     dd = dist_setup()
     config = ckpt.load_config(graft_dir)
     with ckpt.folder_lock(graft_dir, "training it") if dd.main else contextlib.nullcontext():
-        run = _setup(graft_dir, data, values, config, resume, load_in_4bit, dd.device(device), verify_backbone, dd)
+        run = _setup(graft_dir, data, values, config, resume, load_in_4bit, dd.device(device), verify_backbone, dd,
+                     shard_backbone)
         _loop(run, config, progress and dd.main)
         return _finish(run)
 
 
+def _check_sharding(dd: Dist, load_in_4bit: bool, lora_r) -> None:
+    if dd.world < 2:
+        raise GraftError("--shard-backbone shards the backbone over several processes: launch with `torchrun "
+                         "--nproc_per_node N -m graft train ...` or `accelerate launch --num_processes N -m graft ...`")
+    if load_in_4bit:
+        raise GraftError("--shard-backbone does not take a 4-bit backbone (FSDP needs bitsandbytes' "
+                         "bnb_4bit_quant_storage set to the compute dtype, which graft does not set up): drop one")
+    if lora_r:
+        raise GraftError("--shard-backbone trains no LoRA adapters (the backbone's sharded weights stay frozen): "
+                         "drop --lora-r or the sharding")
+
+
 def _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify_backbone=True,
-           dd: Dist | None = None) -> _Run:
+           dd: Dist | None = None, shard_backbone: bool = False) -> _Run:
     """The model, the data, the optimizer and the schedule; from the checkpoint with `resume`."""
+    from .backbone import resolve_device
     from .model import load
 
     tc = make_train_config(values, config.heads.num_heads)
@@ -179,8 +201,15 @@ def _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify
     if checkpoint is not None:  # the run continues with its own options, but for those given now
         saved = {k: v for k, v in checkpoint[1]["train_config"].items() if k != "num_heads"}
         tc = make_train_config({**saved, **values}, config.heads.num_heads)
-    model = load(graft_dir, device=device, load_in_4bit=load_in_4bit or None, heads_dtype="float32",
-                 verify_backbone=verify_backbone)
+    if shard_backbone:
+        _check_sharding(dd or Dist(), load_in_4bit or config.backbone.load_in_4bit, tc.lora_r)
+    # sharded: loaded whole on the CPU, then each process keeps its share on its device
+    model = load(graft_dir, device="cpu" if shard_backbone else device, load_in_4bit=load_in_4bit or None,
+                 heads_dtype="float32", verify_backbone=verify_backbone)
+    if shard_backbone:
+        target = resolve_device(device)
+        model.backbone.shard(target)
+        model.heads.to(target)
     bb, heads = model.backbone, model.heads
     state = checkpoint[2] if checkpoint else {}
     if checkpoint:  # the checkpoint's own heads: heads.safetensors may be of another step
@@ -343,7 +372,8 @@ def _finish(run: _Run) -> dict:
                "data": run.data, "seq_len": tc.seq_len, "batch_size": tc.batch_size * tc.grad_accum,
                "minutes_this_run": (time.perf_counter() - run.started) / 60,
                "tokens_per_s": sum(run.tps) / max(len(run.tps), 1),
-               "device": str(bb.device), "load_in_4bit": bb.identity.load_in_4bit, "processes": run.dd.world}
+               "device": str(bb.device), "load_in_4bit": bb.identity.load_in_4bit, "processes": run.dd.world,
+               "sharded_backbone": bb.sharded}
     if bb.device.type == "cuda":
         summary["peak_gpu_gib"] = torch.cuda.max_memory_allocated(bb.device) / 2 ** 30
     if not run.dd.main:

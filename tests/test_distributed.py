@@ -125,3 +125,45 @@ def test_distill_data_in_two_processes_writes_one_ordered_file(tiny_dirs, tmp_pa
     assert r.returncode == 0, r.stderr[-2000:]
     assert two.read_text() == one.read_text()
     assert not list(tmp_path.glob("two.jsonl.part-*"))
+
+
+def test_accelerate_launch_with_a_sharded_backbone_trains_what_torchrun_trains(tiny_dirs, tiny_data, tmp_path):
+    """`accelerate launch` (its torchrun-based launcher; gloo on CPU) with the backbone's layers
+    sharded over the two processes (FSDP2) gives the heads that torchrun gives with the backbone
+    whole in each process; evaluation in between runs the same number of batches everywhere."""
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    for d in (plain, sharded):
+        add_heads(tiny_dirs["llama"], heads="eagle", num_heads=2, out=str(d), device="cpu")
+    opts = flags({**OPTS, "max_steps": 6, "batch_size": 4, "eval_every": 3})
+    p = torchrun(plain, tiny_data, *opts)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), "-m", "graft", "train", str(sharded), "--data", tiny_data, "--device", "cpu",
+           "--shard-backbone", *[str(a) for a in opts]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("done: 6 steps") == 1  # one summary, from rank 0
+    training = load(str(sharded), device="cpu").config.training
+    assert training["processes"] == 2 and training["sharded_backbone"]
+    a, b = heads_of(plain), heads_of(sharded)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_shard_backbone_refusals(tiny_dirs, tiny_data, tmp_path):
+    import pytest
+
+    g = tmp_path / "g"
+    add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=str(g), device="cpu")
+    with pytest.raises(GraftError, match="several processes: launch with `torchrun"):
+        train(str(g), tiny_data, {**OPTS, "max_steps": 1}, device="cpu", progress=False, shard_backbone=True)
+    from graft.distributed import Dist
+    from graft.train import _check_sharding
+
+    with pytest.raises(GraftError, match="does not take a 4-bit backbone"):
+        _check_sharding(Dist(0, 2), True, None)
+    with pytest.raises(GraftError, match="trains no LoRA"):
+        _check_sharding(Dist(0, 2), False, 8)
