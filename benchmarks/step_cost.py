@@ -46,9 +46,10 @@ def random_llama(shape: str, dtype: torch.dtype):
     return Backbone.from_hf(hf.eval(), None, source=f"random-llama-{shape}")
 
 
-def profile(dec, prompt, roof, steps: int = 32):
-    """Kernel time of a one-token step against its wall time: what the card computes, and what
-    is launch gaps and overhead; then the kernels that take most of it."""
+def profile(dec, prompt, roof, size: int = 0, steps: int = 32):
+    """Kernel time of a step (one token, or a tree of `size` nodes besides the root) against
+    its wall time: what the card computes, and what is gaps and overhead; then the kernels that
+    take most of it."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from graft.speculative import DecodeConfig
@@ -56,13 +57,14 @@ def profile(dec, prompt, roof, steps: int = 32):
     if dec.bb.device.type != "cuda":
         print("--profile needs a CUDA device")
         return
-    cfg = DecodeConfig(max_new_tokens=steps, engine="static", draft=False, eos=False)
+    cfg = DecodeConfig(max_new_tokens=steps, engine="static", draft=size > 0, tree_size=size, eos=False)
     dec.generate(prompt, cfg)
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         out = dec.generate(prompt, cfg)
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     total_us = sum(e.self_device_time_total for e in events) / out.steps
-    print(f"one-token step, static engine: {total_us / 1e3:.2f} ms of kernels per step ({roof / (total_us / 1e3):.2f} "
+    what = f"{dec.heads.family} {size + 1}-node step" if size else "one-token step"
+    print(f"{what}, static engine: {total_us / 1e3:.2f} ms of kernels per step ({roof / (total_us / 1e3):.2f} "
           f"of it is the weights' roofline); the kernels taking most of it:")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
         print(f"  {e.self_device_time_total / out.steps / 1e3:7.3f} ms  {e.count // out.steps:4d}x  {e.key[:90]}")
@@ -83,8 +85,8 @@ def main(argv=None):
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s for the roofline")
     p.add_argument("--json", help="append one JSON line per figure")
     p.add_argument("--profile", action="store_true",
-                   help="also profile the one-token step (static engine, no graph): GPU time per step summed over "
-                        "kernels, and the kernels that take most of it")
+                   help="also profile the one-token step and each family's largest tree step (static engine, no "
+                        "graph): GPU time per step summed over kernels, and the kernels that take most of it")
     a = p.parse_args(argv)
 
     from graft.backbone import load_backbone
@@ -108,8 +110,10 @@ def main(argv=None):
         m = add_heads(bb, heads=fam, num_heads=a.num_heads, draft_vocab=a.draft_vocab)
         m.heads.to(bb.dtype)
         dec = SpeculativeDecoder(m)
-        if a.profile and base is None:
-            profile(dec, prompt, roof)
+        if a.profile:
+            if base is None:
+                profile(dec, prompt, roof)
+            profile(dec, prompt, roof, size=max(int(x) for x in a.sizes.split(",")))
         for size in [int(s) for s in a.sizes.split(",")]:
             if size == 0 and base is not None:
                 continue  # the loop without drafting does not depend on the family
