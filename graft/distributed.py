@@ -7,6 +7,7 @@ data. Without those variables everything runs in one process, as before.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -69,6 +70,11 @@ class Dist:
 _STATE = None
 
 
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def setup() -> Dist:
     """Join the process group the launcher describes (once per process)."""
     global _STATE
@@ -84,5 +90,8 @@ def setup() -> Dist:
         if cuda:
             torch.cuda.set_device(local)
         dist.init_process_group(backend="nccl" if cuda else "gloo")
+        # leave the group before the interpreter exits: its communication threads (gloo's, under
+        # FSDP) otherwise abort the process at exit ("terminate called without an active exception")
+        atexit.register(_leave)
     _STATE = Dist(rank, world, local)
     return _STATE
