@@ -15,6 +15,7 @@ from .config import HEAD_FAMILIES, GraftError
 DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]  # graft.backbone.DTYPES, plus auto
 ENGINE_CHOICES = ["auto", "eager", "static", "graph", "compiled"]  # graft.engine.ENGINES
 TREE_CHOICES = ["auto", "calibrated", "chain", "dynamic"]  # graft.speculative.TREE_CHOICES
+DECODE_DTYPE_CHOICES = ["auto", "4bit", "float32", "bfloat16", "float16"]  # graft.backbone.DECODE_DTYPES
 
 
 def dtype_option(help="Backbone dtype; auto keeps the saved one (bfloat16 on CUDA, float32 on CPU)."):
@@ -35,7 +36,7 @@ ENGINE_OPTION = click.option(
 
 
 DECODE_DTYPE_OPTION = click.option(
-    "--decode-dtype", type=click.Choice(["auto", "4bit", "bfloat16", "float16", "float32"]), default="auto",
+    "--decode-dtype", type=click.Choice(DECODE_DTYPE_CHOICES), default="auto",
     show_default=True,
     help="A 4-bit backbone while decoding: 4bit keeps bitsandbytes' weights (least memory, slower matmuls); a dtype "
          "dequantizes them once into dense weights (the same values, more memory, the fastest steps); auto "

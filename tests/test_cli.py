@@ -169,12 +169,23 @@ def test_engine_choices_match_the_engine_module():
 
 
 def test_option_lists_match_the_library():
-    from graft.backbone import DTYPES
-    from graft.cli import DTYPE_CHOICES, TREE_CHOICES
+    from graft.backbone import DECODE_DTYPES, DTYPES
+    from graft.cli import DECODE_DTYPE_CHOICES, DTYPE_CHOICES, TREE_CHOICES
     from graft.speculative import TREE_CHOICES as LIB_TREE
 
     assert DTYPE_CHOICES == ["auto"] + list(DTYPES)
     assert TREE_CHOICES == list(LIB_TREE)
+    assert DECODE_DTYPE_CHOICES == list(DECODE_DTYPES)
+
+
+def test_4bit_options_on_a_dense_backbone_are_one_line(tiny_dirs, tmp_path):
+    g = tmp_path / "g"
+    run("add-heads", tiny_dirs["llama"], "--heads", "medusa", "--out", g, "--device", "cpu")
+    one_line_error(run("generate", g, "-p", "hi", "--decode-dtype", "bfloat16", "--device", "cpu", ok=False),
+                   "applies to 4-bit backbones")
+    one_line_error(run("export", g, "--out", tmp_path / "e", "--keep-4bit", ok=False), "--keep-4bit")
+    one_line_error(run("train", g, "--data", tmp_path / "none.jsonl", "--shard-backbone", "--device", "cpu", ok=False),
+                   "several processes")
 
 
 def test_distill_data_never_overwrites_what_it_did_not_write(tiny_dirs, tmp_path):
