@@ -113,11 +113,21 @@ def attention_backends(device, static: bool):
 
 
 def _sdpa(q, k, v, mask, scale, causal):
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: (B, H_kv, S, D) -> (B, H, S, D)
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    if Hkv == H:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    rep = H // Hkv
+    if causal:  # training without a cache: keys as long as the queries; repeat them per query head
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    # Grouped-query attention over a cache: the `rep` query heads that share a key head become
+    # rows of one (B, H_kv, rep*T, D) query, so the cache is read as it is instead of being copied
+    # `rep` times per layer and step (query heads j*rep..j*rep+rep-1 share key head j).
+    if mask is not None:
+        mask = mask.repeat(1, 1, rep, 1)  # row r*T + t is query t of head r in its group
+    o = F.scaled_dot_product_attention(q.reshape(B, Hkv, rep * T, D), k, v, attn_mask=mask, scale=scale)
+    return o.view(B, H, T, D)
 
 
 def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None):
