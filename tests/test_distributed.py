@@ -7,12 +7,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from graft import checkpoint as ckpt
 from graft.config import GraftError
+from graft.distributed import Dist
 from graft.model import add_heads, load
-from graft.train import train
+from graft.train import _check_sharding, train
 
 from conftest import ROOT
 
@@ -154,15 +156,10 @@ def test_accelerate_launch_with_a_sharded_backbone_trains_what_torchrun_trains(t
 
 
 def test_shard_backbone_refusals(tiny_dirs, tiny_data, tmp_path):
-    import pytest
-
     g = tmp_path / "g"
     add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=str(g), device="cpu")
     with pytest.raises(GraftError, match="several processes: launch with `torchrun"):
         train(str(g), tiny_data, {**OPTS, "max_steps": 1}, device="cpu", progress=False, shard_backbone=True)
-    from graft.distributed import Dist
-    from graft.train import _check_sharding
-
     with pytest.raises(GraftError, match="does not take a 4-bit backbone"):
         _check_sharding(Dist(0, 2), True, None)
     with pytest.raises(GraftError, match="trains no LoRA"):
