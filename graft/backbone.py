@@ -234,6 +234,16 @@ def load_backbone(model: str = DEFAULT_MODEL, *, dtype: str | None = "auto", dev
     return Backbone(hf, identity, tok)
 
 
+def drop_gguf_tag(hf) -> None:
+    """A model loaded from a GGUF file is dequantized in memory; only transformers' GGUF quantizer
+    tag keeps `save_pretrained` from writing it. Drop that tag (other quantizers stay)."""
+    q = getattr(hf, "hf_quantizer", None)
+    if q is not None and type(q).__name__.lower().startswith("gguf"):
+        hf.hf_quantizer = None
+        if hasattr(hf.config, "quantization_config"):
+            del hf.config.quantization_config
+
+
 def _dense_copy(where: str, gguf_file: str, digest: str, dtype: torch.dtype) -> str:
     """A GGUF file's weights, dequantized, as a safetensors folder in graft's cache (made once per
     file and dtype), for loaders that take no GGUF (bitsandbytes' 4-bit quantization)."""
@@ -247,9 +257,7 @@ def _dense_copy(where: str, gguf_file: str, digest: str, dtype: torch.dtype) -> 
         return folder
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     hf = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf_file, dtype=dtype)
-    hf.hf_quantizer = None  # dequantized in memory; only the GGUF tag forbids saving it
-    if hasattr(hf.config, "quantization_config"):
-        del hf.config.quantization_config
+    drop_gguf_tag(hf)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=f".{name}-")
     try:
         hf.save_pretrained(tmp, safe_serialization=True)
@@ -338,11 +346,10 @@ class Backbone:
         """Whether any projection still holds bitsandbytes 4-bit weights."""
         return any(_is_4bit(m) for m in self.hf.modules())
 
-    def dequantize(self, dtype: torch.dtype) -> int:
+    def dequantize(self, dtype: torch.dtype) -> None:
         """Replace every 4-bit projection by a dense one holding its dequantized weights in `dtype`:
-        the same weights, ordinary matmuls (which CUDA graphs capture), more memory. The identity
-        stays that of the 4-bit backbone, which the heads were trained on. Returns the bytes added."""
-        added = 0
+        the same weights, ordinary matmuls (which CUDA graphs capture), more memory (`dense_bytes`).
+        The identity stays that of the 4-bit backbone, which the heads were trained on."""
         for parent in list(self.hf.modules()):
             for name, child in list(parent.named_children()):
                 if not _is_4bit(child):
@@ -355,8 +362,6 @@ class Backbone:
                     if child.bias is not None:
                         dense.bias.copy_(child.bias)
                 setattr(parent, name, dense.requires_grad_(False))
-                added += dense.weight.numel() * dense.weight.element_size()
-        return added
 
     def dense_bytes(self, dtype: torch.dtype) -> int:
         """What `dequantize(dtype)` would add: the 4-bit projections' weights at full size."""

@@ -367,8 +367,3 @@ def save_sglang_eagle3(path: str, heads, bb, dtype) -> None:
                                     "use_aux_hidden_state": True},
                    "torch_dtype": str(dtype).removeprefix("torch.")})
     write_json(os.path.join(path, "config.json"), config)
-
-
-def ident_is_gguf(hf) -> bool:
-    q = getattr(hf, "hf_quantizer", None)
-    return q is not None and type(q).__name__.lower().startswith("gguf")

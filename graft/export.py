@@ -64,7 +64,7 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
         GraftError: a bad source or format, an `--out` that exists (without --force) or holds the
             source.
     """
-    from .backbone import _folder_fingerprint
+    from .backbone import _folder_fingerprint, drop_gguf_tag
     from .model import load
     from .tree import build_tree, default_accuracies
 
@@ -128,11 +128,7 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
         if config.lora:
             ckpt.merge_lora(hf)
         # with --keep-4bit, bitsandbytes' own serialisation (safetensors), which loads back 4-bit
-        if not keep_4bit and ckpt.ident_is_gguf(hf):
-            # A GGUF load is already dequantized in memory; only the quantizer tag forbids saving it.
-            hf.hf_quantizer = None
-            if hasattr(hf.config, "quantization_config"):
-                del hf.config.quantization_config
+        drop_gguf_tag(hf)
         hf.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)

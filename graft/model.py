@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .backbone import Backbone, decode_weights, load_backbone
+from .backbone import DTYPES, Backbone, decode_weights, load_backbone
 from .config import GraftConfig, GraftError, HeadSpec
 from .heads import build_heads
 
@@ -156,8 +156,7 @@ def load(path: str, *, device: str = "auto", dtype: str | None = None, backbone:
         ckpt.load_lora_into(path, GraftModel(backbone, None, config), config.lora)
     heads = build_heads(config.heads, backbone)
     ckpt.load_heads_into(path, heads, config)
-    target = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        heads_dtype or "", backbone.dtype)
+    target = DTYPES.get(heads_dtype or "", backbone.dtype)
     heads.to(dtype=target).eval().requires_grad_(False)
     if decode_dtype is not None:
         backbone.weights_note = decode_weights(backbone, decode_dtype)

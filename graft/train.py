@@ -196,13 +196,14 @@ def _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify
     from .backbone import resolve_device
     from .model import load
 
+    dd = dd or Dist()
     tc = make_train_config(values, config.heads.num_heads)
     checkpoint = ckpt.load_checkpoint(graft_dir) if resume else None
     if checkpoint is not None:  # the run continues with its own options, but for those given now
         saved = {k: v for k, v in checkpoint[1]["train_config"].items() if k != "num_heads"}
         tc = make_train_config({**saved, **values}, config.heads.num_heads)
     if shard_backbone:
-        _check_sharding(dd or Dist(), load_in_4bit or config.backbone.load_in_4bit, tc.lora_r)
+        _check_sharding(dd, load_in_4bit or config.backbone.load_in_4bit, tc.lora_r)
     # sharded: loaded whole on the CPU, then each process keeps its share on its device
     model = load(graft_dir, device="cpu" if shard_backbone else device, load_in_4bit=load_in_4bit or None,
                  heads_dtype="float32", verify_backbone=verify_backbone)
@@ -234,7 +235,6 @@ def _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify
     horizon = [total]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, tc.warmup, horizon[0]))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bb.device.type == "cuda" else contextlib.nullcontext()
-    dd = dd or Dist()
     run = _Run(graft_dir, data, tc, model, train_blocks, eval_blocks, params, lora_params, opt, sched, horizon,
                total, autocast, dd, lora)
     if checkpoint:

@@ -35,6 +35,13 @@ def torchrun(graft_dir, data, *args, nproc=2, **popen):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
+def succeeded(p) -> str:
+    """Wait for a launched run; it must exit 0. Returns its standard output."""
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    return out
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants (torchrun starts its workers in sessions of
     their own, so killing its process group does not reach them)."""
@@ -73,8 +80,7 @@ def test_two_processes_train_the_heads_one_process_trains(tiny_dirs, tiny_data, 
     train(str(one), tiny_data, {**OPTS, "max_steps": 8, "batch_size": 8, "save_every": 4}, device="cpu",
           progress=False)
     p = torchrun(two, tiny_data, *flags({**OPTS, "max_steps": 8, "batch_size": 4, "save_every": 4}))
-    out, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
+    out = succeeded(p)
     assert "done: 8 steps" in out
     a, b = heads_of(one), heads_of(two)
     for k in a:
@@ -88,8 +94,7 @@ def test_two_processes_resume_exactly_after_sigkill(tiny_dirs, tiny_data, tmp_pa
         add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=str(d), device="cpu")
     opts = flags({**OPTS, "max_steps": 2000, "batch_size": 2, "save_every": 5})
     p = torchrun(ref, tiny_data, *opts)
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
+    succeeded(p)
     p = torchrun(run, tiny_data, *opts)
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
@@ -103,8 +108,7 @@ def test_two_processes_resume_exactly_after_sigkill(tiny_dirs, tiny_data, tmp_pa
     p.communicate()
     assert ckpt.load_checkpoint(str(run))[0] < 2000  # killed mid-run
     p = torchrun(run, tiny_data, "--resume")
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
+    succeeded(p)
     a, b = heads_of(ref), heads_of(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -138,8 +142,7 @@ def test_accelerate_launch_with_a_sharded_backbone_trains_what_torchrun_trains(t
         add_heads(tiny_dirs["llama"], heads="eagle", num_heads=2, out=str(d), device="cpu")
     opts = flags({**OPTS, "max_steps": 6, "batch_size": 4, "eval_every": 3})
     p = torchrun(plain, tiny_data, *opts)
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
+    succeeded(p)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(free_port()), "-m", "graft", "train", str(sharded), "--data", tiny_data, "--device", "cpu",

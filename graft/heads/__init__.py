@@ -47,11 +47,13 @@ class Heads(nn.Module):
         raise NotImplementedError
 
     def logits(self, bb, k: int, h: torch.Tensor) -> torch.Tensor:
-        """Default: the backbone's shared final norm and unembedding."""
-        return bb.lm_head(bb.norm(h.to(bb.dtype))).float()
+        """Vocabulary logits of depth k: the product `unembed` describes."""
+        x, w = self.unembed(bb, k, h)
+        return torch.nn.functional.linear(x.to(w.dtype), w).float()
 
     def unembed(self, bb, k: int, h: torch.Tensor):
-        """(the unembedding's input, its (V, d) weight) for depth k: `logits` is their product."""
+        """(the unembedding's input, its (V, d) weight) for depth k. Default: the backbone's
+        shared final norm and unembedding."""
         return bb.norm(h.to(bb.dtype)), bb.lm_head.weight
 
     def draft_logits(self, bb, k: int, h: torch.Tensor) -> torch.Tensor:

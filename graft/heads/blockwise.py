@@ -31,9 +31,6 @@ class BlockwiseHeads(ParallelHeads):
     def hidden(self, bb, trunk, final, ids):
         return self._apply_heads(bb.norm(final).float())
 
-    def logits(self, bb, k, h):
-        return bb.lm_head(h.to(bb.dtype)).float()  # h is already normalised
-
     def unembed(self, bb, k, h):
         return h.to(bb.dtype), bb.lm_head.weight  # h is already normalised
 

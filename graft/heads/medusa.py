@@ -50,11 +50,6 @@ class MedusaHeads(ParallelHeads):
         normed = bb.norm(final).float()
         return [blocks(normed) for blocks in self.blocks]
 
-    def logits(self, bb, k, h):
-        if self.lm_heads is None:
-            return bb.lm_head(h.to(bb.dtype)).float()
-        return self.lm_heads[k](h.to(self.lm_heads[k].weight.dtype)).float()
-
     def unembed(self, bb, k, h):
         w = bb.lm_head.weight if self.lm_heads is None else self.lm_heads[k].weight
         return h.to(w.dtype), w
