@@ -95,6 +95,21 @@ def causal_allowed(q: int, start: int, device) -> torch.Tensor:
     return cols <= rows
 
 
+_PLAIN_RMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def norm(module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a decoder norm. The Llama family's RMSNorm (weight * x / rms(x)) runs as torch's own
+    fused rms_norm: one kernel where the module's code runs eight in bf16 (two casts, pow, mean,
+    add, rsqrt, two products), and a small model's decoding step is bound by its kernel count.
+    The same arithmetic in float32 (identical there); in bf16 it rounds once instead of twice.
+    Other norms, and mixed dtypes, run as the module says."""
+    w = getattr(module, "weight", None)
+    if type(module).__name__ not in _PLAIN_RMS or w is None or w.dtype != x.dtype:
+        return module(x)
+    return F.rms_norm(x, w.shape, w, module.variance_epsilon)
+
+
 def _rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -112,22 +127,33 @@ def attention_backends(device, static: bool):
     return sdpa_kernel(list(_DYNAMIC) + ([SDPBackend.CUDNN_ATTENTION] if static else []))
 
 
+def group_rows(mask: torch.Tensor, rep: int) -> torch.Tensor:
+    """A (.., T, S) mask for the grouped-query layout of `_sdpa`: row r*T + t is query t of the
+    r-th query head of a key head's group. A forward repeats it once for all its layers."""
+    return mask.repeat(1, 1, rep, 1)
+
+
 def _sdpa(q, k, v, mask, scale, causal):
+    """Attention of q (B, H, T, D) over k, v (B, H_kv, S, D) -> (B, T, H * D), the input of the
+    output projection. The kernels may return any memory layout (CUDA's are (B, T, H, D)), so
+    the result is only ever reshaped, never viewed."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     if Hkv == H:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+        return o.transpose(1, 2).reshape(B, T, H * D)
     rep = H // Hkv
     if causal:  # training without a cache: keys as long as the queries; repeat them per query head
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return o.transpose(1, 2).reshape(B, T, H * D)
     # Grouped-query attention over a cache: the `rep` query heads that share a key head become
     # rows of one (B, H_kv, rep*T, D) query, so the cache is read as it is instead of being copied
     # `rep` times per layer and step (query heads j*rep..j*rep+rep-1 share key head j).
-    if mask is not None:
-        mask = mask.repeat(1, 1, rep, 1)  # row r*T + t is query t of head r in its group
+    if mask is not None and mask.shape[-2] == T > 1:  # one row broadcasts; rep*T rows came grouped
+        mask = group_rows(mask, rep)
     o = F.scaled_dot_product_attention(q.reshape(B, Hkv, rep * T, D), k, v, attn_mask=mask, scale=scale)
-    return o.view(B, H, T, D)
+    return o.unflatten(2, (rep, T)).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
 
 def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None):
@@ -136,13 +162,13 @@ def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x
     attn = layer.self_attn
     B, T, _ = h.shape
     if x is None:
-        x = layer.input_layernorm(h)
+        x = norm(layer.input_layernorm, h)
     hd = attn.head_dim
     q = attn.q_proj(x).view(B, T, -1, hd)
     k = attn.k_proj(x).view(B, T, -1, hd)
     v = attn.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
     if hasattr(attn, "q_norm"):  # Qwen3 normalises queries and keys per head
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
     cos, sin = rope
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -155,8 +181,8 @@ def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x
     if cache is not None:
         k, v = cache.update(cache_layer, start, k, v)
     o = _sdpa(q, k, v, mask, attn.scaling, causal=mask is None and cache is None)
-    h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    h = h + attn.o_proj(o)
+    return h + layer.mlp(norm(layer.post_attention_layernorm, h))
 
 
 def gpt2_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None):
@@ -174,7 +200,7 @@ def gpt2_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=
     if cache is not None:
         k, v = cache.update(cache_layer, start, k, v)
     o = _sdpa(q, k, v, mask, scale, causal=mask is None and cache is None)
-    h = h + attn.c_proj(o.transpose(1, 2).reshape(B, T, -1))
+    h = h + attn.c_proj(o)
     return h + layer.mlp(layer.ln_2(h))
 
 

@@ -34,6 +34,34 @@ def test_cached_forward_matches_full(mt, tokenizer):
     torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mt", ["llama", "gpt2"])
+def test_attention_output_in_any_memory_layout(mt, tokenizer, monkeypatch):
+    """CUDA's attention kernels return (B, T, H, D)-ordered outputs; the CPU's are contiguous.
+    The cached forward (one query and several, grouped-query heads for llama) must not care."""
+    import graft.modeling as modeling
+    from graft.modeling import additive_mask, causal_allowed
+
+    bb = tiny_backbone(mt, tokenizer)
+    ids = torch.randint(0, len(tokenizer), (1, 10))
+
+    def run():
+        cache = bb.new_cache(16)
+        _, a = bb.forward(ids[:, :9], torch.arange(9)[None], cache, 0,
+                          additive_mask(causal_allowed(9, 0, "cpu"), bb.dtype))
+        _, b = bb.forward(ids[:, 9:], torch.arange(9, 10)[None], cache, 9,
+                          additive_mask(causal_allowed(1, 9, "cpu"), bb.dtype))
+        return torch.cat([a, b], 1)
+
+    ref = run()
+    sdpa = modeling.F.scaled_dot_product_attention
+
+    def transposed_layout(*a, **k):  # same values, stored as (B, T, H, D) like CUDA's kernels
+        return sdpa(*a, **k).transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(modeling.F, "scaled_dot_product_attention", transposed_layout)
+    torch.testing.assert_close(run(), ref, atol=0, rtol=0)
+
+
 def test_load_folder_records_identity(tiny_dirs):
     bb = load_backbone(tiny_dirs["llama"], device="cpu")
     ident = bb.identity
