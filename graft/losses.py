@@ -74,7 +74,7 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
     dev = final.device
     sub = heads.draft_ids  # None, or the (N,) token ids of a draft vocabulary
     with torch.no_grad():
-        normed = bb.norm(final)
+        normed = bb.final_norm(final)
     # head k's rows: positions 0..T-k-2, targets at positions k+1..T-1
     leaves = []
     for k, h in enumerate(hs):

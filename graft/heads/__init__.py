@@ -54,7 +54,7 @@ class Heads(nn.Module):
     def unembed(self, bb, k: int, h: torch.Tensor):
         """(the unembedding's input, its (V, d) weight) for depth k. Default: the backbone's
         shared final norm and unembedding."""
-        return bb.norm(h.to(bb.dtype)), bb.lm_head.weight
+        return bb.final_norm(h.to(bb.dtype)), bb.lm_head.weight
 
     def draft_logits(self, bb, k: int, h: torch.Tensor) -> torch.Tensor:
         """What drafting scores: `logits`, or with a draft vocabulary only its N tokens (..., N)."""

@@ -29,7 +29,7 @@ class BlockwiseHeads(ParallelHeads):
         return [normed + out(z) for out in self.out]
 
     def hidden(self, bb, trunk, final, ids):
-        return self._apply_heads(bb.norm(final).float())
+        return self._apply_heads(bb.final_norm(final).float())
 
     def unembed(self, bb, k, h):
         return h.to(bb.dtype), bb.lm_head.weight  # h is already normalised
@@ -38,4 +38,4 @@ class BlockwiseHeads(ParallelHeads):
         return self.logits(bb, 0, h)  # one product reads the unembedding once for all heads
 
     def last_hidden(self, bb, state):
-        return torch.stack(self._apply_heads(bb.norm(state["final"]).to(self.out[0].weight.dtype)))
+        return torch.stack(self._apply_heads(bb.final_norm(state["final"]).to(self.out[0].weight.dtype)))

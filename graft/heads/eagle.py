@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import GraftError
-from ..modeling import additive_mask, cache_mask, KVCache
+from ..modeling import additive_mask, cache_mask, KVCache, norm
 from . import Heads, copy_last_layer, last_row, positions, rms_eps
 
 
@@ -112,7 +112,7 @@ class EagleHeads(Heads):
     def _step(self, bb, h, ids, pos, cache=None, slots=None, mask=None):
         """One pass of the draft layer: h (B, T, d) its residual input, ids (B, T) the tokens."""
         e = bb.embed_tokens(ids).to(self._dtype)
-        x = torch.cat([self._embed_norm()(e), self.hidden_norm(h)], dim=-1)  # (B, T, 2d)
+        x = torch.cat([norm(self._embed_norm(), e), self.hidden_norm(h)], dim=-1)  # (B, T, 2d)
         return bb.layer_fn(self.layer, h, bb.rope(h, pos), cache=cache, start=slots, mask=mask, x=x)
 
     def hidden(self, bb, trunk, final, ids):

@@ -47,7 +47,7 @@ class MedusaHeads(ParallelHeads):
                     lin.weight.copy_(w)
 
     def hidden(self, bb, trunk, final, ids):
-        normed = bb.norm(final).float()
+        normed = bb.final_norm(final).float()
         return [blocks(normed) for blocks in self.blocks]
 
     def unembed(self, bb, k, h):
@@ -60,5 +60,5 @@ class MedusaHeads(ParallelHeads):
         return super().all_logits(bb, h)
 
     def last_hidden(self, bb, state):
-        normed = bb.norm(state["final"]).to(self.blocks[0][0].linear.weight.dtype)
+        normed = bb.final_norm(state["final"]).to(self.blocks[0][0].linear.weight.dtype)
         return torch.stack([blocks(normed) for blocks in self.blocks])
