@@ -10,8 +10,8 @@ is graft's loop without drafting. The ratio column divides by that.
   python benchmarks/step_cost.py --random-llama 8b --engine graph     # random weights, no download
   python benchmarks/step_cost.py smollm2-135m --draft-vocab 8192     # drafts over 8192 tokens (FR-Spec)
 
---random-llama builds a Llama of that shape on the device from a config (1b: Llama-3.2-1B,
-8b: Llama-3-8B, both with a 49,152 vocabulary) and states the memory roofline of a one-token
+--random-llama builds a Llama of that shape on the device from a config (smollm2:
+SmolLM2-135M, 1b: Llama-3.2-1B, 8b: Llama-3-8B, all with a 49,152 vocabulary) and states the memory roofline of a one-token
 step: the weights' bytes over the card's bandwidth (--bandwidth, default an H200's 4.8 TB/s).
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ import sys
 import torch
 
 SHAPES = {
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, tie_word_embeddings=True),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -39,16 +41,66 @@ def random_llama(shape: str, dtype: torch.dtype):
     cfg = tf.LlamaConfig(vocab_size=49152, max_position_embeddings=4096, rope_theta=500000.0, **SHAPES[shape])
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # CPU: a dry run
             hf = tf.LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(torch.float32)
     return Backbone.from_hf(hf.eval(), None, source=f"random-llama-{shape}")
 
 
+PHASES = ("draft", "verify", "logits", "commit", "compact")
+
+
+def label_phases(dec):
+    """Wrap the step's phases in profiler ranges (this script's own; the library has none):
+    the heads' drafting and commit, the backbone's forward and unembedding, the KV compaction."""
+    from torch.profiler import record_function
+
+    from graft.modeling import KVCache
+
+    def wrap(obj, name, label):
+        f = getattr(obj, name)
+
+        def timed(*a, **k):
+            with record_function(label):
+                return f(*a, **k)
+        setattr(obj, name, timed)
+
+    for obj, name, label in ((dec.heads, "draft", "draft"), (dec.heads, "draft_dynamic", "draft"),
+                             (dec.heads, "commit", "commit"), (dec.bb, "forward", "verify"),
+                             (dec.bb, "logits", "logits")):
+        if hasattr(obj, name):
+            wrap(obj, name, label)
+    if not hasattr(KVCache.keep, "__wrapped_phase__"):
+        keep = KVCache.keep
+
+        def timed_keep(self, *a, **k):
+            with record_function("compact"):
+                return keep(self, *a, **k)
+        timed_keep.__wrapped_phase__ = True
+        KVCache.keep = timed_keep
+
+
+def by_phase(prof, steps: int) -> dict:
+    """Kernel count and kernel time (ms) per step for each phase: every CPU op's kernels go to
+    its innermost enclosing phase ("other" outside them)."""
+    out = {}
+    for e in prof.events():
+        if not e.kernels:
+            continue
+        p = e
+        while p is not None and p.name not in PHASES:
+            p = p.cpu_parent
+        name = p.name if p is not None else "other"
+        n, us = out.get(name, (0, 0.0))
+        out[name] = (n + len(e.kernels), us + sum(k.duration for k in e.kernels))
+    return {k: (n / steps, us / steps / 1e3) for k, (n, us) in out.items()}
+
+
 def profile(dec, prompt, roof, size: int = 0, steps: int = 32):
     """Kernel time of a step (one token, or a tree of `size` nodes besides the root) against
-    its wall time: what the card computes, and what is gaps and overhead; then the kernels that
+    its wall time: what the card computes, and what is gaps and overhead; per phase (draft,
+    verify, logits, commit, compact; prefill included once in 'verify'), then the kernels that
     take most of it."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -59,13 +111,17 @@ def profile(dec, prompt, roof, size: int = 0, steps: int = 32):
         return
     cfg = DecodeConfig(max_new_tokens=steps, engine="static", draft=size > 0, tree_size=size, eos=False)
     dec.generate(prompt, cfg)
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         out = dec.generate(prompt, cfg)
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     total_us = sum(e.self_device_time_total for e in events) / out.steps
+    count = sum(e.count for e in events) / out.steps
     what = f"{dec.heads.family} {size + 1}-node step" if size else "one-token step"
-    print(f"{what}, static engine: {total_us / 1e3:.2f} ms of kernels per step ({roof / (total_us / 1e3):.2f} "
-          f"of it is the weights' roofline); the kernels taking most of it:")
+    print(f"{what}, static engine: {count:.0f} kernels, {total_us / 1e3:.2f} ms of kernels per step "
+          f"({roof / (total_us / 1e3):.2f} of it is the weights' roofline); by phase:")
+    for name, (n, ms) in sorted(by_phase(prof, out.steps).items(), key=lambda kv: -kv[1][1]):
+        print(f"  {name:<8}{n:6.0f} kernels {ms:7.3f} ms")
+    print("  the kernels taking most of it:")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
         print(f"  {e.self_device_time_total / out.steps / 1e3:7.3f} ms  {e.count // out.steps:4d}x  {e.key[:90]}")
 
@@ -83,6 +139,8 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=300, help="prompt tokens before decoding")
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s for the roofline")
+    p.add_argument("--sdpa", choices=["default", "efficient", "cudnn", "math", "flash"], default="default",
+                   help="the attention kernel of the fixed-shape steps (default: torch's choice among all)")
     p.add_argument("--json", help="append one JSON line per figure")
     p.add_argument("--profile", action="store_true",
                    help="also profile the one-token step and each family's largest tree step (static engine, no "
@@ -95,6 +153,13 @@ def main(argv=None):
     from graft.speculative import DecodeConfig, SpeculativeDecoder
 
     dt = getattr(torch, a.dtype)
+    if a.sdpa != "default":  # the static and graph engines' attention, forced to one kernel
+        import graft.engine
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, {"efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                                       "flash": "FLASH_ATTENTION", "math": "MATH"}[a.sdpa])
+        graft.engine.attention_backends = lambda device, static: sdpa_kernel([backend])  # only static steps ask
     bb = random_llama(a.random_llama, dt) if a.random_llama else load_backbone(a.model, dtype=a.dtype)
     name = f"random-llama-{a.random_llama}" if a.random_llama else a.model
     g = torch.Generator().manual_seed(0)
@@ -111,6 +176,7 @@ def main(argv=None):
         m.heads.to(bb.dtype)
         dec = SpeculativeDecoder(m)
         if a.profile:
+            label_phases(dec)
             if base is None:
                 profile(dec, prompt, roof)
             profile(dec, prompt, roof, size=max(int(x) for x in a.sizes.split(",")))
@@ -124,7 +190,7 @@ def main(argv=None):
             if size == 0:
                 base = ms
             rec = {"model": name, "device": device_name(bb.device), "dtype": a.dtype, "engine": a.engine,
-                   "draft_vocab": a.draft_vocab,
+                   "draft_vocab": a.draft_vocab, "sdpa": a.sdpa,
                    "family": "none" if size == 0 else fam, "nodes": size + 1, "ms_per_step": ms,
                    "x_nodraft": ms / base, "roofline_ms": roof}
             print(f"{rec['family']:<14}{size + 1:>6}{ms:>9.2f}{ms / base:>11.2f}{roof / ms:>16.2f}", flush=True)
