@@ -270,6 +270,10 @@ def _dense_copy(where: str, gguf_file: str, digest: str, dtype: torch.dtype) -> 
     return folder
 
 
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rotary types whose angles do not depend on the length
+MAX_ROPE_TABLE = 1 << 17  # positions; 64 MiB of bf16 table at head_dim 128
+
+
 class Backbone:
     """A frozen causal LM with the pieces the heads need, and a forward graft controls."""
 
@@ -289,6 +293,7 @@ class Backbone:
         self.layers = _first_attr(base, ("layers", "h", "blocks"), "decoder layers")
         self.norm = _first_attr(base, ("norm", "ln_f", "final_layernorm"), "final norm")
         self.rotary = getattr(base, "rotary_emb", None)
+        self._rope = {}  # the rotary table (rope)
         self.wpe = getattr(base, "wpe", None)
         self.layer_fn = LAYER_FNS[self.model_type]
         self.weights_note = ""  # how a 4-bit backbone decodes (decode_weights)
@@ -386,7 +391,29 @@ class Backbone:
         return h
 
     def rope(self, h: torch.Tensor, positions: torch.Tensor):
-        return None if self.rotary is None else self.rotary(h, positions)
+        """(cos, sin) of the rotary embedding at `positions` (B, T), each (B, T, head_dim); None
+        where positions are learned (GPT-2). Rotary types that do not rescale with the length are
+        read from a table of every position, one gather instead of the module's nine kernels (the
+        same values: each angle is one product, whatever the batch); the others run the module."""
+        if self.rotary is None:
+            return None
+        table = self._rope_table(h)
+        if table is None:
+            return self.rotary(h, positions)
+        cs = table[positions.clamp(max=table.shape[0] - 1)]  # nodes past the window draft unemitted tokens
+        return cs[..., 0, :], cs[..., 1, :]
+
+    def _rope_table(self, h: torch.Tensor):
+        """(P, 2, head_dim) cos and sin for positions 0..P-1 in h's dtype and device, built once."""
+        P = self.max_positions or 0
+        if getattr(self.rotary, "rope_type", "default") not in STATIC_ROPE or not 0 < P <= MAX_ROPE_TABLE:
+            return None
+        key = (h.device, h.dtype)
+        if self._rope.get("key") != key:
+            with torch.no_grad():
+                cos, sin = self.rotary(h.new_zeros(1), torch.arange(P, device=h.device)[None])
+            self._rope = {"key": key, "table": torch.stack([cos[0], sin[0]], dim=1)}
+        return self._rope["table"]
 
     def forward(self, ids, positions, cache: KVCache | None = None, start: int = 0, mask=None, features=None):
         """Run the decoder. ids, positions: (B, T).

@@ -62,6 +62,17 @@ def test_attention_output_in_any_memory_layout(mt, tokenizer, monkeypatch):
     torch.testing.assert_close(run(), ref, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("mt", ["llama", "qwen3"])
+def test_rope_table_gives_the_modules_angles(mt, tokenizer):
+    bb = tiny_backbone(mt, tokenizer)
+    h, pos = torch.zeros(2, 5, 64), torch.tensor([[0, 3, 17, 200, 255], [1, 2, 3, 4, 5]])
+    assert bb._rope_table(h) is not None
+    for ours, theirs in zip(bb.rope(h, pos), bb.rotary(h, pos)):
+        assert torch.equal(ours, theirs)
+    bb.rotary.rope_type = "dynamic"  # angles that rescale with the length: the module runs
+    assert bb._rope_table(h) is None
+
+
 def test_load_folder_records_identity(tiny_dirs):
     bb = load_backbone(tiny_dirs["llama"], device="cpu")
     ident = bb.identity
