@@ -293,7 +293,7 @@ class Backbone:
         self.layers = _first_attr(base, ("layers", "h", "blocks"), "decoder layers")
         self.norm = _first_attr(base, ("norm", "ln_f", "final_layernorm"), "final norm")
         self.rotary = getattr(base, "rotary_emb", None)
-        self._rope = {}  # the rotary table (rope)
+        self._rope = {}  # (device, dtype) -> the rotary table (rope)
         self.wpe = getattr(base, "wpe", None)
         self.layer_fn = LAYER_FNS[self.model_type]
         self.weights_note = ""  # how a 4-bit backbone decodes (decode_weights)
@@ -408,12 +408,13 @@ class Backbone:
         P = self.max_positions or 0
         if getattr(self.rotary, "rope_type", "default") not in STATIC_ROPE or not 0 < P <= MAX_ROPE_TABLE:
             return None
-        key = (h.device, h.dtype)
-        if self._rope.get("key") != key:
-            with torch.no_grad():
-                cos, sin = self.rotary(h.new_zeros(1), torch.arange(P, device=h.device)[None])
-            self._rope = {"key": key, "table": torch.stack([cos[0], sin[0]], dim=1)}
-        return self._rope["table"]
+        key = (h.device, h.dtype)  # training reads it in the backbone's dtype and the heads' own
+        if key not in self._rope:
+            with torch.inference_mode(False), torch.no_grad():  # a plain tensor, also when decoding builds it
+                cos, sin = self.rotary(torch.zeros(1, dtype=h.dtype, device=h.device),
+                                       torch.arange(P, device=h.device)[None])
+            self._rope[key] = torch.stack([cos[0], sin[0]], dim=1)
+        return self._rope[key]
 
     def forward(self, ids, positions, cache: KVCache | None = None, start: int = 0, mask=None, features=None):
         """Run the decoder. ids, positions: (B, T).

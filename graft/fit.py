@@ -3,7 +3,7 @@
 A bigger tree accepts more tokens per step but costs more per step, and where the balance lies
 depends on the card, the backbone and the engine (on an H200 a 65-node step of SmolLM2 costs
 about 1.7 one-token steps; on an 8B model less). For a few candidate trees (a chain, and the
-calibrated best-first trees of 4 to 64 nodes) graft knows the expected new tokens per step from
+calibrated best-first trees of 4 to 128 nodes) graft knows the expected new tokens per step from
 the heads' per-rank accuracy (`graft.tree.expected_tokens`). It measures, once per backbone
 shape, head shape, card, dtype and engine, the wall time of a decoding step with each, and keeps
 the tree with the most expected tokens per millisecond. Where no tree beats decoding without
@@ -22,7 +22,7 @@ import torch
 from .config import write_json
 from .tree import Tree, build_tree, chain, expected_tokens
 
-SIZES = (4, 8, 16, 32, 64)
+SIZES = (4, 8, 16, 32, 64, 128)
 CONTEXT, NEW = 256, 32  # the measuring generation: prompt tokens, new tokens
 
 

@@ -21,7 +21,7 @@ def plain_greedy(bb, ids, n):
 
 @pytest.fixture(autouse=True)
 def fresh_cache(tmp_path, monkeypatch):
-    """Every case fits its tree from scratch (measuring and capturing trees of 4-64 nodes), so
+    """Every case fits its tree from scratch (measuring and capturing trees of 4-128 nodes), so
     that a case fails or passes alone as it does in the module run."""
     monkeypatch.setenv("GRAFT_CACHE", str(tmp_path / "cache"))
 

@@ -307,9 +307,9 @@ def test_tree_fitted_to_the_measured_cost(tokenizer, tmp_path, monkeypatch):
 
     monkeypatch.setattr(fit, "measure", fake(0.0))  # size costs nothing: the biggest tree wins
     tree, note = fit.fit_tree(SpeculativeDecoder(m), "static")
-    assert tree.n == 65 and "65" not in note and "64 nodes" in note
+    assert tree.n == 129 and "129" not in note and "128 nodes" in note
     monkeypatch.setattr(fit, "measure", fake(100.0))  # the cached costs are used, not these
-    assert fit.fit_tree(SpeculativeDecoder(m), "static")[0].n == 65 and calls == [7]
+    assert fit.fit_tree(SpeculativeDecoder(m), "static")[0].n == 129 and calls == [8]
     monkeypatch.setenv("GRAFT_CACHE", str(tmp_path / "other"))
     tree, note = fit.fit_tree(SpeculativeDecoder(m), "static")  # every node costs 10 steps: none pays
     assert tree is None and "no tree pays" in note
