@@ -189,7 +189,7 @@ class Step:
             verify, commit = (torch.compile(f, dynamic=False) for f in (verify, commit))
         # Warm-up and capture write at slots near the end of the cache. That is harmless: no slot
         # at or past the cache length is read before the step that owns it has written it.
-        safe = self.cache.max_len - self.N * self.A - 1
+        safe = self.cache.max_len - (self.heads.scratch(self.tree) if self.heads is not None else self.N) - 1
         self.load(safe, [0], [0], safe, [0] * self.N)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -57,7 +57,7 @@ def measure(dec, engine: str, trees: list) -> dict:
     from .speculative import DecodeConfig
 
     g = torch.Generator().manual_seed(0)
-    scratch = max((t.n * (t.max_depth + 1) for t in trees if t), default=0)  # the drafts' cache room
+    scratch = max((dec.heads.scratch(t) for t in trees if t), default=0)  # the drafts' cache room
     room = (dec.bb.max_positions or 2 * CONTEXT) - NEW - 2 * scratch - 1
     ids = torch.randint(0, dec.bb.vocab_size, (max(min(CONTEXT, room), 16),), generator=g).tolist()
     cfg = DecodeConfig(max_new_tokens=NEW, eos=False, engine=engine)

@@ -250,7 +250,7 @@ class SpeculativeDecoder:
                          draft_nodes=shape.n - 1, tree_note=note)
 
         t0 = time.perf_counter()
-        need = P + max_new + shape.n * (shape.max_depth + 1) + 1  # room for the drafts' scratch too
+        need = P + max_new + (heads.scratch(shape) if tree is not None else 1) + 1  # the drafts' scratch too
         cache, state, steps = self._buffers(engine, need, tree is not None)
         key = (tuple(shape.paths), greedy)
         if key not in steps:

@@ -87,6 +87,13 @@ class Heads(nn.Module):
     def new_state(self, bb, max_len: int) -> dict:
         return {}
 
+    def scratch(self, tree) -> int:
+        """Cache slots past the committed length that one step over `tree` may write, in the
+        backbone's cache and the heads' own: the verified nodes and the accepted path. The KV
+        cache is sized by it, and attention in the fixed-shape steps reads the whole cache, so
+        it is kept tight."""
+        return tree.n + tree.max_depth + 1
+
     def commit(self, bb, state, trunk, final, next_tokens, start, count) -> None:
         """Positions start..start+A-1 hold the accepted tokens, of which the first `count` are
         real (the rest pad to a fixed shape and may be overwritten later). trunk, final: (1, A, d)

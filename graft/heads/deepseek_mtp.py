@@ -80,6 +80,10 @@ class DeepSeekMTPHeads(Heads):
             "tokens": torch.zeros(max_len + 1, dtype=torch.long, device=bb.device),
         }
 
+    def scratch(self, tree):
+        # each depth's module reruns its path tails side by side after its committed prefix
+        return tree.n * (tree.max_depth + 1)
+
     def commit(self, bb, state, trunk, final, next_tokens, start, count):
         """Module k commits the positions whose inputs all became known: with n = start + count
         positions accepted, positions up to n-k. Once the prefill has run (start >= K-1), that is

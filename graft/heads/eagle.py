@@ -131,6 +131,10 @@ class EagleHeads(Heads):
         cache = KVCache(1, 1, bb.n_kv_heads, bb.head_dim, max_len, self._dtype, bb.device)
         return {"cache": cache, "g": torch.zeros(bb.hidden_size, dtype=self._dtype, device=bb.device)}
 
+    def scratch(self, tree):
+        base = super().scratch(tree)  # a static tree drafts at slot n-1+node
+        return max(base, tree.max_depth * tree.width + 1) if tree.dynamic else base  # draft_dynamic's slots
+
     def commit(self, bb, state, trunk, final, next_tokens, start, count):
         """The draft layer runs on the accepted positions with the real features and tokens; its
         output at the last one drafts depth 1."""
