@@ -24,6 +24,7 @@ from .tree import Tree, build_tree, chain, expected_tokens
 
 SIZES = (4, 8, 16, 32, 64, 128)
 CONTEXT, NEW = 256, 32  # the measuring generation: prompt tokens, new tokens
+STEP_VERSION = 2  # raised when graft's step changes what it costs, so that cached costs are measured again
 
 
 def cache_path() -> str:
@@ -40,7 +41,7 @@ def _key(dec, engine: str) -> str:
     return "|".join([f"{ident.model_type} d{ident.hidden_size} L{ident.num_layers} V{ident.vocab_size}",
                      json.dumps(spec.__dict__, sort_keys=True), device_name(bb.device),
                      str(bb.dtype).removeprefix("torch.") + (" 4-bit" if bb.quantized else ""), engine,
-                     f"torch {torch.__version__}"])
+                     f"torch {torch.__version__}", f"steps v{STEP_VERSION}"])
 
 
 def _load() -> dict:
