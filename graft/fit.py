@@ -2,7 +2,7 @@
 
 A bigger tree accepts more tokens per step but costs more per step, and where the balance lies
 depends on the card, the backbone and the engine (on an H200 a 65-node step of SmolLM2 costs
-about 1.7 one-token steps; on an 8B model less). For a few candidate trees (a chain, and the
+1.4 to 1.7 one-token steps, and about 1.5 on an 8B-shaped model). For a few candidate trees (a chain, and the
 calibrated best-first trees of 4 to 128 nodes) graft knows the expected new tokens per step from
 the heads' per-rank accuracy (`graft.tree.expected_tokens`). It measures, once per backbone
 shape, head shape, card, dtype and engine, the wall time of a decoding step with each, and keeps
