@@ -37,6 +37,12 @@ def resolve_engine(engine: str, bb) -> str:
     return "graph" if bb.device.type == "cuda" else "eager"  # bitsandbytes' 4-bit matmuls capture too
 
 
+def room(heads, tree) -> int:
+    """Cache slots past the committed length that one step over `tree` writes: what the heads say
+    (`Heads.scratch`), or the root alone without drafting (heads None)."""
+    return tree.n if heads is None else heads.scratch(tree)
+
+
 def greedy_choose(depth: int, logits: torch.Tensor, width: int) -> torch.Tensor:
     """Greedy drafting: each parent's children are its top candidates. (B, V) -> (B, R)."""
     return logits.topk(width, dim=-1).indices
@@ -189,7 +195,7 @@ class Step:
             verify, commit = (torch.compile(f, dynamic=False) for f in (verify, commit))
         # Warm-up and capture write at slots near the end of the cache. That is harmless: no slot
         # at or past the cache length is read before the step that owns it has written it.
-        safe = self.cache.max_len - (self.heads.scratch(self.tree) if self.heads is not None else self.N) - 1
+        safe = self.cache.max_len - room(self.heads, self.tree) - 1
         self.load(safe, [0], [0], safe, [0] * self.N)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

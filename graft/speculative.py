@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import GraftError
-from .engine import ENGINES, Step, resolve_engine
+from .engine import ENGINES, Step, resolve_engine, room
 from .modeling import additive_mask, attention_backends, causal_allowed
 from .tree import DynamicTree, Tree, build_tree, chain, default_accuracies
 
@@ -250,12 +250,12 @@ class SpeculativeDecoder:
                          draft_nodes=shape.n - 1, tree_note=note)
 
         t0 = time.perf_counter()
-        need = P + max_new + (heads.scratch(shape) if tree is not None else 1) + 1  # the drafts' scratch too
+        drafter = heads if tree is not None else None
+        need = P + max_new + room(drafter, shape) + 1  # the step's scratch past the last new token
         cache, state, steps = self._buffers(engine, need, tree is not None)
         key = (tuple(shape.paths), greedy)
         if key not in steps:
-            steps[key] = Step(bb, cache, shape, mode=engine, heads=heads if tree is not None else None, state=state,
-                              drafts=greedy)
+            steps[key] = Step(bb, cache, shape, mode=engine, heads=drafter, state=state, drafts=greedy)
         step = steps[key]
         mask = additive_mask(causal_allowed(P, 0, dev), bb.dtype)
         trunk, final = bb.forward(ids[None], torch.arange(P, device=dev)[None], cache, 0, mask, heads.features)
