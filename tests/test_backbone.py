@@ -62,6 +62,45 @@ def test_attention_output_in_any_memory_layout(mt, tokenizer, monkeypatch):
     torch.testing.assert_close(run(), ref, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("mt", ["llama", "qwen2", "qwen3"])
+def test_fused_projections_give_the_same_layer_outputs(mt, tokenizer):
+    """q, k, v (with Qwen2's biases) and the MLP's gate and up as one matmul each: the same
+    forward, no memory added, and the modules' own path again once their weights change."""
+    bb = tiny_backbone(mt, tokenizer)
+    ids = torch.randint(0, len(tokenizer), (2, 12))
+    pos = torch.arange(12).expand(2, 12)
+    ref = bb.forward(ids, pos)[1]
+    params = sum(p.numel() for p in bb.hf.parameters())
+    bb.fuse_projections()
+    attn, mlp = bb.layers[0].self_attn, bb.layers[0].mlp
+    w = attn._graft_fused[0]
+    assert w.shape[0] == sum(m.out_features for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()  # views, no copy
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp._graft_fused[0].untyped_storage().data_ptr()
+    assert sum(p.numel() for p in bb.hf.parameters()) == params
+    torch.testing.assert_close(bb.forward(ids, pos)[1], ref, atol=1e-5, rtol=1e-5)
+    calls = []
+    mlp.register_forward_hook(lambda *a: calls.append(1))  # the fused MLP path bypasses the module's call
+    bb.forward(ids, pos)
+    assert not calls
+    with torch.no_grad():  # new weights (a moved or reloaded module): the modules' own path
+        attn.q_proj.weight = torch.nn.Parameter(attn.q_proj.weight * 2, requires_grad=False)
+        mlp.gate_proj.weight = torch.nn.Parameter(mlp.gate_proj.weight * 2, requires_grad=False)
+    changed = bb.forward(ids, pos)[1]
+    assert calls and not torch.allclose(changed, ref)
+    torch.testing.assert_close(bb.logits(changed), bb.hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_trainable_projections_stay_unfused(tokenizer):
+    from graft.modeling import fuse_projections
+
+    bb = tiny_backbone("llama", tokenizer)
+    layer = bb.layers[0]
+    layer.requires_grad_(True)
+    fuse_projections(layer)
+    assert not hasattr(layer.self_attn, "_graft_fused") and not hasattr(layer.mlp, "_graft_fused")
+
+
 @pytest.mark.parametrize("mt", ["llama", "qwen3"])
 def test_rope_table_gives_the_modules_angles(mt, tokenizer):
     bb = tiny_backbone(mt, tokenizer)

@@ -151,18 +151,17 @@ class EagleHeads(Heads):
         cache = state["cache"]
         dev = cache.k.device
         out = torch.zeros(tree.n, dtype=torch.long, device=dev)
-        cols = torch.arange(cache.max_len, device=dev)
+        root = torch.as_tensor(n - 1, device=dev)  # the root's slot and position
+        rel = (torch.arange(cache.max_len, device=dev) - root).clamp(0, tree.n)  # slot -> Level.sees column
         prev = state["g"][None]  # (1, d): the root's row, the output at position n-1
         for lv in tree.levels(dev):
             if lv.depth == 1:
                 g = prev
             else:
                 nodes = lv.lines[:, -1]  # (B,) the parents, of depth d-1
-                B = nodes.shape[0]
-                pos = torch.zeros(B, dtype=torch.long, device=dev) + (n + lv.depth - 2)
-                seen = (cols[None, None, :] == (n - 1 + lv.lines)[:, :, None]).any(dim=1)  # (B, S)
-                mask = additive_mask((cols < n)[None, :] | seen, self._dtype)
-                g = self._step(bb, prev[lv.up][None], out[nodes][None], pos[None], cache, n - 1 + nodes, mask)[0]
+                pos = (root + (lv.depth - 1)).expand(nodes.shape[0])
+                mask = additive_mask(lv.sees[:, rel], self._dtype)
+                g = self._step(bb, prev[lv.up][None], out[nodes][None], pos[None], cache, root + nodes, mask)[0]
             top = self.pick(choose, lv.depth, self.draft_logits(bb, lv.depth - 1, g), lv.width)  # (B, R)
             out[lv.nodes] = top.flatten()[lv.flat]
             prev = g
