@@ -24,7 +24,7 @@ from .tree import Tree, build_tree, chain, expected_tokens
 
 SIZES = (4, 8, 16, 32, 64, 128)
 CONTEXT, NEW = 256, 32  # the measuring generation: prompt tokens, new tokens
-STEP_VERSION = 2  # raised when graft's step changes what it costs, so that cached costs are measured again
+STEP_VERSION = 3  # raised when graft's step changes what it costs, so that cached costs are measured again
 
 
 def cache_path() -> str:
