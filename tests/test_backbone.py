@@ -3,6 +3,7 @@ import torch
 
 from graft.backbone import load_backbone, resolve_source
 from graft.config import GraftError
+from graft.modeling import signed_sin
 
 from conftest import tiny_backbone
 
@@ -106,10 +107,24 @@ def test_rope_table_gives_the_modules_angles(mt, tokenizer):
     bb = tiny_backbone(mt, tokenizer)
     h, pos = torch.zeros(2, 5, 64), torch.tensor([[0, 3, 17, 200, 255], [1, 2, 3, 4, 5]])
     assert bb._rope_table(h) is not None
-    for ours, theirs in zip(bb.rope(h, pos), bb.rotary(h, pos)):
-        assert torch.equal(ours, theirs)
+    cos, sin = bb.rotary(h, pos)
+    ours = bb.rope(h, pos)
+    assert torch.equal(ours[0], cos) and torch.equal(ours[1], signed_sin(sin))
     bb.rotary.rope_type = "dynamic"  # angles that rescale with the length: the module runs
     assert bb._rope_table(h) is None
+    module = bb.rope(h, pos)
+    assert torch.equal(module[0], cos) and torch.equal(module[1], signed_sin(sin))
+
+
+def test_signed_sin_rotates_as_transformers():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from graft.modeling import _swap_halves
+
+    q, k = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)  # (B, H, T, D)
+    cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)  # (B, T, D)
+    ref_q, _ = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+    assert torch.equal(q * cos[:, None] + _swap_halves(q) * signed_sin(sin)[:, None], ref_q)
 
 
 def test_load_folder_records_identity(tiny_dirs):
