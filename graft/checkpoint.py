@@ -62,8 +62,15 @@ def load_config(path: str) -> GraftConfig:
 
 
 def save_tensors(file: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(file, st_save(tensors, metadata=metadata))
+    out, storages = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        where = v.untyped_storage().data_ptr()
+        if where in storages:  # views of one buffer (fused projections): safetensors wants each its own
+            v = v.clone()
+        storages.add(where)
+        out[k] = v
+    atomic_write_bytes(file, st_save(out, metadata=metadata))
 
 
 def load_tensors(file: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -63,10 +63,19 @@ def measure(dec, engine: str, trees: list) -> dict:
     ids = torch.randint(0, dec.bb.vocab_size, (max(min(CONTEXT, room), 16),), generator=g).tolist()
     cfg = DecodeConfig(max_new_tokens=NEW, eos=False, engine=engine)
     out = {}
-    for tree in trees:
-        dec._generate(ids, cfg, tree=tree)  # warm-up: cache, captured step
-        gen = dec._generate(ids, cfg, tree=tree)
-        out[_shape(tree)] = gen.decode_s / max(gen.steps, 1) * 1e3
+    kept = dec._pool.pop(engine, None)  # the decoder's own cache and captured steps, back afterwards
+    try:
+        for tree in trees:
+            # each tree with a cache of the size it decodes with: attention reads the whole cache,
+            # so a cache grown for the largest tree would slow every later step, drafted or not
+            dec._pool.pop(engine, None)
+            dec._generate(ids, cfg, tree=tree)  # warm-up: cache, captured step
+            gen = dec._generate(ids, cfg, tree=tree)
+            out[_shape(tree)] = gen.decode_s / max(gen.steps, 1) * 1e3
+    finally:
+        dec._pool.pop(engine, None)
+        if kept is not None:
+            dec._pool[engine] = kept
     return out
 
 

@@ -22,7 +22,7 @@ import torch
 
 from .config import GraftError
 from .engine import ENGINES, Step, resolve_engine, room
-from .modeling import additive_mask, attention_backends, causal_allowed
+from .modeling import additive_mask, attention_backends, causal_allowed, fuse_projections
 from .tree import DynamicTree, Tree, build_tree, chain, default_accuracies
 
 
@@ -154,6 +154,8 @@ class SpeculativeDecoder:
         self.bb = model.backbone
         self.heads = model.heads
         self.bb.fuse_projections()
+        for module in self.heads.modules():  # the heads' own decoder layers, where frozen (loaded to decode)
+            fuse_projections(module)
         self._pool = {}  # engine -> {"max_len", "cache", "state", "steps"} (static and graph)
         self.fitted = {}  # engine -> (tree, how it was chosen): graft.fit measures a card once
 

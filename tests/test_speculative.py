@@ -315,6 +315,52 @@ def test_tree_fitted_to_the_measured_cost(tokenizer, tmp_path, monkeypatch):
     assert tree is None and "no tree pays" in note
 
 
+def test_measuring_trees_leaves_the_decoders_cache_as_it_was(tokenizer):
+    """Each tree is timed with a cache of the size it decodes with (attention reads all of it),
+    not one grown for a larger tree timed before; the decoder's own cache comes back afterwards."""
+    from graft import fit
+
+    bb = tiny_backbone("llama", tokenizer)
+    bb.max_positions = 2048  # room for the measuring prompt of 256 tokens
+    m = add_heads(bb, heads="deepseek-mtp", num_heads=3)
+    dec = SpeculativeDecoder(m)
+    dec.generate(list(range(4, 20)), DecodeConfig(max_new_tokens=4, engine="static", tree_size=4))
+    mine = dec._pool["static"]
+    sizes = []
+    real = dec._generate
+
+    def spy(ids, cfg, tree="cfg", **kw):
+        out = real(ids, cfg, tree=tree, **kw)
+        sizes.append(dec._pool["static"]["max_len"])
+        return out
+
+    dec._generate = spy
+    trees = [Tree(build_tree(dec.accuracies(), 128)), None]  # 129 nodes x 4 rows of deepseek-mtp's room
+    costs = fit.measure(dec, "static", trees)
+    assert set(costs) == {fit._shape(t) for t in trees} and all(v > 0 for v in costs.values())
+    assert sizes == [1024, 1024, 512, 512]
+    assert dec._pool["static"] is mine
+
+
+def test_frozen_heads_decode_with_fused_projections_and_still_save(tokenizer, tmp_path):
+    from graft.model import load
+
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="eagle", num_heads=3)
+    m.heads.requires_grad_(False)  # as `load` leaves them
+    perturb(m, 0.05)
+    ids = list(range(4, 30))
+    ref = plain_greedy(bb, ids, 24)
+    g = m.generate(input_ids=ids, max_new_tokens=24, engine="static", eos=False)
+    assert hasattr(m.heads.layer.self_attn, "_graft_fused") and hasattr(m.heads.layer.mlp, "_graft_fused")
+    assert g.ids == ref
+    m.save(str(tmp_path / "g"))  # views of one buffer are saved as tensors of their own
+    back = load(str(tmp_path / "g"), backbone=bb)
+    for k, v in m.heads.state_dict().items():
+        assert torch.equal(back.heads.state_dict()[k], v), k
+
+
 @pytest.mark.parametrize("engine", ["eager", "static"])
 def test_drafting_up_to_the_end_of_the_context(engine, tokenizer):
     """GPT-2's positions are a learned table: tree nodes past the window must not index it, and
