@@ -186,7 +186,7 @@ def _fuse(owner, names) -> None:
             if b is not None:
                 m.bias = nn.Parameter(b[at:at + rows], requires_grad=False)
             at += rows
-    setattr(owner, _FUSED, (w, b, [m.out_features for m in mods], names, [m.weight.data_ptr() for m in mods]))
+    setattr(owner, _FUSED, (w, b, [m.out_features for m in mods], names, [m.weight for m in mods]))
 
 
 def fuse_projections(layer) -> None:
@@ -204,9 +204,11 @@ def fuse_projections(layer) -> None:
 
 def _fused(owner, x: torch.Tensor):
     """The outputs of `owner`'s fused projections for x, or None where they are not fused (or
-    no longer are: a module was moved, cast or given new weights since)."""
+    no longer are: the module was moved or cast, so the fused weight is not where x is, or it
+    was given new weights). Checks torch.compile traces without a graph break."""
     f = getattr(owner, _FUSED, None)
-    if f is None or f[0].dtype != x.dtype or [getattr(owner, n).weight.data_ptr() for n in f[3]] != f[4]:
+    if f is None or f[0].dtype != x.dtype or f[0].device != x.device \
+            or any(getattr(owner, n).weight is not p for n, p in zip(f[3], f[4])):
         return None
     return F.linear(x, f[0], f[1]).split(f[2], dim=-1)
 

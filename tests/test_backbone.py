@@ -90,6 +90,12 @@ def test_fused_projections_give_the_same_layer_outputs(mt, tokenizer):
     changed = bb.forward(ids, pos)[1]
     assert calls and not torch.allclose(changed, ref)
     torch.testing.assert_close(bb.logits(changed), bb.hf(ids).logits, atol=1e-5, rtol=1e-5)
+    from graft.modeling import _fused
+
+    layer, x = bb.layers[1], torch.randn(1, 3, 64)
+    assert _fused(layer.self_attn, x) is not None and _fused(layer.mlp, x) is not None
+    layer.to(torch.float64)  # a cast (or a move) leaves the fused weight behind: the modules' path runs
+    assert _fused(layer.self_attn, x.double()) is None and _fused(layer.mlp, x.double()) is None
 
 
 def test_trainable_projections_stay_unfused(tokenizer):
