@@ -195,9 +195,11 @@ class SpeculativeDecoder:
         if engine == "eager":
             return bb.new_cache(need), (heads.new_state(bb, need) if drafting else None), {}
         pool = self._pool.get(engine)
-        if pool is None or pool["max_len"] < need:
+        max_len = max(256, 1 << (need - 1).bit_length())
+        # A cache too small is grown; one four times too large (left by a long prompt) is shrunk:
+        # the fixed-shape steps attend over the whole cache, so its size is paid at every step.
+        if pool is None or not max_len <= pool["max_len"] < 4 * max_len:
             self._pool.pop(engine, None)  # free the old cache and graphs first
-            max_len = max(256, 1 << (need - 1).bit_length())
             pool = {"max_len": max_len, "cache": bb.new_cache(max_len), "state": None, "steps": {}}
             self._pool[engine] = pool
         if drafting and pool["state"] is None:  # commits overwrite it from position 0 on

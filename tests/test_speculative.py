@@ -231,6 +231,23 @@ def test_static_engine_grows_its_cache(tokenizer):
     assert g.ids == plain_greedy(bb, long, 60)
 
 
+def test_static_engine_shrinks_a_cache_a_long_prompt_left(tokenizer):
+    """The fixed-shape steps attend over the whole cache: after a long prompt, a short one gets
+    a cache of its own size again (four times too large is too large), and the same output."""
+    bb = tiny_backbone("llama", tokenizer)
+    bb.max_positions = 2048
+    m = add_heads(bb, heads="medusa", num_heads=3)
+    perturb(m, 0.05)
+    short = encode(tokenizer, PROMPTS[1])
+    long = (short * 300)[:900]
+    m.generate(input_ids=long, max_new_tokens=10, engine="static")
+    assert m._decoder._pool["static"]["max_len"] == 1024
+    m.generate(input_ids=long[:400], max_new_tokens=10, engine="static")
+    assert m._decoder._pool["static"]["max_len"] == 1024  # within four times: kept, steps and all
+    assert m.generate(input_ids=short, max_new_tokens=10, engine="static").ids == plain_greedy(bb, short, 10)
+    assert m._decoder._pool["static"]["max_len"] == 256
+
+
 @pytest.mark.parametrize("engine", ["eager", "static"])
 @pytest.mark.parametrize("mt", ["llama", "gpt2"])
 def test_deepseek_tree_drafts_what_the_chain_drafts(mt, engine, tokenizer):
