@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -164,7 +165,17 @@ def _sdpa(q, k, v, mask, scale, causal):
     return o.unflatten(2, (rep, T)).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
 
-_FUSED = "_graft_fused"  # the module attribute that holds a fused projection (fuse_projections)
+_FUSED = "_graft_fused"  # the module attribute that holds a _Fused (fuse_projections)
+
+
+class _Fused(NamedTuple):
+    """Projections laid out as one: `weight` (and `bias`) the modules' rows side by side, `sizes`
+    their output widths; `params`, the modules' weights (views of it) at fusing time, by name."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    sizes: list
+    names: tuple
+    params: list
 
 
 def _fuse(owner, names) -> None:
@@ -186,15 +197,16 @@ def _fuse(owner, names) -> None:
             if b is not None:
                 m.bias = nn.Parameter(b[at:at + rows], requires_grad=False)
             at += rows
-    setattr(owner, _FUSED, (w, b, [m.out_features for m in mods], names, [m.weight for m in mods]))
+    setattr(owner, _FUSED, _Fused(w, b, [m.out_features for m in mods], names, [m.weight for m in mods]))
 
 
 def fuse_projections(layer) -> None:
     """Fuse a frozen Llama-family layer's query, key and value projections into one matmul, and
     its MLP's gate and up projections into another: three kernels fewer per layer and step,
     which took SmolLM2's one-token step on an H200 from 2.15 to 1.89 ms (a small model's step is
-    bound by its kernel count), and wider matmuls for a large one. The weights are the same numbers; in float32 the results
-    agree to rounding, which the identity tests check. GPT-2 already fuses both."""
+    bound by its kernel count), and wider matmuls for a large one. The weights are the same
+    numbers; in float32 the results agree to rounding, which the identity tests check. GPT-2
+    already fuses both."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is not None and not hasattr(attn, _FUSED):
         _fuse(attn, ("q_proj", "k_proj", "v_proj"))
@@ -207,10 +219,10 @@ def _fused(owner, x: torch.Tensor):
     no longer are: the module was moved or cast, so the fused weight is not where x is, or it
     was given new weights). Checks torch.compile traces without a graph break."""
     f = getattr(owner, _FUSED, None)
-    if f is None or f[0].dtype != x.dtype or f[0].device != x.device \
-            or any(getattr(owner, n).weight is not p for n, p in zip(f[3], f[4])):
+    if f is None or f.weight.dtype != x.dtype or f.weight.device != x.device \
+            or any(getattr(owner, n).weight is not p for n, p in zip(f.names, f.params)):
         return None
-    return F.linear(x, f[0], f[1]).split(f[2], dim=-1)
+    return F.linear(x, f.weight, f.bias).split(f.sizes, dim=-1)
 
 
 def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None):

@@ -141,10 +141,7 @@ class Tree:
                 def t(x):
                     return torch.tensor(x, dtype=torch.long).to(device)
 
-                sees = torch.zeros(len(parents), self.n + 1, dtype=torch.bool)
-                sees[:, 0] = True
-                for b, v in enumerate(parents):
-                    sees[b, self.lineage[v][1:]] = True
+                sees = torch.cat([self.anc[parents], torch.zeros(len(parents), 1, dtype=torch.bool)], dim=1)
                 out.append(Level(d, parents, R, t(kids), t(flat), t([self.ranks[c] for c in kids]),
                                  lines.to(device), t(up), sees.to(device)))
             self._levels[key] = out

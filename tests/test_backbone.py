@@ -74,10 +74,10 @@ def test_fused_projections_give_the_same_layer_outputs(mt, tokenizer):
     params = sum(p.numel() for p in bb.hf.parameters())
     bb.fuse_projections()
     attn, mlp = bb.layers[0].self_attn, bb.layers[0].mlp
-    w = attn._graft_fused[0]
+    w = attn._graft_fused.weight
     assert w.shape[0] == sum(m.out_features for m in (attn.q_proj, attn.k_proj, attn.v_proj))
     assert attn.k_proj.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()  # views, no copy
-    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp._graft_fused[0].untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp._graft_fused.weight.untyped_storage().data_ptr()
     assert sum(p.numel() for p in bb.hf.parameters()) == params
     torch.testing.assert_close(bb.forward(ids, pos)[1], ref, atol=1e-5, rtol=1e-5)
     calls = []
