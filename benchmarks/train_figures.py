@@ -25,7 +25,9 @@ import torch
 
 from graft.bench import device_name, sync
 from graft.config import TrainConfig
+from graft.losses import chunk_rows
 from graft.model import add_heads
+from graft.optim import make_optimizer
 from graft.train import micro_step
 
 SHAPES = {
@@ -50,8 +52,8 @@ def _timed(fn, dev, warmup, steps):
 
 def _trainer(model, tc):
     bb, heads = model.backbone, model.heads
-    heads.float().train().requires_grad_(True)
-    opt = torch.optim.AdamW(heads.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    heads.cast(torch.float32).train().requires_grad_(True)  # as `graft train` sets them up
+    opt = make_optimizer(heads.parameters(), lr=1e-4, weight_decay=0.0)
     cuda = bb.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
@@ -62,6 +64,7 @@ def _trainer(model, tc):
         opt.step()
         return st["loss"]
 
+    step.opt = opt
     return step
 
 
@@ -76,7 +79,7 @@ def throughput(a):
     if a.draft_vocab:  # which tokens does not matter for the cost
         model.heads.set_draft_vocab(torch.rand(bb.vocab_size))
     dev = bb.device
-    tc = TrainConfig(seq_len=a.seq, batch_size=a.batch, num_heads=a.heads)
+    tc = TrainConfig(seq_len=a.seq, batch_size=a.batch, num_heads=a.heads, vocab_chunk=a.vocab_chunk)
     ids = torch.randint(0, bb.vocab_size, (a.batch, a.seq), device=dev)
     with torch.no_grad():
         fwd = _timed(lambda: bb.hf(input_ids=ids, use_cache=False).logits, dev, a.warmup, a.steps)
@@ -85,6 +88,7 @@ def throughput(a):
     n = a.batch * a.seq
     out = {"figure": "throughput", "model": f"random {a.shape}" if a.shape else a.model, "family": a.family,
            "heads": a.heads, "batch": a.batch, "seq": a.seq, "four_bit": a.four_bit, "draft_vocab": a.draft_vocab,
+           "vocab_chunk": chunk_rows(a.vocab_chunk, bb.vocab_size),
            "dtype": str(bb.dtype).removeprefix("torch."), "device": device_name(dev),
            "forward_tokens_per_s": n / fwd, "train_tokens_per_s": n / trn, "train_over_forward": fwd / trn}
     print(f"{a.family} x{a.heads} on {out['model']}{' 4-bit' if a.four_bit else ''}, draft vocabulary "
@@ -151,7 +155,7 @@ def memory(a):
     t0 = time.perf_counter()
     bb = random_backbone(a.shape, dev)
     model = add_heads(bb, heads=a.family, num_heads=a.heads, shared_lm_head=a.shared_lm_head,
-                      draft_vocab=a.draft_vocab)
+                      lm_head_dtype=a.lm_head_dtype, draft_vocab=a.draft_vocab)
     if a.draft_vocab:
         model.heads.set_draft_vocab(torch.rand(bb.vocab_size))
     build_s = time.perf_counter() - t0
@@ -168,7 +172,8 @@ def memory(a):
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
     reserved = torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else 0
     out = {"figure": "memory", "shape": a.shape, "family": a.family, "heads": a.heads,
-           "shared_lm_head": a.shared_lm_head, "draft_vocab": a.draft_vocab, "batch": a.batch, "seq": a.seq, "vocab_chunk": a.vocab_chunk,
+           "shared_lm_head": a.shared_lm_head, "lm_head_dtype": a.lm_head_dtype, "draft_vocab": a.draft_vocab, "batch": a.batch, "seq": a.seq,
+           "vocab_chunk": chunk_rows(a.vocab_chunk, bb.vocab_size), "optimizer": type(step.opt).__name__,
            "backbone": "4-bit NF4 (double quant), random weights", "device": device_name(dev),
            "head_params": sum(p.numel() for p in model.heads.parameters()),
            "before_training_gib": weights / gib, "peak_allocated_gib": peak / gib, "peak_reserved_gib": reserved / gib,
@@ -195,11 +200,14 @@ def main(argv=None):
     m.add_argument("--batch", type=int, default=1)
     m.add_argument("--seq", type=int, default=2048)
     m.add_argument("--shared-lm-head", action="store_true", help="medusa: heads share the backbone's LM head")
-    m.add_argument("--vocab-chunk", type=int, default=TrainConfig.vocab_chunk)
+    m.add_argument("--lm-head-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="medusa's own LM heads (auto: bfloat16 on the bf16 backbone)")
     for q in (t, m):
         q.add_argument("--family", default="medusa")
         q.add_argument("--heads", type=int, default=4)
         q.add_argument("--draft-vocab", type=int, default=None, help="heads score only N tokens (FR-Spec)")
+        q.add_argument("--vocab-chunk", type=int, default=TrainConfig.vocab_chunk,
+                       help="rows of logits per loss chunk (0: graft's default, sized by the vocabulary)")
         q.add_argument("--steps", type=int, default=5)
         q.add_argument("--warmup", type=int, default=2)
         q.add_argument("--device", default="auto")

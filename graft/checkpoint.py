@@ -87,8 +87,7 @@ def load_tensors(file: str, what: str) -> tuple[dict[str, torch.Tensor], dict[st
 
 def save_heads(path: str, heads, config: GraftConfig) -> None:
     meta = {"format": HEADS_FORMAT, "family": config.heads.family, "graft_version": GRAFT_VERSION}
-    state = {k: v.float() if v.is_floating_point() else v for k, v in heads.state_dict().items()}
-    save_tensors(os.path.join(path, HEADS_NAME), state, meta)
+    save_tensors(os.path.join(path, HEADS_NAME), heads.storage_state(), meta)
 
 
 def load_heads_into(path: str, heads, config: GraftConfig) -> None:
@@ -173,7 +172,7 @@ def restore_optimizer(opt, tensors: dict) -> None:
 
 def save_checkpoint(path: str, *, heads, opt, step: int, meta: dict, lora_params: dict, extra=None) -> None:
     """Refuses non-finite heads: a diverged run never overwrites the last good checkpoint."""
-    state = {f"heads.{k}": v.float() if v.is_floating_point() else v for k, v in heads.state_dict().items()}
+    state = {f"heads.{k}": v for k, v in heads.storage_state().items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise GraftError(f"the heads hold NaN or inf at step {step} ({bad[0]}); the last good checkpoint is kept in "

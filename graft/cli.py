@@ -114,6 +114,10 @@ def main():
               help="Residual blocks per medusa head; transformer layers per meta-mtp head / deepseek-mtp module.")
 @click.option("--shared-lm-head", is_flag=True, help="medusa: reuse the backbone's unembedding instead of a "
               "trainable copy per head (far fewer parameters, lower acceptance).")
+@click.option("--lm-head-dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto",
+              show_default=True, help="medusa's own LM heads: auto stores them in bfloat16 unless the backbone "
+              "runs in float32 (four 128k-vocabulary copies are 2.1B parameters); training then updates them with "
+              "a factored second moment and stochastic rounding instead of AdamW's two float32 moments.")
 @click.option("--init", type=click.Choice(["copy", "random"]), default="copy", show_default=True,
               help="Transformer layers in heads start as copies of the backbone's last layer, or random.")
 @click.option("--aux-layers", default=None, metavar="I,J,K",
@@ -126,7 +130,7 @@ def main():
 @click.option("--force", is_flag=True, help="Write into an existing non-empty --out folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @backbone_options
-def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, init, aux_layers, draft_vocab, out, force,
+def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, lm_head_dtype, init, aux_layers, draft_vocab, out, force,
                   seed, dtype, load_in_4bit, device, trust_remote_code):
     from .model import add_heads
 
@@ -136,7 +140,7 @@ def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, init, a
         except ValueError:
             raise GraftError(f"--aux-layers must be comma-separated layer indices, e.g. 2,15,27; got {aux_layers!r}")
     gm = add_heads(model, heads=family, num_heads=num_heads, head_layers=head_layers,
-                   shared_lm_head=shared_lm_head, init=init, aux_layers=aux_layers, draft_vocab=draft_vocab, out=out,
+                   shared_lm_head=shared_lm_head, lm_head_dtype=lm_head_dtype, init=init, aux_layers=aux_layers, draft_vocab=draft_vocab, out=out,
                    force=force, dtype=dtype,
                    device=device, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, seed=seed)
     s = gm.summary()

@@ -63,6 +63,10 @@ class HeadSpec:
     head_layers: residual blocks per medusa head, transformer layers per meta-mtp head or
         deepseek-mtp module, hidden FFN layers ignored for blockwise (always one).
     shared_lm_head: medusa only; reuse the backbone's unembedding instead of a copy per head.
+    lm_head_dtype: medusa's own LM heads: "auto" stores them in bfloat16 unless the backbone
+        computes in float32 (each is a (V, d) matrix: at a 128k vocabulary four of them are
+        2.1B parameters), or "bfloat16" / "float32" always. Training updates bfloat16 copies
+        with a memory-lean rule (graft.optim).
     aux_layers: eagle only; the backbone layers whose inputs are fused into the draft layer's
         first input (default: a low, a middle and a high one, as EAGLE-3).
     draft_vocab: N: drafts score only the N most frequent tokens of the training data (FR-Spec);
@@ -75,6 +79,7 @@ class HeadSpec:
     num_heads: int = 4
     head_layers: int = 1
     shared_lm_head: bool = False
+    lm_head_dtype: str = "auto"
     init: str = "copy"
     aux_layers: list | None = None
     draft_vocab: int | None = None
@@ -88,6 +93,10 @@ class HeadSpec:
             raise GraftError(f"--num-heads must be between 1 and {MAX_HEADS}, got {self.num_heads}")
         if not isinstance(self.head_layers, int) or not 1 <= self.head_layers <= 4:
             raise GraftError(f"--head-layers must be between 1 and 4, got {self.head_layers}")
+        if self.lm_head_dtype not in ("auto", "bfloat16", "float32"):
+            raise GraftError(f"--lm-head-dtype must be auto, bfloat16 or float32, got {self.lm_head_dtype!r}")
+        if self.lm_head_dtype != "auto" and (self.family != "medusa" or self.shared_lm_head):
+            raise GraftError("--lm-head-dtype is for medusa heads with their own LM heads: leave it out")
         if self.init not in ("copy", "random"):
             raise GraftError(f"--init must be 'copy' or 'random', got {self.init!r}")
         if self.draft_vocab is not None and (not isinstance(self.draft_vocab, int) or self.draft_vocab < 1):
@@ -157,7 +166,7 @@ class TrainConfig:
     eval_fraction: float = 0.05
     seed: int = 0
     lora_r: int = 0
-    vocab_chunk: int = 8192
+    vocab_chunk: int = 0  # rows of logits per loss chunk; 0: sized by the vocabulary (graft.losses.chunk_rows)
     num_heads: int = 1  # filled from the head spec; used to check seq_len
 
     def __post_init__(self):
@@ -169,9 +178,11 @@ class TrainConfig:
                 f"--seq-len {self.seq_len} is too short for {self.num_heads} heads: "
                 f"use at least {self.num_heads + 2}"
             )
-        for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "vocab_chunk"):
+        for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise GraftError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.vocab_chunk < 0:
+            raise GraftError("vocab_chunk must be 0 (sized by the vocabulary) or a number of rows")
         if self.max_steps is not None and self.max_steps < 1:
             raise GraftError("--max-steps must be at least 1")
         if self.epochs <= 0:

@@ -16,6 +16,14 @@ import torch
 import torch.nn.functional as F
 
 RANKS = 8  # ranks tracked for the draft-tree calibration
+CHUNK_LOGITS = 1 << 26  # float32 logits in one chunk by default: 256 MiB a tensor
+
+
+def chunk_rows(vocab_chunk: int, vocab: int) -> int:
+    """Rows of logits per loss chunk: `vocab_chunk`, or by default as many as keep one chunk's
+    float32 logits within CHUNK_LOGITS (1,365 rows at a 49k vocabulary, 523 at 128k), from 256
+    to 8,192 rows. The loss holds a few such tensors at once."""
+    return vocab_chunk or max(256, min(8192, CHUNK_LOGITS // vocab))
 
 
 def head_weights(K: int, decay: float) -> list[float]:
@@ -42,7 +50,7 @@ class _SoftKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         q, p, lse = ctx.saved_tensors
-        grad = torch.exp(q.float() - lse.unsqueeze(-1)).sub_(p).mul_(g)
+        grad = (q.float() - lse.unsqueeze(-1)).exp_().sub_(p).mul_(g)
         return grad.to(q.dtype), None, None
 
 

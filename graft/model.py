@@ -95,7 +95,8 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 
 def add_heads(model: str | Backbone = "smollm2-135m", heads: str = "medusa", num_heads: int = 4, *,
-              head_layers: int = 1, shared_lm_head: bool = False, init: str = "copy", aux_layers=None,
+              head_layers: int = 1, shared_lm_head: bool = False, lm_head_dtype: str = "auto", init: str = "copy",
+              aux_layers=None,
               draft_vocab: int | None = None, out: str | None = None,
               force: bool = False, dtype: str = "auto", device: str = "auto", load_in_4bit: bool = False,
               trust_remote_code: bool = False, seed: int = 0) -> GraftModel:
@@ -110,7 +111,7 @@ def add_heads(model: str | Backbone = "smollm2-135m", heads: str = "medusa", num
         GraftError: on bad input (see the CLI's help for each option).
     """
     spec = HeadSpec(family=heads, num_heads=num_heads, head_layers=head_layers, shared_lm_head=shared_lm_head,
-                    init=init, aux_layers=aux_layers, draft_vocab=draft_vocab)
+                    lm_head_dtype=lm_head_dtype, init=init, aux_layers=aux_layers, draft_vocab=draft_vocab)
     if out is not None:
         ckpt.prepare_out_dir(out, force)  # refuse before the slow load
     bb = model if isinstance(model, Backbone) else load_backbone(
@@ -157,7 +158,7 @@ def load(path: str, *, device: str = "auto", dtype: str | None = None, backbone:
     heads = build_heads(config.heads, backbone)
     ckpt.load_heads_into(path, heads, config)
     target = DTYPES.get(heads_dtype or "", backbone.dtype)
-    heads.to(dtype=target).eval().requires_grad_(False)
+    heads.cast(target).eval().requires_grad_(False)
     if decode_dtype is not None:
         backbone.weights_note = decode_weights(backbone, decode_dtype)
     return GraftModel(backbone, heads, config)

@@ -18,7 +18,8 @@ from .config import GraftError, TrainConfig, WriteError, atomic_write_bytes
 from .data import batch_indices, load_records, pack, split_blocks
 from .distributed import Dist
 from .distributed import setup as dist_setup
-from .losses import RANKS, distill_step
+from .losses import RANKS, chunk_rows, distill_step
+from .optim import make_optimizer
 
 
 def load_recipe(path: str) -> dict:
@@ -128,7 +129,7 @@ def micro_step(bb, heads, ids, tc: TrainConfig, autocast, backbone_grad: bool = 
             trunk, final = bb.forward(ids, pos, features=heads.features)
         hs = heads.hidden(bb, trunk, final, ids)
     return distill_step(bb, heads, hs, final.detach(), ids, loss=tc.loss, decay=tc.head_decay,
-                        chunk=tc.vocab_chunk, backward=backward, autocast=autocast, ranks=ranks)
+                        chunk=chunk_rows(tc.vocab_chunk, bb.vocab_size), backward=backward, autocast=autocast, ranks=ranks)
 
 
 @dataclasses.dataclass
@@ -229,7 +230,7 @@ def _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify
         heads.set_draft_vocab(torch.bincount(train_blocks.flatten(), minlength=bb.vocab_size)[:bb.vocab_size])
     total = tc.max_steps or max(1, math.ceil(tc.epochs * len(train_blocks) / (tc.batch_size * tc.grad_accum)))
     params = list(heads.parameters()) + list(lora_params.values())
-    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+    opt = make_optimizer(params, tc.lr, tc.weight_decay)
     # With --max-minutes the cosine decay ends when time runs out, not at a max_steps never reached:
     # the horizon is re-estimated every step from the pace so far (evaluations included).
     horizon = [total]

@@ -28,6 +28,7 @@ class Heads(nn.Module):
     """
 
     family = ""
+    half_storage: tuple[str, ...] = ()  # submodules kept in a half dtype when the rest trains in float32
     features = None  # backbone layers whose inputs the heads read as `trunk` (None: the last one's)
     min_prompt = 1  # prompt tokens needed before the heads can draft
 
@@ -46,9 +47,29 @@ class Heads(nn.Module):
     def hidden(self, bb, trunk, final, ids) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def cast(self, dtype: torch.dtype) -> "Heads":
+        """To `dtype`, but the submodules in `half_storage` are never widened: training casts the
+        heads to float32 and keeps those (large unembedding copies) as they are stored."""
+        keep = self.half_storage if dtype == torch.float32 else ()
+        for name, child in self.named_children():
+            if name not in keep:
+                child.to(dtype=dtype)
+        for name, t in list(self._parameters.items()) + list(self._buffers.items()):
+            if t is not None and t.is_floating_point():
+                t.data = t.data.to(dtype)
+        return self
+
+    def storage_state(self) -> dict[str, torch.Tensor]:
+        """The state dict as files hold it: float32, but `half_storage` in its own dtype."""
+        keep = tuple(f"{name}." for name in self.half_storage)
+        return {k: v if not v.is_floating_point() or k.startswith(keep) else v.float()
+                for k, v in self.state_dict().items()}
+
     def logits(self, bb, k: int, h: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of depth k: the product `unembed` describes."""
         x, w = self.unembed(bb, k, h)
+        if w.requires_grad and torch.is_grad_enabled() and w.dtype in (torch.bfloat16, torch.float16):
+            return AccumulatingLinear.apply(x.to(w.dtype), w).float()  # a trained half-precision unembedding
         return torch.nn.functional.linear(x.to(w.dtype), w).float()
 
     def unembed(self, bb, k: int, h: torch.Tensor):
@@ -106,6 +127,31 @@ class Heads(nn.Module):
         picks the candidates of the B nodes of depth d-1 that have children (greedy: the top R;
         sampling: a chain, one draw)."""
         raise NotImplementedError
+
+
+class AccumulatingLinear(torch.autograd.Function):
+    """x @ w.T whose backward adds its share of dL/dw into w.grad in place, one matmul into the
+    existing buffer, instead of returning a (V, d) gradient for autograd to add: the loss runs in
+    chunks, and for a trained LM head at a 128k vocabulary each chunk's temporary would be a
+    whole matrix (1 GB in bfloat16). x and w share a dtype; autocast does not apply."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g = g.to(w.dtype)
+        g2, x2 = g.reshape(-1, g.shape[-1]).t(), x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            if w.grad is None:
+                w.grad = g2.mm(x2)
+            else:
+                w.grad.addmm_(g2, x2)
+        return (g.matmul(w) if ctx.needs_input_grad[0] else None), None
 
 
 class ParallelHeads(Heads):

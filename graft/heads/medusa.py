@@ -2,7 +2,8 @@
 
 Per head: L residual blocks x + SiLU(W x + b) on the backbone's last hidden state, then the
 head's own LM head, initialised from the backbone's (or the backbone's itself with
-shared_lm_head). W and b start at zero (Medusa zeroes only W, which leaves SiLU(b) != 0), so a
+shared_lm_head). The own LM heads are stored in bfloat16 unless the spec or a float32 backbone
+says otherwise: each is a (V, d) matrix. W and b start at zero (Medusa zeroes only W, which leaves SiLU(b) != 0), so a
 fresh head reproduces the backbone's next-token prediction exactly.
 """
 from __future__ import annotations
@@ -11,6 +12,12 @@ import torch
 from torch import nn
 
 from . import ParallelHeads
+
+
+def lm_head_dtype(spec, bb) -> torch.dtype:
+    if spec.lm_head_dtype == "auto":
+        return torch.float32 if bb.dtype == torch.float32 else torch.bfloat16
+    return getattr(torch, spec.lm_head_dtype)
 
 
 class ResBlock(nn.Module):
@@ -41,7 +48,10 @@ class MedusaHeads(ParallelHeads):
             self.lm_heads = None
         else:
             w = dense_weight(bb.lm_head)
-            self.lm_heads = nn.ModuleList(nn.Linear(d, V, bias=False) for _ in range(spec.num_heads))
+            dtype = lm_head_dtype(spec, bb)
+            if dtype != torch.float32:
+                self.half_storage = ("lm_heads",)
+            self.lm_heads = nn.ModuleList(nn.Linear(d, V, bias=False, dtype=dtype) for _ in range(spec.num_heads))
             with torch.no_grad():
                 for lin in self.lm_heads:
                     lin.weight.copy_(w)
