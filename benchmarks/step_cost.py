@@ -113,7 +113,8 @@ def profile(dec, prompt, roof, size: int = 0, steps: int = 32):
     dec.generate(prompt, cfg)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         out = dec.generate(prompt, cfg)
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    # kernels only: the phases' ranges also show up as device events (GPU user annotations)
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.key not in PHASES]
     total_us = sum(e.self_device_time_total for e in events) / out.steps
     count = sum(e.count for e in events) / out.steps
     what = f"{dec.heads.family} {size + 1}-node step" if size else "one-token step"
