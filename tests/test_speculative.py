@@ -293,6 +293,45 @@ def test_deepseek_tree_drafts_what_the_chain_drafts(mt, engine, tokenizer):
             n += a
 
 
+@pytest.mark.parametrize("mt", ["llama", "gpt2"])
+def test_deepseek_deferred_commits_leave_what_training_sees(mt, tokenizer):
+    """Fixed-shape commits (padded with junk; each module's rows run in the next draft's batch)
+    leave the modules in the state training computes: after a prefill and three such commits,
+    with drafts between them, a chain drafted with the real next tokens gives training's
+    logits at every depth."""
+    from graft.tree import chain
+
+    torch.manual_seed(0)
+    bb = tiny_backbone(mt, tokenizer)
+    m = add_heads(bb, heads="deepseek-mtp", num_heads=3)
+    perturb(m, 0.05)
+    heads, tree, A = m.heads, Tree(chain(3)), 4
+    seq = torch.randint(4, len(tokenizer), (24,))
+    greedy = lambda d, lg, R: lg.topk(R, dim=-1).indices
+    with torch.inference_mode():
+        trunk, final = bb.forward(seq[None], torch.arange(24)[None], features=heads.features)
+        trained = heads.hidden(bb, trunk, final, seq[None])
+        state = heads.new_state(bb, 64)
+        n = 9
+        heads.commit(bb, state, trunk[:, :n], final[:, :n], seq[1:n + 1], 0, n)
+        for a in (2, 1, 3):
+            heads.draft(bb, state, tree, torch.tensor(n), greedy)  # as decoding drafts between commits
+            pad = A - a
+            tr, fi = (torch.cat([x[:, n:n + a], torch.randn(1, pad, x.shape[-1])], dim=1) for x in (trunk, final))
+            nt = torch.cat([seq[n + 1:n + a + 1], torch.randint(4, 50, (pad,))])
+            heads.commit(bb, state, tr, fi, nt, torch.tensor(n), torch.tensor(a))
+            n += a
+        got = []
+
+        def real(d, logits, width):
+            got.append(logits[0])
+            return seq[n + d].view(1, 1)
+
+        heads.draft(bb, state, tree, torch.tensor(n), real)
+        for d in range(3):
+            torch.testing.assert_close(got[d], heads.logits(bb, d, trained[d][0, n - 1]), atol=1e-4, rtol=1e-4)
+
+
 def test_deepseek_greedy_drafts_a_tree(tokenizer):
     from graft.speculative import SpeculativeDecoder
 
