@@ -294,11 +294,10 @@ def test_deepseek_tree_drafts_what_the_chain_drafts(mt, engine, tokenizer):
 
 
 @pytest.mark.parametrize("mt", ["llama", "gpt2"])
-def test_deepseek_deferred_commits_leave_what_training_sees(mt, tokenizer):
-    """Fixed-shape commits (padded with junk; each module's rows run in the next draft's batch)
-    leave the modules in the state training computes: after a prefill and three such commits,
-    with drafts between them, a chain drafted with the real next tokens gives training's
-    logits at every depth."""
+def test_deepseek_padded_commits_leave_what_training_sees(mt, tokenizer):
+    """Fixed-shape commits (device positions, padded with junk) leave the modules in the state
+    training computes: after a prefill and three such commits, with drafts between them, a
+    chain drafted with the real next tokens gives training's logits at every depth."""
     from graft.tree import chain
 
     torch.manual_seed(0)

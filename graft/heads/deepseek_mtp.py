@@ -73,17 +73,11 @@ class DeepSeekMTPHeads(Heads):
     def new_state(self, bb, max_len):
         L = self.spec.head_layers
         d = bb.hidden_size
-        # One spare cache slot and hidden-state row past max_len: where a deferred commit's padding
-        # rows write (no real position reaches it, and no mask lets a real query see it).
         return {
-            "cache": KVCache(self.num_heads * L, 1, bb.n_kv_heads, bb.head_dim, max_len + 1, self._dtype, bb.device),
+            "cache": KVCache(self.num_heads * L, 1, bb.n_kv_heads, bb.head_dim, max_len, self._dtype, bb.device),
             # H[k][j]: depth-k hidden state at position j (H[0] = backbone final); tokens: t_0..t_N
-            "H": torch.zeros(self.num_heads + 1, max_len + 1, d, dtype=self._dtype, device=bb.device),
+            "H": torch.zeros(self.num_heads + 1, max_len, d, dtype=self._dtype, device=bb.device),
             "tokens": torch.zeros(max_len + 1, dtype=torch.long, device=bb.device),
-            # a fixed-shape commit left to the next draft: its start and count of real positions
-            "start": torch.zeros((), dtype=torch.long, device=bb.device),
-            "count": torch.zeros((), dtype=torch.long, device=bb.device),
-            "deferred": False,
         }
 
     def scratch(self, tree):
@@ -93,46 +87,24 @@ class DeepSeekMTPHeads(Heads):
     def commit(self, bb, state, trunk, final, next_tokens, start, count):
         """Module k commits the positions whose inputs all became known: with n = start + count
         positions accepted, positions up to n-k. Once the prefill has run (start >= K-1), that is
-        start-k+1 .. start-k+A, the same A positions for every module.
-
-        With exact shapes (`start` an int: the prefill, the eager engine) the modules commit here.
-        With fixed shapes they commit in the next `draft`, each module in one batch with its
-        drafted tails: a module run twice back to back, over 5 rows and then over a few more,
-        costs nearly twice one run over both."""
+        start-k+1 .. start-k+A, the same A positions for every module, so shapes stay fixed."""
         A, dev = final.shape[1], final.device
         H, tokens, cache = state["H"], state["tokens"], state["cache"]
         pos = positions(start, A, dev)
         H[0].index_copy_(0, pos, final[0].to(self._dtype))
         tokens.index_copy_(0, pos + 1, next_tokens)
-        if not isinstance(start, int):
-            state["start"].copy_(start)
-            state["count"].copy_(count)
-            state["deferred"], state["A"] = True, A
-            return
-        state["count"].zero_()  # a fixed-shape draft finds nothing left to commit
-        state["deferred"] = False
-        state.pop("A", None)
         L = self.spec.head_layers
         for k, module in enumerate(self.modules_, start=1):
-            lo, hi = max(start - k + 1, 0), start + A - k + 1
-            if hi <= lo:
-                continue
-            p = torch.arange(lo, hi, device=dev)
+            if isinstance(start, int):  # exact: the prefill, or the eager engine
+                lo, hi = max(start - k + 1, 0), start + A - k + 1
+                if hi <= lo:
+                    continue
+                p = torch.arange(lo, hi, device=dev)
+            else:
+                p = pos - (k - 1)
             h = module(bb, H[k - 1, p][None], self._emb(bb, tokens[p + k][None]), p[None], cache, (k - 1) * L, p,
                        cache_mask(p, cache.max_len, self._dtype))
             H[k].index_copy_(0, p, h[0])
-
-    def _deferred_rows(self, state, k, A):
-        """Module k's rows of a deferred commit: (inputs h, tokens, positions, cache slots,
-        allowed (A, S), hidden-state rows). Padding rows write to the spare slot and row."""
-        H, tokens, cache = state["H"], state["tokens"], state["cache"]
-        spare = cache.max_len - 1
-        j = torch.arange(A, device=H.device)
-        p = (state["start"] - (k - 1) + j).clamp(0, spare - k)  # clamped: padding may point anywhere
-        real = j < state["count"]
-        where = torch.where(real, p, spare)
-        allowed = torch.arange(cache.max_len, device=H.device)[None, :] <= p[:, None]
-        return H[k - 1].index_select(0, p), tokens.index_select(0, p + k), p, where, allowed, where
 
     def draft(self, bb, state, tree, n, choose):
         """Module k drafts depth k for the B nodes of depth k-1 with children, in one batch. Its
@@ -140,48 +112,35 @@ class DeepSeekMTPHeads(Heads):
         each parent's path (the draft-dependent tail, k-1 positions; module 1 has none): inputs
         the depth k-1 state (committed at n-k+1, else module k-1's output on the path's tail)
         and the path's drafted tokens. The B tails go to the module's cache side by side after
-        its committed prefix, each seeing the prefix and its own earlier positions. A deferred
-        commit (`commit`) runs first in each module's batch."""
+        its committed prefix, each seeing the prefix and its own earlier positions."""
         H, cache = state["H"], state["cache"]
         L = self.spec.head_layers
         dev = H.device
-        # fixed shapes (a captured draft) always take the deferred rows: all padding when none wait
-        deferred, A = state["deferred"] or torch.is_tensor(n), state.get("A", tree.max_depth + 1)
         out = torch.zeros(tree.n, dtype=torch.long, device=dev)
-        levels = {lv.depth: lv for lv in tree.levels(dev)}
         prev = None  # the depth before: module outputs on each parent's tail, (B', k-2, d)
-        for k, module in enumerate(self.modules_, start=1):
-            lv = levels.get(k)
-            if lv is None and not deferred:
-                break
+        for lv in tree.levels(dev):
+            k, B = lv.depth, len(lv.parents)
+            module = self.modules_[k - 1]
             base = n - k + 1  # first uncommitted position of module k
-            parts = []  # (h, tokens, positions, slots, allowed) row blocks of this module's batch
-            if deferred:
-                hc, tc, pc, sc, ac, rows = self._deferred_rows(state, k, A)
-                parts.append((hc, tc, pc, sc, ac))
-            if lv is not None and k > 1:
-                B, T = len(lv.parents), k - 1
+            if k == 1:  # module 1's state at n-1 is committed
+                cur = _rows(H[1], n - 1)[None]
+            else:
+                T = k - 1
                 hin = _rows(H[k - 1], base)[None].expand(B, 1, -1)
                 if T > 1:
                     hin = torch.cat([hin, prev[lv.up]], dim=1)  # (B, T, d)
+                toks = out[lv.lines]  # (B, T): t_{n+1}..t_{n+k-1} on each path
                 i = torch.arange(T, device=dev)
+                pos = (base + i)[None].expand(B, T)
+                slots = (base + torch.arange(B * T, device=dev))
                 # query (b, i) sees the committed prefix and (b, j <= i): a block-diagonal tail
                 rel = torch.arange(cache.max_len, device=dev) - base  # (S,) relative to the tail
                 qb, qi = torch.arange(B * T, device=dev).div(T, rounding_mode="floor"), i.repeat(B)
                 allowed = (rel < 0)[None, :] | ((rel[None, :] // T == qb[:, None]) & (rel[None, :] % T <= qi[:, None])
                                                 & (rel[None, :] < B * T))
-                parts.append((hin.reshape(B * T, -1), out[lv.lines].reshape(B * T), (base + i).repeat(B),
-                              base + torch.arange(B * T, device=dev), allowed))
-            if parts:
-                h, toks, pos, slots, allowed = (torch.cat(x) if len(parts) > 1 else x[0] for x in zip(*parts))
-                x = module(bb, h[None], self._emb(bb, toks[None]), pos[None], cache, (k - 1) * L, slots,
-                           additive_mask(allowed, self._dtype))[0]
-                if deferred:
-                    H[k].index_copy_(0, rows, x[:A])
-                    x = x[A:]
-            if lv is None:
-                continue
-            cur = _rows(H[1], n - 1)[None] if k == 1 else x.view(len(lv.parents), k - 1, -1)
+                mask = additive_mask(allowed, self._dtype)
+                cur = module(bb, hin.reshape(1, B * T, -1), self._emb(bb, toks.reshape(1, B * T)),
+                             pos.reshape(1, B * T), cache, (k - 1) * L, slots, mask).view(B, T, -1)
             prev = cur
             top = self.pick(choose, k, self.draft_logits(bb, k - 1, cur[:, -1]), lv.width)  # (B, R)
             out[lv.nodes] = top.flatten()[lv.flat]
