@@ -172,7 +172,8 @@ def memory(a):
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
     reserved = torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else 0
     out = {"figure": "memory", "shape": a.shape, "family": a.family, "heads": a.heads,
-           "shared_lm_head": a.shared_lm_head, "lm_head_dtype": a.lm_head_dtype, "draft_vocab": a.draft_vocab, "batch": a.batch, "seq": a.seq,
+           "shared_lm_head": a.shared_lm_head, "lm_head_dtype": a.lm_head_dtype, "draft_vocab": a.draft_vocab,
+           "batch": a.batch, "seq": a.seq,
            "vocab_chunk": chunk_rows(a.vocab_chunk, bb.vocab_size), "optimizer": type(step.opt).__name__,
            "backbone": "4-bit NF4 (double quant), random weights", "device": device_name(dev),
            "head_params": sum(p.numel() for p in model.heads.parameters()),

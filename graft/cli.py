@@ -130,8 +130,8 @@ def main():
 @click.option("--force", is_flag=True, help="Write into an existing non-empty --out folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @backbone_options
-def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, lm_head_dtype, init, aux_layers, draft_vocab, out, force,
-                  seed, dtype, load_in_4bit, device, trust_remote_code):
+def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, lm_head_dtype, init, aux_layers, draft_vocab,
+                  out, force, seed, dtype, load_in_4bit, device, trust_remote_code):
     from .model import add_heads
 
     if aux_layers is not None:
@@ -140,9 +140,9 @@ def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, lm_head
         except ValueError:
             raise GraftError(f"--aux-layers must be comma-separated layer indices, e.g. 2,15,27; got {aux_layers!r}")
     gm = add_heads(model, heads=family, num_heads=num_heads, head_layers=head_layers,
-                   shared_lm_head=shared_lm_head, lm_head_dtype=lm_head_dtype, init=init, aux_layers=aux_layers, draft_vocab=draft_vocab, out=out,
-                   force=force, dtype=dtype,
-                   device=device, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, seed=seed)
+                   shared_lm_head=shared_lm_head, lm_head_dtype=lm_head_dtype, init=init, aux_layers=aux_layers,
+                   draft_vocab=draft_vocab, out=out, force=force, dtype=dtype, device=device,
+                   load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, seed=seed)
     s = gm.summary()
     click.echo(f"backbone         {s['backbone']}")
     click.echo(f"heads            {s['family']} x {s['num_heads']} (layers per head: {s['head_layers']})")

@@ -129,7 +129,8 @@ def micro_step(bb, heads, ids, tc: TrainConfig, autocast, backbone_grad: bool = 
             trunk, final = bb.forward(ids, pos, features=heads.features)
         hs = heads.hidden(bb, trunk, final, ids)
     return distill_step(bb, heads, hs, final.detach(), ids, loss=tc.loss, decay=tc.head_decay,
-                        chunk=chunk_rows(tc.vocab_chunk, bb.vocab_size), backward=backward, autocast=autocast, ranks=ranks)
+                        chunk=chunk_rows(tc.vocab_chunk, bb.vocab_size),
+                        backward=backward, autocast=autocast, ranks=ranks)
 
 
 @dataclasses.dataclass

@@ -123,7 +123,8 @@ def test_medusa_lm_heads_in_bfloat16(tiny_dirs, tiny_data, tmp_path, tokenizer):
     g = str(tmp_path / "g")
     add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, lm_head_dtype="bfloat16", out=g, device="cpu")
     before = load(g, device="cpu", heads_dtype="float32").heads
-    assert before.lm_heads[0].weight.dtype == torch.bfloat16 and before.blocks[0][0].linear.weight.dtype == torch.float32
+    assert before.lm_heads[0].weight.dtype == torch.bfloat16
+    assert before.blocks[0][0].linear.weight.dtype == torch.float32
     train(g, tiny_data, {**FAST, "max_steps": 4}, device="cpu", progress=False)
     state = ckpt.load_checkpoint(g)[2]
     assert state["heads.lm_heads.0.weight"].dtype == torch.bfloat16

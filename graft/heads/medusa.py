@@ -2,9 +2,9 @@
 
 Per head: L residual blocks x + SiLU(W x + b) on the backbone's last hidden state, then the
 head's own LM head, initialised from the backbone's (or the backbone's itself with
-shared_lm_head). The own LM heads are stored in bfloat16 unless the spec or a float32 backbone
-says otherwise: each is a (V, d) matrix. W and b start at zero (Medusa zeroes only W, which leaves SiLU(b) != 0), so a
-fresh head reproduces the backbone's next-token prediction exactly.
+shared_lm_head). W and b start at zero (Medusa zeroes only W, which leaves SiLU(b) != 0), so a
+fresh head reproduces the backbone's next-token prediction exactly. The own LM heads, each a
+(V, d) matrix, are stored in bfloat16 unless the spec or a float32 backbone says otherwise.
 """
 from __future__ import annotations
 
