@@ -113,7 +113,8 @@ def fit_tree(dec, engine: str) -> tuple[Tree | None, str]:
         note = f"no tree pays here (a step without drafts: {base:.2f} ms): decoding without drafts"
     else:
         e = expected_tokens(acc, best.paths)
-        note = (f"{best.n - 1} nodes fit this card: expected {e:.2f} tokens per {costs[_shape(best)]:.2f} ms step, "
-                f"{rate * base:.2f}x a step without drafts")
+        note = (f"{best.n - 1} nodes fit this card: {e:.2f} tokens expected per {costs[_shape(best)]:.2f} ms step, "
+                f"{rate * base:.2f}x a step without drafts, from the heads' accuracy on held-out training text "
+                f"(lower on text unlike it)")
     memo[engine] = (best, note)
     return memo[engine]
