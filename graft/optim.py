@@ -32,6 +32,25 @@ def make_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.95)) ->
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
+def adapt_state(opt: torch.optim.Optimizer) -> None:
+    """Make restored per-parameter state fit the rule `opt` applies to each parameter: a run
+    resumed where its LM heads' dtype resolves otherwise (a float32 checkpoint resumed on a bf16
+    backbone, or the reverse) converts AdamW's second moment to its row and column means, or a
+    factored one to its estimate (with a fresh first moment)."""
+    factored = opt.factored if isinstance(opt, HeadsAdamW) else (lambda p: False)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if not st:
+                continue
+            if factored(p) and "exp_avg_sq" in st:
+                v = st["exp_avg_sq"].float()
+                opt.state[p] = {"step": st["step"], "row": v.mean(1), "col": v.mean(0)}
+            elif not factored(p) and "row" in st:
+                v = torch.outer(st["row"], st["col"]) / st["row"].mean().clamp_min(1e-30)
+                opt.state[p] = {"step": st["step"], "exp_avg": torch.zeros_like(v), "exp_avg_sq": v}
+
+
 def round_into(p: torch.Tensor, x: torch.Tensor) -> None:
     """p <- x (float32, consumed). Into bfloat16 the rounding is stochastic: x's upper 16 bits,
     rounded up with probability equal to the fraction the lower 16 bits hold."""

@@ -19,7 +19,7 @@ from .data import batch_indices, load_records, pack, split_blocks
 from .distributed import Dist
 from .distributed import setup as dist_setup
 from .losses import RANKS, chunk_rows, distill_step
-from .optim import make_optimizer
+from .optim import adapt_state, make_optimizer
 
 
 def load_recipe(path: str) -> dict:
@@ -242,6 +242,7 @@ def _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify
     if checkpoint:
         run.step = checkpoint[0]
         ckpt.restore_optimizer(opt, state)
+        adapt_state(opt)
         sched.load_state_dict(checkpoint[1]["sched"])
         for group, lr in zip(opt.param_groups, sched.get_last_lr()):  # load_state_dict leaves lr stale
             group["lr"] = lr

@@ -154,3 +154,22 @@ def test_lm_head_dtype_is_refused_where_there_is_no_own_lm_head():
             HeadSpec(lm_head_dtype="bfloat16", **spec)
     with pytest.raises(GraftError, match="auto, bfloat16 or float32"):
         HeadSpec(lm_head_dtype="half")
+
+
+def test_resume_where_the_lm_heads_dtype_resolves_otherwise(tiny_dirs, tiny_data, tmp_path):
+    """A checkpoint of float32 LM heads (AdamW's moments) resumes as bfloat16 heads (the factored
+    rule: AdamW's second moment becomes its row and column means), and back again."""
+    g = str(tmp_path / "g")
+    add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, lm_head_dtype="float32", out=g, device="cpu")
+    train(g, tiny_data, {**FAST, "max_steps": 4}, device="cpu", progress=False)
+    assert "opt.0.4.exp_avg_sq" in ckpt.load_checkpoint(g)[2]  # an LM head's (after 2 x 2 block tensors)
+    for dtype, key, steps in (("bfloat16", "row", 6), ("float32", "exp_avg_sq", 8)):
+        with open(os.path.join(g, "graft.json")) as f:
+            cfg = json.load(f)
+        cfg["heads"]["lm_head_dtype"] = dtype  # as a float32 or a bf16 backbone would resolve "auto"
+        with open(os.path.join(g, "graft.json"), "w") as f:
+            json.dump(cfg, f)
+        train(g, tiny_data, {"max_steps": steps}, resume=True, device="cpu", progress=False)
+        step, _, state = ckpt.load_checkpoint(g)
+        assert step == steps and f"opt.0.4.{key}" in state
+        assert state["heads.lm_heads.0.weight"].dtype == getattr(torch, dtype)
