@@ -51,16 +51,17 @@ def adapt_state(opt: torch.optim.Optimizer) -> None:
                 opt.state[p] = {"step": st["step"], "exp_avg": torch.zeros_like(v), "exp_avg_sq": v}
 
 
-def round_into(p: torch.Tensor, x: torch.Tensor) -> None:
+def round_into(p: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
     """p <- x (float32, consumed). Into bfloat16 the rounding is stochastic: x's upper 16 bits,
     rounded up with probability equal to the fraction the lower 16 bits hold."""
     if p.dtype == torch.bfloat16:
         bits = x.view(torch.int32)
-        bits.add_(torch.randint_like(bits, 0, 1 << 16)).bitwise_and_(-65536)  # now exactly a bfloat16
+        noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
+        bits.add_(noise).bitwise_and_(-65536)  # now exactly a bfloat16
     p.copy_(x)
 
 
-def _factored(p, g, st, lr, beta2, eps, wd):
+def _factored(p, g, st, lr, beta2, eps, wd, gen):
     rows, cols = p.shape
     st["step"] += 1
     t = int(st["step"])
@@ -84,10 +85,10 @@ def _factored(p, g, st, lr, beta2, eps, wd):
     step = lr / max(1.0, math.sqrt(sq / p.numel()))  # RMS of the update clipped to 1
     for r0 in range(0, rows, block):
         x = p[r0:r0 + block].float().mul_(1 - lr * wd)
-        round_into(p[r0:r0 + block], x.sub_(update(r0), alpha=step))
+        round_into(p[r0:r0 + block], x.sub_(update(r0), alpha=step), gen)
 
 
-def _adamw(p, g, st, lr, beta1, beta2, eps, wd):
+def _adamw(p, g, st, lr, beta1, beta2, eps, wd, gen):
     """torch's AdamW (single-tensor path), in float32 whatever p's dtype."""
     st["step"] += 1
     t = int(st["step"])
@@ -100,13 +101,15 @@ def _adamw(p, g, st, lr, beta1, beta2, eps, wd):
     denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
     x.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
     if x is not p:
-        round_into(p, x)
+        round_into(p, x, gen)
 
 
 class HeadsAdamW(torch.optim.Optimizer):
     """AdamW for float32 parameters; the factored, stochastically rounded rule above for
     half-precision matrices. Its state is tensors only, so graft's checkpoints save and restore
-    it like AdamW's."""
+    it like AdamW's. The rounding's random bits come from the step count and the parameter's
+    place, not the global random state: every process of a data-parallel run rounds its
+    replica alike, and a resumed run rounds as the uninterrupted one."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -121,9 +124,10 @@ class HeadsAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        gens = {}
+        for gi, group in enumerate(self.param_groups):
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
+            for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 st = self.state[p]
@@ -135,8 +139,12 @@ class HeadsAdamW(torch.optim.Optimizer):
                     else:
                         st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                         st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                if p.device not in gens:
+                    gens[p.device] = torch.Generator(p.device)
+                gen = gens[p.device]
+                gen.manual_seed((int(st["step"]) + 1) * 1_000_003 + gi * 10_007 + pi)
                 if self.factored(p):
-                    _factored(p, p.grad, st, lr, beta2, eps, wd)
+                    _factored(p, p.grad, st, lr, beta2, eps, wd, gen)
                 else:
-                    _adamw(p, p.grad, st, lr, beta1, beta2, eps, wd)
+                    _adamw(p, p.grad, st, lr, beta1, beta2, eps, wd, gen)
         return loss

@@ -93,6 +93,20 @@ def test_stochastic_rounding_is_unbiased():
     assert p.double().mean().item() == pytest.approx(1.01, abs=1e-3)
 
 
+def test_rounding_does_not_depend_on_the_global_random_state():
+    """Processes of a data-parallel run (seeded apart) must round their replicas alike."""
+    out = []
+    for seed in (0, 1):
+        torch.manual_seed(7)
+        p = (torch.randn(16, 8) * 0.05).bfloat16()
+        grads = [torch.randn(16, 8) for _ in range(3)]
+        torch.manual_seed(seed)
+        opt = optim.HeadsAdamW([p], lr=1e-4)
+        _steps(opt, [p], [[g] for g in grads])
+        out.append(p)
+    assert torch.equal(out[0], out[1])
+
+
 def test_accumulating_linear_gives_autograds_gradients():
     """Two chunks' backward add into w.grad in place; x's gradient as autograd's."""
     torch.manual_seed(0)
