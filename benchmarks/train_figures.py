@@ -64,8 +64,7 @@ def _trainer(model, tc):
         opt.step()
         return st["loss"]
 
-    step.opt = opt
-    return step
+    return step, opt
 
 
 def throughput(a):
@@ -83,7 +82,7 @@ def throughput(a):
     ids = torch.randint(0, bb.vocab_size, (a.batch, a.seq), device=dev)
     with torch.no_grad():
         fwd = _timed(lambda: bb.hf(input_ids=ids, use_cache=False).logits, dev, a.warmup, a.steps)
-    step = _trainer(model, tc)
+    step, _ = _trainer(model, tc)
     trn = _timed(lambda: step(ids), dev, a.warmup, a.steps)
     n = a.batch * a.seq
     out = {"figure": "throughput", "model": f"random {a.shape}" if a.shape else a.model, "family": a.family,
@@ -160,7 +159,7 @@ def memory(a):
         model.heads.set_draft_vocab(torch.rand(bb.vocab_size))
     build_s = time.perf_counter() - t0
     tc = TrainConfig(seq_len=a.seq, batch_size=a.batch, num_heads=a.heads, vocab_chunk=a.vocab_chunk)
-    step = _trainer(model, tc)
+    step, opt = _trainer(model, tc)
     ids = torch.randint(0, bb.vocab_size, (a.batch, a.seq), device=dev)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -174,7 +173,7 @@ def memory(a):
     out = {"figure": "memory", "shape": a.shape, "family": a.family, "heads": a.heads,
            "shared_lm_head": a.shared_lm_head, "lm_head_dtype": a.lm_head_dtype, "draft_vocab": a.draft_vocab,
            "batch": a.batch, "seq": a.seq,
-           "vocab_chunk": chunk_rows(a.vocab_chunk, bb.vocab_size), "optimizer": type(step.opt).__name__,
+           "vocab_chunk": chunk_rows(a.vocab_chunk, bb.vocab_size), "optimizer": type(opt).__name__,
            "backbone": "4-bit NF4 (double quant), random weights", "device": device_name(dev),
            "head_params": sum(p.numel() for p in model.heads.parameters()),
            "before_training_gib": weights / gib, "peak_allocated_gib": peak / gib, "peak_reserved_gib": reserved / gib,

@@ -22,12 +22,13 @@ import math
 import torch
 
 BLOCK = 1 << 24  # elements of a matrix worked on at once (64 MB of float32 temporaries)
+HALF = (torch.bfloat16, torch.float16)
 
 
 def make_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.Optimizer:
     """torch's AdamW, or `HeadsAdamW` where some parameters are stored in a half dtype."""
     params = list(params)
-    if any(p.dtype in (torch.bfloat16, torch.float16) for p in params):
+    if any(p.dtype in HALF for p in params):
         return HeadsAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
@@ -77,7 +78,7 @@ def _factored(p, g, st, lr, beta2, eps, wd, gen):
     scale = 1 / (row.mean().clamp_min(1e-30) * (1 - beta2 ** t))
     col_scaled = col * scale
 
-    def update(r0):
+    def update(r0):  # computed twice a block (its RMS, then the step): no float32 copy of the matrix is held
         v = torch.outer(row[r0:r0 + block], col_scaled)
         return g[r0:r0 + block].float().div_(v.sqrt_().add_(eps))
 
@@ -116,7 +117,7 @@ class HeadsAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def factored(p) -> bool:
-        return p.dim() == 2 and p.dtype in (torch.bfloat16, torch.float16)
+        return p.dim() == 2 and p.dtype in HALF
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import GraftError, HeadSpec
+from ..optim import HALF
 
 
 class Heads(nn.Module):
@@ -54,7 +55,7 @@ class Heads(nn.Module):
         for name, child in self.named_children():
             if name not in keep:
                 child.to(dtype=dtype)
-        for name, t in list(self._parameters.items()) + list(self._buffers.items()):
+        for t in list(self._parameters.values()) + list(self._buffers.values()):
             if t is not None and t.is_floating_point():
                 t.data = t.data.to(dtype)
         return self
@@ -68,7 +69,7 @@ class Heads(nn.Module):
     def logits(self, bb, k: int, h: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of depth k: the product `unembed` describes."""
         x, w = self.unembed(bb, k, h)
-        if w.requires_grad and torch.is_grad_enabled() and w.dtype in (torch.bfloat16, torch.float16):
+        if w.requires_grad and torch.is_grad_enabled() and w.dtype in HALF:
             return AccumulatingLinear.apply(x.to(w.dtype), w).float()  # a trained half-precision unembedding
         return torch.nn.functional.linear(x.to(w.dtype), w).float()
 
