@@ -178,6 +178,9 @@ def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_sampl
     n = distill(model, prompts, out, max_new_tokens=max_new_tokens, temperature=temperature,
                 num_samples=num_samples, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
                 load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, force=force)
+    from .distributed import finish
+
+    finish()
     click.echo(f"wrote {n} records to {out}")
 
 
@@ -226,8 +229,9 @@ def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, shard_backbone, dev
     values.update({k: v for k, v in opts.items() if v is not None})
     summary = train(graft_dir, data, values, resume=resume, load_in_4bit=load_in_4bit, device=device,
                     verify_backbone=not no_verify, shard_backbone=shard_backbone)
-    from .distributed import setup
+    from .distributed import finish, setup
 
+    finish()
     if not setup().main:  # one summary per run, not one per process
         return
     accs = " ".join(f"{a:.3f}" for a in summary.get("top1", []))

@@ -75,6 +75,15 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
+def finish() -> None:
+    """Leave the process group together once a command has succeeded. The barrier keeps a process
+    from tearing its gloo connections down while another still writes the run's files (rank 0
+    does, alone): such a worker now and then aborted at exit, failing a run that had finished."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def setup() -> Dist:
     """Join the process group the launcher describes (once per process)."""
     global _STATE
