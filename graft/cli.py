@@ -50,8 +50,8 @@ def tree_options(f):
                         show_default=True,
                         help="Greedy drafting: auto sizes the tree from the measured step cost on a GPU (or "
                              "drafts nothing where no tree pays) and takes the calibrated one on CPU; calibrated: "
-                             "the export's tree; chain: one path; dynamic (eagle): a tree shaped at every step by "
-                             "the drafts' cumulative probability (EAGLE-2), --tree-size nodes.")(f)
+                             "the export's tree; chain: one path; dynamic (eagle, deepseek-mtp): a tree shaped at "
+                             "every step by the drafts' cumulative probability (EAGLE-2), --tree-size nodes.")(f)
 
 
 MODEL_HELP = ("MODEL: a Hugging Face model folder, a .gguf file, a hub id (needs the hub or its cache), or the "

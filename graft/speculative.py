@@ -40,8 +40,8 @@ class DecodeConfig:
     tree: at temperature 0, "auto" sizes the tree from the measured step cost on a CUDA device
         (graft.fit: the size that maximises expected tokens per millisecond, or no drafting
         where none pays) and takes the calibrated tree elsewhere; "calibrated" the tree in
-        graft.json; "chain" one path; "dynamic" (eagle) a tree the heads shape at every step by
-        cumulative draft probability (EAGLE-2). Sampling always drafts a chain.
+        graft.json; "chain" one path; "dynamic" (eagle, deepseek-mtp) a tree the heads shape at
+        every step by cumulative draft probability (EAGLE-2). Sampling always drafts a chain.
     tree_size: nodes in the draft tree besides the root (0: as `tree` says); overrides "auto".
     draft: False runs graft's own loop without drafting (one token per forward): a baseline.
     stop: strings that end generation once the generated text contains one.
@@ -174,8 +174,8 @@ class SpeculativeDecoder:
             return Tree(chain(K)), "chain"
         if cfg.tree == "dynamic":
             if not hasattr(self.heads, "draft_dynamic"):
-                raise GraftError(f"--tree dynamic is drafted by eagle heads; {self.heads.family} heads draft the "
-                                 "calibrated tree: use --tree auto")
+                raise GraftError(f"--tree dynamic is drafted by chained heads (eagle, deepseek-mtp); "
+                                 f"{self.heads.family} heads draft the calibrated tree: use --tree auto")
             cuda = self.bb.device.type == "cuda"
             size = cfg.tree_size or (32 if cuda else 16)
             return DynamicTree(size, 8 if cuda else 4, K), f"dynamic ({size} nodes, EAGLE-2)"

@@ -181,11 +181,32 @@ class DynamicTree:
         self.paths = ("dynamic", size, width, depth)  # a key for the captured steps
         self.anc = torch.eye(self.n, dtype=torch.bool)  # the step fills in each tree's own
         self.depths = [0] * self.n
+        self._plans = {}
 
     @property
     def pool(self) -> int:
         """Candidates drafted per step: `width` at depth 1, width x width at every further depth."""
         return self.width + (self.max_depth - 1) * self.width * self.width
+
+    def plan(self, device) -> dict:
+        """The index tensors of the selection (`ChainedHeads.draft_dynamic`), built once per device.
+
+        The pool holds depth 1's `width` candidates, then each further depth's width x width, row
+        r the children of that depth's r-th frontier node. `up`: each candidate's parent as an
+        index into the frontiers' pool indices (depths 1..D-1, `width` each) followed by the
+        root's, which is `pool`."""
+        key = str(device)
+        if key not in self._plans:
+            k, D = self.width, self.max_depth
+            up = [(D - 1) * k] * k + [b * k + j // k for b in range(D - 1) for j in range(k * k)]
+            depth = [1] * k + [d for d in range(2, D + 1) for _ in range(k * k)]
+
+            def t(x):
+                return torch.tensor(x, dtype=torch.long).to(device)
+
+            self._plans[key] = {"up": t(up), "depth": t(depth), "root": t([self.pool]), "first": t(range(k)),
+                                "number": t(range(1, self.n)), "zero": t([0])}
+        return self._plans[key]
 
     @staticmethod
     def accept(tokens: list, target: list, parents: list) -> tuple[list, list]:
@@ -208,11 +229,12 @@ class DynamicTree:
 
 def ancestors(parents: torch.Tensor, depth: int) -> torch.Tensor:
     """(n,) parent of each node (the root its own) -> (n, n) ancestor-or-self, by pointer
-    jumping on the device: after `depth` rounds every node has met all its ancestors."""
+    jumping on the device: after r rounds a node has met its ancestors up to 2^r - 1 levels up,
+    so ceil(log2(depth + 1)) rounds reach the root from every depth."""
     n = parents.numel()
     anc = torch.eye(n, dtype=torch.bool, device=parents.device)
     up = parents
-    for _ in range(depth):
+    for _ in range(depth.bit_length()):  # 2^r - 1 >= depth
         anc = anc | anc[up]
         up = up[up]
     return anc

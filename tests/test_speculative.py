@@ -485,13 +485,14 @@ def test_a_tampered_tree_is_one_line(tree):
         Tree(tree)
 
 
-@pytest.mark.parametrize("mt", ["llama", "gpt2"])
-def test_dynamic_tree_is_lossless(mt, tokenizer):
+@pytest.mark.parametrize("mt,family", [("llama", "eagle"), ("gpt2", "eagle"), ("llama", "deepseek-mtp"),
+                                       ("gpt2", "deepseek-mtp")])
+def test_dynamic_tree_is_lossless(mt, family, tokenizer):
     """EAGLE-2's tree, shaped by the drafts at every step, verified and accepted by its parents:
     the output is plain greedy decoding's, with fresh and perturbed heads, in both engines."""
     torch.manual_seed(0)
     bb = tiny_backbone(mt, tokenizer)
-    m = add_heads(bb, heads="eagle", num_heads=3)
+    m = add_heads(bb, heads=family, num_heads=3)
     for state in ("fresh", "random"):
         if state == "random":
             perturb(m, 0.3)
@@ -505,8 +506,9 @@ def test_dynamic_tree_is_lossless(mt, tokenizer):
                     assert g.draft_nodes == size
 
 
-def test_dynamic_tree_with_trained_heads(trained, tokenizer):
-    m = load(trained["eagle"], device="cpu")
+@pytest.mark.parametrize("family", ["eagle", "deepseek-mtp"])
+def test_dynamic_tree_with_trained_heads(trained, tokenizer, family):
+    m = load(trained[family], device="cpu")
     taus = {"calibrated": [], "dynamic": []}
     for p in PROMPTS:
         ids = encode(tokenizer, p)
@@ -533,14 +535,16 @@ def test_dynamic_tree_acceptance_follows_the_parents():
         DynamicTree(100, 2, 3)
 
 
-def test_dynamic_tree_nodes_are_what_their_paths_draft(tokenizer):
-    """Each node of an EAGLE-2 tree is among the top candidates that a chain drafted along its
-    ancestors' tokens proposes: the batched frontier sees what one path at a time sees."""
+@pytest.mark.parametrize("family", ["eagle", "deepseek-mtp"])
+def test_dynamic_tree_nodes_are_what_their_paths_draft(tokenizer, family):
+    """The children of each node of an EAGLE-2 tree are the top candidates, in number as many as
+    it has children, that a chain drafted along the node's own path proposes: the batched
+    frontier sees what one path at a time sees."""
     from graft.tree import DynamicTree
 
     torch.manual_seed(0)
     bb = tiny_backbone("llama", tokenizer)
-    m = add_heads(bb, heads="eagle", num_heads=3)
+    m = add_heads(bb, heads=family, num_heads=3)
     perturb(m, 0.5)  # large: the draft layer's keys must differ from node to node for the test to see
     heads = m.heads
     ids = torch.tensor(encode(tokenizer, PROMPTS[1]))
@@ -552,6 +556,7 @@ def test_dynamic_tree_nodes_are_what_their_paths_draft(tokenizer):
         heads.commit(bb, state, trunk, final, nxt, 0, n)
         tree = DynamicTree(20, 3, 3)
         tokens, parents, depths = (t.tolist() for t in heads.draft_dynamic(bb, state, tree, n))
+        children, proposed = {}, {}
         for v in range(1, tree.n):
             line = [v]
             while parents[line[-1]] != 0:
@@ -568,4 +573,8 @@ def test_dynamic_tree_nodes_are_what_their_paths_draft(tokenizer):
             cands = []
             heads.draft(bb, state, chain_tree, n, lambda d, lg, R: (cands.append(forced(d, lg, R)),
                                                                      forced(d, lg, R)[:, :1])[1])
-            assert tokens[v] in cands[len(line) - 1][0].tolist(), v
+            children.setdefault(parents[v], []).append(tokens[v])
+            proposed[parents[v]] = cands[len(line) - 1][0].tolist()
+        assert len(children) > 3 and max(depths) == 3  # the tree branches and reaches the last depth
+        for p, kids in children.items():
+            assert sorted(kids) == sorted(proposed[p][:len(kids)]), p

@@ -189,6 +189,74 @@ class ParallelHeads(Heads):
         return out
 
 
+class ChainedHeads(Heads):
+    """Heads that draft depth by depth, each depth continuing the one before (eagle,
+    deepseek-mtp). Besides a fixed tree they draft EAGLE-2's dynamic tree: the selection is
+    here, each depth's drafting is the family's (`dynamic_root`, `dynamic_expand`)."""
+
+    def dynamic_root(self, bb, state, tree, n):
+        """Depth 1 from the root: (its draft logits (1, V), what the root hands its children: a
+        tuple of (1, ...) tensors)."""
+        raise NotImplementedError
+
+    def dynamic_expand(self, bb, state, tree, n, d, carry, paths):
+        """Depth d for the tree's `width` frontier nodes of depth d-1, in one batch. carry: what
+        each one's parent handed on (a tuple of (width, ...) tensors); paths (width, d-1): the
+        tokens on each one's path below the root, its own last. Returns (draft logits (width, V),
+        what each hands its children)."""
+        raise NotImplementedError
+
+    def draft_dynamic(self, bb, state, tree, n):
+        """An EAGLE-2 tree: (tokens, parents, depths), each (N+1,) on the device, node 0 the root
+        (its token left for the caller), every parent before its children.
+
+        Depth 1 takes the root's `width` best tokens. At every further depth the `width`
+        candidates of highest cumulative log-probability (the frontier) are expanded at once,
+        each adding its `width` best children to the pool. The N candidates of highest
+        cumulative log-probability in the pool are verified. Each depth costs a child at least
+        1e-3 nats (a token of probability 0.999 or more counts as 0.999), so a child always
+        scores below its parent and the N best form a tree."""
+        k, D = tree.width, tree.max_depth
+        logits, carry = self.dynamic_root(bb, state, tree, n)
+        plan = tree.plan(logits.device)
+        top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+        tok, score = self.to_vocab(top.indices[0]), top.values[0].clamp(max=-1e-3)
+        toks, scores, fronts = [tok], [score], [plan["first"]]  # fronts: each depth's frontier, as pool indices
+        front_score, paths = score, tok[:, None]
+        carry = tuple(c.expand(k, *c.shape[1:]) for c in carry)
+        for d in range(2, D + 1):
+            logits, carry = self.dynamic_expand(bb, state, tree, n, d, carry, paths)
+            top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)  # (k, k): each frontier node's children
+            tok = self.to_vocab(top.indices).flatten()
+            score = (front_score[:, None] + top.values.clamp(max=-1e-3)).flatten()
+            toks.append(tok)
+            scores.append(score)
+            if d == D:
+                break
+            best = score.topk(k).indices  # the next frontier, as rows of the k x k candidates
+            rows = best.div(k, rounding_mode="floor")
+            fronts.append(best + (k + (d - 2) * k * k))
+            front_score = score[best]
+            paths = torch.cat([paths[rows], tok[best][:, None]], dim=1)
+            carry = tuple(c[rows] for c in carry)
+        tok, score = torch.cat(toks), torch.cat(scores)
+        parent = torch.cat(fronts + [plan["root"]])[plan["up"]]  # (P,) pool indices, the root as P
+        chosen = score.topk(tree.size).indices.sort().values  # pool order: parents first
+        node = torch.zeros(tree.pool + 1, dtype=torch.long, device=tok.device).index_copy_(0, chosen, plan["number"])
+        zero = plan["zero"]
+        return (torch.cat([zero, tok[chosen]]), torch.cat([zero, node[parent[chosen]]]),
+                torch.cat([zero, plan["depth"][chosen]]))
+
+
+def constant(heads: nn.Module, key, build) -> torch.Tensor:
+    """A tensor that depends only on `key` (shapes, device, dtype), built once per heads object:
+    masks tables and index ranges that a captured step would otherwise rebuild at every replay."""
+    cache = heads.__dict__.setdefault("_constants", {})
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
 def last_row(x: torch.Tensor, count) -> torch.Tensor:
     """x (1, A, ...) -> (1, 1, ...): the row of the last real position, count-1."""
     if isinstance(count, int):
@@ -243,4 +311,5 @@ def build_heads(spec: HeadSpec, bb) -> Heads:
     return heads.to(bb.device).eval()  # graft train switches to train mode (dropout, where a layer has it)
 
 
-__all__ = ["Heads", "ParallelHeads", "build_heads", "copy_last_layer", "last_row", "positions", "rms_eps"]
+__all__ = ["ChainedHeads", "Heads", "ParallelHeads", "build_heads", "constant", "copy_last_layer", "last_row",
+           "positions", "rms_eps"]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..modeling import KVCache, additive_mask, cache_mask
-from . import Heads, copy_last_layer, positions, rms_eps
+from . import ChainedHeads, constant, copy_last_layer, positions, rms_eps
 
 
 class MTPModule(nn.Module):
@@ -44,7 +44,7 @@ class MTPModule(nn.Module):
         return x
 
 
-class DeepSeekMTPHeads(Heads):
+class DeepSeekMTPHeads(ChainedHeads):
     family = "deepseek-mtp"
 
     def __init__(self, spec, bb):
@@ -82,7 +82,8 @@ class DeepSeekMTPHeads(Heads):
 
     def scratch(self, tree):
         # each depth's module reruns its path tails side by side after its committed prefix
-        return tree.n * (tree.max_depth + 1)
+        tails = tree.width * tree.max_depth if tree.dynamic else 0  # a dynamic tree's: width per depth
+        return max(tree.n * (tree.max_depth + 1), tails)
 
     def commit(self, bb, state, trunk, final, next_tokens, start, count):
         """Module k commits the positions whose inputs all became known: with n = start + count
@@ -111,40 +112,65 @@ class DeepSeekMTPHeads(Heads):
         prediction for t_{n+k} comes from position n-1, so it reruns positions n-k+1..n-1 on
         each parent's path (the draft-dependent tail, k-1 positions; module 1 has none): inputs
         the depth k-1 state (committed at n-k+1, else module k-1's output on the path's tail)
-        and the path's drafted tokens. The B tails go to the module's cache side by side after
-        its committed prefix, each seeing the prefix and its own earlier positions."""
-        H, cache = state["H"], state["cache"]
-        L = self.spec.head_layers
-        dev = H.device
-        out = torch.zeros(tree.n, dtype=torch.long, device=dev)
+        and the path's drafted tokens (`_tails`)."""
+        H = state["H"]
+        out = torch.zeros(tree.n, dtype=torch.long, device=H.device)
         prev = None  # the depth before: module outputs on each parent's tail, (B', k-2, d)
-        for lv in tree.levels(dev):
+        for lv in tree.levels(H.device):
             k, B = lv.depth, len(lv.parents)
-            module = self.modules_[k - 1]
-            base = n - k + 1  # first uncommitted position of module k
             if k == 1:  # module 1's state at n-1 is committed
                 cur = _rows(H[1], n - 1)[None]
             else:
-                T = k - 1
-                hin = _rows(H[k - 1], base)[None].expand(B, 1, -1)
-                if T > 1:
-                    hin = torch.cat([hin, prev[lv.up]], dim=1)  # (B, T, d)
-                toks = out[lv.lines]  # (B, T): t_{n+1}..t_{n+k-1} on each path
-                i = torch.arange(T, device=dev)
-                pos = (base + i)[None].expand(B, T)
-                slots = (base + torch.arange(B * T, device=dev))
-                # query (b, i) sees the committed prefix and (b, j <= i): a block-diagonal tail
-                rel = torch.arange(cache.max_len, device=dev) - base  # (S,) relative to the tail
-                qb, qi = torch.arange(B * T, device=dev).div(T, rounding_mode="floor"), i.repeat(B)
-                allowed = (rel < 0)[None, :] | ((rel[None, :] // T == qb[:, None]) & (rel[None, :] % T <= qi[:, None])
-                                                & (rel[None, :] < B * T))
-                mask = additive_mask(allowed, self._dtype)
-                cur = module(bb, hin.reshape(1, B * T, -1), self._emb(bb, toks.reshape(1, B * T)),
-                             pos.reshape(1, B * T), cache, (k - 1) * L, slots, mask).view(B, T, -1)
+                hin = _rows(H[k - 1], n - k + 1)[None].expand(B, 1, -1)
+                if k > 2:
+                    hin = torch.cat([hin, prev[lv.up]], dim=1)  # (B, k-1, d)
+                cur = self._tails(bb, state, k, n, hin, out[lv.lines])
             prev = cur
             top = self.pick(choose, k, self.draft_logits(bb, k - 1, cur[:, -1]), lv.width)  # (B, R)
             out[lv.nodes] = top.flatten()[lv.flat]
         return out
+
+    def dynamic_root(self, bb, state, tree, n):
+        """Module 1's committed state at n-1, and no tail to hand on."""
+        h = _rows(state["H"][1], n - 1)
+        return self.draft_logits(bb, 0, h), (h[None, :0],)
+
+    def dynamic_expand(self, bb, state, tree, n, d, carry, paths):
+        """Module d over the tails of the frontier's paths, continuing module d-1's outputs on
+        the tails of their parents' paths (the carry)."""
+        k = tree.width
+        hin = torch.cat([_rows(state["H"][d - 1], n - d + 1)[None].expand(k, 1, -1), carry[0]], dim=1)
+        cur = self._tails(bb, state, d, n, hin, paths)
+        return self.draft_logits(bb, d - 1, cur[:, -1]), (cur,)
+
+    def _tails(self, bb, state, k, n, hin, toks):
+        """Module k (>= 2) on B paths' tails: positions n-k+1..n-1 (T = k-1), inputs hin (B, T, d)
+        and tokens (B, T) t_{n+1}..t_{n+k-1}. The B tails go to the module's cache side by side
+        after its committed prefix, each seeing the prefix and its own earlier positions (a
+        block-diagonal causal mask, from a table built once per shape). Returns (B, T, d)."""
+        cache = state["cache"]
+        B, T = toks.shape
+        dev = cache.k.device
+        base = n - k + 1  # first uncommitted position of module k
+        table = constant(self, ("tails", dev, B, T), lambda: _tail_table(B, T, self._dtype, dev))
+        cols = constant(self, ("cols", dev, cache.max_len), lambda: torch.arange(cache.max_len, device=dev))
+        i = constant(self, ("i", dev, B, T), lambda: torch.arange(B * T, device=dev))
+        mask = table[:, (cols - base + 1).clamp(0, B * T + 1)][None, None]
+        pos = (i % T + base)[None]
+        x = self.modules_[k - 1](bb, hin.reshape(1, B * T, -1), self._emb(bb, toks.reshape(1, B * T)), pos, cache,
+                                 (k - 1) * self.spec.head_layers, i + base, mask)
+        return x.view(B, T, -1)
+
+
+def _tail_table(B: int, T: int, dtype, device) -> torch.Tensor:
+    """(B*T, B*T + 2) additive mask by slot relative to the tails: column 0 the committed prefix
+    (seen by all), 1 + b*T + j tail b's j-th position (seen by tail b's positions j and later),
+    the last the slots past the tails (seen by none)."""
+    q = torch.arange(B * T, device=device)
+    allowed = torch.zeros(B * T, B * T + 2, dtype=torch.bool, device=device)
+    allowed[:, 0] = True
+    allowed[:, 1:-1] = (q[None, :] // T == q[:, None] // T) & (q[None, :] % T <= q[:, None] % T)
+    return additive_mask(allowed, dtype)[0, 0]
 
 
 def _rows(x, i):

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import GraftError
 from ..modeling import additive_mask, cache_mask, KVCache, norm
-from . import Heads, copy_last_layer, last_row, positions, rms_eps
+from . import ChainedHeads, constant, copy_last_layer, last_row, positions, rms_eps
 
 
 def default_aux_layers(L: int) -> list[int]:
@@ -82,7 +82,7 @@ def ttt_mask(T: int, k: int, dtype, device) -> torch.Tensor:
     return additive_mask(torch.cat(parts, dim=1), dtype)
 
 
-class EagleHeads(Heads):
+class EagleHeads(ChainedHeads):
     family = "eagle"
 
     def __init__(self, spec, bb):
@@ -167,55 +167,36 @@ class EagleHeads(Heads):
             prev = g
         return out
 
-    def draft_dynamic(self, bb, state, tree, n):
-        """An EAGLE-2 tree: (tokens, parents, depths), each (N+1,) on the device, node 0 the root
-        (its token left for the caller), nodes in the order of their parents first.
+    def dynamic_root(self, bb, state, tree, n):
+        """The root's output at position n-1, and which of the tail's slots its line holds: none.
+        The tail: the (D-1) x width slots from n on where the frontiers' keys go; column 0 of
+        `seen` stands for the committed slots, 1.. for the tail's, the last for those past it."""
+        g = state["g"][None]
+        R = (tree.max_depth - 1) * tree.width
+        seen = constant(self, ("root", g.device, R), lambda: torch.arange(R + 2, device=g.device)[None] == 0)
+        return self.draft_logits(bb, 0, g), (g, seen)
 
-        Depth 1 takes the root's `width` best tokens. At every further depth the `width`
-        candidates of highest cumulative log-probability (the frontier) run the draft layer at
-        once, each at slot n + (d-2)*width + j, seeing the committed slots and its ancestors',
-        and each adds its `width` best children to the pool. The N candidates of highest
-        cumulative log-probability in the pool are verified; a child never scores above its
-        parent, so they form a tree (ties go to the shallower node)."""
+    def dynamic_expand(self, bb, state, tree, n, d, carry, paths):
+        """The frontier's j-th node runs the draft layer at position n+d-2, with its parent's
+        output and its own token, writing its keys at tail slot (d-2) x width + j and seeing the
+        committed slots and its ancestors'."""
         cache = state["cache"]
-        dev = cache.k.device
-        k, D = tree.width, tree.max_depth
-        P = tree.pool
-        cols = torch.arange(cache.max_len, device=dev)
-        tok = torch.zeros(P, dtype=torch.long, device=dev)
-        score = torch.zeros(P, device=dev)
-        parent = torch.full((P,), -1, dtype=torch.long, device=dev)
-        depth = torch.ones(P, dtype=torch.long, device=dev)
-        logp = torch.log_softmax(self.draft_logits(bb, 0, state["g"][None]), dim=-1)[0]  # (V or N,)
-        top = logp.topk(k)
-        tok[:k] = self.to_vocab(top.indices)
-        score[:k] = top.values
-        front = torch.arange(k, device=dev)  # pool indices of the frontier
-        slots = torch.zeros(k, 0, dtype=torch.long, device=dev)  # each frontier node's ancestors' slots
-        g_parent = state["g"][None].expand(k, -1)  # the output each frontier node continues from
-        for d in range(2, D + 1):
-            own = n + (d - 2) * k + torch.arange(k, device=dev)  # the frontier's draft-layer slots
-            slots = torch.cat([slots, own[:, None]], dim=1)  # (k, d-1)
-            seen = (cols[None, None, :] == slots[:, :, None]).any(dim=1)  # (k, S)
-            mask = additive_mask((cols < n)[None, :] | seen, self._dtype)
-            pos = torch.zeros(k, dtype=torch.long, device=dev) + (n + d - 2)
-            g = self._step(bb, g_parent[None], tok[front][None], pos[None], cache, own, mask)[0]  # (k, d_model)
-            logp = torch.log_softmax(self.draft_logits(bb, d - 1, g), dim=-1)  # (k, V or N)
-            top = logp.topk(k, dim=-1)  # (k, k)
-            lo = k + (d - 2) * k * k
-            tok[lo:lo + k * k] = self.to_vocab(top.indices).flatten()
-            cand = (score[front][:, None] + top.values).flatten()
-            score[lo:lo + k * k] = cand
-            parent[lo:lo + k * k] = front.repeat_interleave(k)
-            depth[lo:lo + k * k] = d
-            best = cand.topk(k).indices  # the next frontier, as rows of the k x k candidates
-            front = lo + best
-            slots = slots[best // k]
-            g_parent = g[best // k]
-        # the N best candidates, shallower first on ties; pool order keeps parents before children
-        chosen = (score - 1e-6 * depth).topk(tree.size).indices.sort().values
-        node = torch.zeros(P, dtype=torch.long, device=dev)
-        node[chosen] = torch.arange(1, tree.size + 1, device=dev)
-        par = torch.where(parent[chosen] < 0, 0, node[parent[chosen].clamp_min(0)])
-        zero = torch.zeros(1, dtype=torch.long, device=dev)
-        return torch.cat([zero, tok[chosen]]), torch.cat([zero, par]), torch.cat([zero, depth[chosen]])
+        dev, k, R = cache.k.device, tree.width, (tree.max_depth - 1) * tree.width
+        g, seen = carry
+        rows = constant(self, ("rows", dev, k), lambda: torch.arange(k, device=dev))
+        zeros = constant(self, ("zeros", dev, k), lambda: torch.zeros(k, dtype=torch.long, device=dev))
+        cols = constant(self, ("cols", dev, cache.max_len), lambda: torch.arange(cache.max_len, device=dev))
+        own = constant(self, ("own", dev, R, d, k), lambda: _marks(k, R + 2, 1 + (d - 2) * k, dev))
+        seen = seen | own
+        mask = additive_mask(seen[:, (cols - n + 1).clamp(0, R + 1)], self._dtype)
+        pos = zeros + (n + d - 2)
+        g = self._step(bb, g[None], paths[:, -1:].t(), pos[None], cache, rows + (n + (d - 2) * k), mask)[0]
+        return self.draft_logits(bb, d - 1, g), (g, seen)
+
+
+def _marks(k: int, cols: int, first: int, device) -> torch.Tensor:
+    """(k, cols) booleans, row j true at column first + j alone."""
+    m = torch.zeros(k, cols, dtype=torch.bool, device=device)
+    j = torch.arange(k, device=device)
+    m[j, first + j] = True
+    return m
