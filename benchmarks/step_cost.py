@@ -9,6 +9,7 @@ is graft's loop without drafting. The ratio column divides by that.
   python benchmarks/step_cost.py smollm2-135m --dtype bfloat16 --engine graph
   python benchmarks/step_cost.py --random-llama 8b --engine graph     # random weights, no download
   python benchmarks/step_cost.py smollm2-135m --draft-vocab 8192     # drafts over 8192 tokens (FR-Spec)
+  python benchmarks/step_cost.py --random-llama smollm2 --dtype float32 --ops --tree dynamic   # CPU: op counts
 
 --random-llama builds a Llama of that shape on the device from a config (smollm2:
 SmolLM2-135M, 1b: Llama-3.2-1B, 8b: Llama-3-8B, all with a 49,152 vocabulary) and states the memory roofline of a one-token
@@ -49,6 +50,8 @@ def random_llama(shape: str, dtype: torch.dtype):
 
 
 PHASES = ("draft", "verify", "logits", "commit", "compact")
+CURRENT = ["other"]  # the phase running now (label_phases), for count_ops
+CHAINED = ("eagle", "deepseek-mtp")  # the families that draft dynamic trees
 
 
 def label_phases(dec):
@@ -63,7 +66,11 @@ def label_phases(dec):
 
         def timed(*a, **k):
             with record_function(label):
-                return f(*a, **k)
+                CURRENT.append(label)
+                try:
+                    return f(*a, **k)
+                finally:
+                    CURRENT.pop()
         setattr(obj, name, timed)
 
     for obj, name, label in ((dec.heads, "draft", "draft"), (dec.heads, "draft_dynamic", "draft"),
@@ -76,7 +83,11 @@ def label_phases(dec):
 
         def timed_keep(self, *a, **k):
             with record_function("compact"):
-                return keep(self, *a, **k)
+                CURRENT.append("compact")
+                try:
+                    return keep(self, *a, **k)
+                finally:
+                    CURRENT.pop()
         timed_keep.__wrapped_phase__ = True
         KVCache.keep = timed_keep
 
@@ -97,7 +108,7 @@ def by_phase(prof, steps: int) -> dict:
     return {k: (n / steps, us / steps / 1e3) for k, (n, us) in out.items()}
 
 
-def profile(dec, prompt, roof, size: int = 0, steps: int = 32):
+def profile(dec, prompt, roof, size: int = 0, steps: int = 32, tree: str = "auto"):
     """Kernel time of a step (one token, or a tree of `size` nodes besides the root) against
     its wall time: what the card computes, and what is gaps and overhead; per phase (draft,
     verify, logits, commit, compact; prefill included once in 'verify'), then the kernels that
@@ -109,7 +120,7 @@ def profile(dec, prompt, roof, size: int = 0, steps: int = 32):
     if dec.bb.device.type != "cuda":
         print("--profile needs a CUDA device")
         return
-    cfg = DecodeConfig(max_new_tokens=steps, engine="static", draft=size > 0, tree_size=size, eos=False)
+    cfg = DecodeConfig(max_new_tokens=steps, engine="static", draft=size > 0, tree_size=size, eos=False, tree=tree)
     dec.generate(prompt, cfg)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         out = dec.generate(prompt, cfg)
@@ -127,6 +138,42 @@ def profile(dec, prompt, roof, size: int = 0, steps: int = 32):
         print(f"  {e.self_device_time_total / out.steps / 1e3:7.3f} ms  {e.count // out.steps:4d}x  {e.key[:90]}")
 
 
+def count_ops(dec, prompt, size: int = 0, tree: str = "auto", steps: int = 16):
+    """Operations dispatched per step, by phase, on any device: a stand-in for the kernel count
+    where no GPU is at hand (views and no-op casts left out; on a GPU most operations are one
+    kernel, a few several). A one-step generation's count is subtracted: the steps alone."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from graft.speculative import DecodeConfig
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.by_phase = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            noop = func.overloadpacket.__name__ == "to" and args and out is args[0]
+            if not func.is_view and not noop and func.overloadpacket.__name__ not in ("detach", "lift_fresh"):
+                self.by_phase[CURRENT[-1]] += 1
+            return out
+
+    def run(n):
+        cfg = DecodeConfig(max_new_tokens=n, engine="static", draft=size > 0, tree_size=size, eos=False, tree=tree)
+        with Count() as c:
+            out = dec.generate(prompt, cfg)
+        return c.by_phase, out.steps
+
+    run(2)  # warm-up: the cache, the heads' tables
+    (one, s1), (many, s2) = run(1), run(steps + 1)
+    per = {k: (many[k] - one[k]) / (s2 - s1) for k in many}
+    what = f"{dec.heads.family} {size + 1}-node {tree} step" if size else "one-token step"
+    print(f"{what}, static engine: {sum(per.values()):.0f} operations per step: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default="smollm2-135m")
@@ -137,12 +184,17 @@ def main(argv=None):
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--draft-vocab", type=int, default=None, help="draft over N tokens only (FR-Spec)")
     p.add_argument("--sizes", default="0,4,16,32,64", help="tree nodes besides the root (0: no drafting)")
+    p.add_argument("--tree", choices=["auto", "dynamic"], default="auto",
+                   help="dynamic: the chained families (eagle, deepseek-mtp) draft EAGLE-2's dynamic tree")
     p.add_argument("--context", type=int, default=300, help="prompt tokens before decoding")
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s for the roofline")
     p.add_argument("--sdpa", choices=["default", "efficient", "cudnn", "math", "flash"], default="default",
                    help="the attention kernel of the fixed-shape steps (default: torch's choice among all)")
     p.add_argument("--json", help="append one JSON line per figure")
+    p.add_argument("--ops", action="store_true",
+                   help="count the operations dispatched per step and phase (one-token step and each family's "
+                        "largest tree; any device, CPU included) instead of timing")
     p.add_argument("--profile", action="store_true",
                    help="also profile the one-token step and each family's largest tree step (static engine, no "
                         "graph): GPU time per step summed over kernels, and the kernels that take most of it")
@@ -169,32 +221,43 @@ def main(argv=None):
     roof = weights / a.bandwidth * 1e3
     print(f"{name} on {device_name(bb.device)} ({a.dtype}), engine {a.engine}, context {a.context}: "
           f"weights {weights / 2**30:.2f} GiB, one-token roofline {roof:.2f} ms", flush=True)
-    print(f"{'family':<14}{'nodes':>6}{'ms/step':>9}{'x no-draft':>11}{'roofline share':>16}", flush=True)
+    if not a.ops:
+        print(f"{'family':<14}{'nodes':>6}{'ms/step':>9}{'x no-draft':>11}{'roofline share':>16}", flush=True)
     base = None
     for fam in a.families.split(","):
         torch.manual_seed(0)
         m = add_heads(bb, heads=fam, num_heads=a.num_heads, draft_vocab=a.draft_vocab)
         m.heads.to(bb.dtype)
         dec = SpeculativeDecoder(m)
+        tree = a.tree if fam in CHAINED else "auto"
+        largest = max(int(x) for x in a.sizes.split(","))
+        if a.ops:
+            label_phases(dec)
+            if fam == a.families.split(",")[0]:
+                count_ops(dec, prompt)
+            count_ops(dec, prompt, largest, tree)
+            continue
         if a.profile:
             label_phases(dec)
             if base is None:
                 profile(dec, prompt, roof)
-            profile(dec, prompt, roof, size=max(int(x) for x in a.sizes.split(",")))
+            profile(dec, prompt, roof, size=largest, tree=tree)
         for size in [int(s) for s in a.sizes.split(",")]:
             if size == 0 and base is not None:
                 continue  # the loop without drafting does not depend on the family
-            cfg = DecodeConfig(max_new_tokens=a.new, engine=a.engine, draft=size > 0, tree_size=size, eos=False)
+            cfg = DecodeConfig(max_new_tokens=a.new, engine=a.engine, draft=size > 0, tree_size=size, eos=False,
+                               tree=tree)
             dec.generate(prompt, cfg)  # warm-up: cache, captured steps
             out = dec.generate(prompt, cfg)
             ms = out.decode_s / out.steps * 1e3
             if size == 0:
                 base = ms
             rec = {"model": name, "device": device_name(bb.device), "dtype": a.dtype, "engine": a.engine,
-                   "draft_vocab": a.draft_vocab, "sdpa": a.sdpa,
+                   "draft_vocab": a.draft_vocab, "sdpa": a.sdpa, "tree": tree if size else "none",
                    "family": "none" if size == 0 else fam, "nodes": size + 1, "ms_per_step": ms,
                    "x_nodraft": ms / base, "roofline_ms": roof}
-            print(f"{rec['family']:<14}{size + 1:>6}{ms:>9.2f}{ms / base:>11.2f}{roof / ms:>16.2f}", flush=True)
+            label = rec["family"] + (" dyn" if size and tree == "dynamic" else "")
+            print(f"{label:<14}{size + 1:>6}{ms:>9.2f}{ms / base:>11.2f}{roof / ms:>16.2f}", flush=True)
             if a.json:
                 with open(a.json, "a") as f:
                     f.write(json.dumps(rec) + "\n")

@@ -153,12 +153,12 @@ class DeepSeekMTPHeads(ChainedHeads):
         dev = cache.k.device
         base = n - k + 1  # first uncommitted position of module k
         table = constant(self, ("tails", dev, B, T), lambda: _tail_table(B, T, self._dtype, dev))
-        cols = constant(self, ("cols", dev, cache.max_len), lambda: torch.arange(cache.max_len, device=dev))
+        cols = constant(self, ("cols+1", dev, cache.max_len), lambda: torch.arange(1, cache.max_len + 1, device=dev))
         i = constant(self, ("i", dev, B, T), lambda: torch.arange(B * T, device=dev))
-        mask = table[:, (cols - base + 1).clamp(0, B * T + 1)][None, None]
-        pos = (i % T + base)[None]
-        x = self.modules_[k - 1](bb, hin.reshape(1, B * T, -1), self._emb(bb, toks.reshape(1, B * T)), pos, cache,
-                                 (k - 1) * self.spec.head_layers, i + base, mask)
+        j = constant(self, ("i%T", dev, B, T), lambda: torch.arange(B * T, device=dev) % T)
+        mask = table[:, (cols - base).clamp(0, B * T + 1)][None, None]
+        x = self.modules_[k - 1](bb, hin.reshape(1, B * T, -1), self._emb(bb, toks.reshape(1, B * T)),
+                                 (j + base)[None], cache, (k - 1) * self.spec.head_layers, i + base, mask)
         return x.view(B, T, -1)
 
 
