@@ -250,7 +250,7 @@ class ChainedHeads(Heads):
 
 def constant(heads: nn.Module, key, build) -> torch.Tensor:
     """A tensor that depends only on `key` (shapes, device, dtype), built once per heads object:
-    masks tables and index ranges that a captured step would otherwise rebuild at every replay."""
+    mask tables and index ranges that a captured step would otherwise rebuild at every replay."""
     cache = heads.__dict__.setdefault("_constants", {})
     if key not in cache:
         cache[key] = build()
