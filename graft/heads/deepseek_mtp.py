@@ -36,9 +36,10 @@ class MTPModule(nn.Module):
             self.proj.weight[:, :d].copy_(torch.eye(d))
         self.layers = nn.ModuleList(copy_last_layer(bb, spec.init) for _ in range(spec.head_layers))
 
-    def forward(self, bb, h, e, positions, cache=None, cache_base=0, start=0, mask=None):
+    def forward(self, bb, h, e, positions, cache=None, cache_base=0, start=0, mask=None, rope=None):
+        """`rope`: the rotary (cos, sin) at `positions`, where the caller has them already."""
         x = self.proj(torch.cat([self.norm_h(h), self.norm_e(e)], dim=-1))  # (B, T, 2d) -> (B, T, d)
-        rope = bb.rope(x, positions)
+        rope = bb.rope(x, positions) if rope is None else rope
         for j, layer in enumerate(self.layers):
             x = bb.layer_fn(layer, x, rope, cache=cache, cache_layer=cache_base + j, start=start, mask=mask)
         return x
@@ -95,16 +96,37 @@ class DeepSeekMTPHeads(ChainedHeads):
         H[0].index_copy_(0, pos, final[0].to(self._dtype))
         tokens.index_copy_(0, pos + 1, next_tokens)
         L = self.spec.head_layers
-        for k, module in enumerate(self.modules_, start=1):
-            if isinstance(start, int):  # exact: the prefill, or the eager engine
-                lo, hi = max(start - k + 1, 0), start + A - k + 1
-                if hi <= lo:
-                    continue
-                p = torch.arange(lo, hi, device=dev)
-            else:
-                p = pos - (k - 1)
+        if not isinstance(start, int):
+            return self._commit_fixed(bb, state, next_tokens, start, A)
+        for k, module in enumerate(self.modules_, start=1):  # exact shapes: the prefill, or the eager engine
+            lo, hi = max(start - k + 1, 0), start + A - k + 1
+            if hi <= lo:
+                continue
+            p = torch.arange(lo, hi, device=dev)
             h = module(bb, H[k - 1, p][None], self._emb(bb, tokens[p + k][None]), p[None], cache, (k - 1) * L, p,
                        cache_mask(p, cache.max_len, self._dtype))
+            H[k].index_copy_(0, p, h[0])
+
+    def _commit_fixed(self, bb, state, next_tokens, start, A):
+        """`commit` with fixed shapes. Module k's positions p = start-k+1 .. start-k+A read the
+        tokens t_{p+k}: the A new ones for every module, embedded once. Their rotary angles are
+        gathered once over the K+A-1 positions from start-K+1 on and sliced per module, and so
+        are their masks (query j sees slots up to its position: column c of module k is column
+        c+k-1 of one index row, gathered from a table built once)."""
+        H, cache = state["H"], state["cache"]
+        K, L, dev, S = self.num_heads, self.spec.head_layers, H.device, cache.max_len
+        e = self._emb(bb, next_tokens[None])  # (1, A, d)
+        ext = positions(start - (K - 1), A + K - 1, dev)
+        rope = bb.rope(e, ext[None])  # None where positions are learned
+        table = constant(self, ("commit", dev, A), lambda: additive_mask(
+            torch.arange(A + 1, device=dev)[None, :] <= torch.arange(A, device=dev)[:, None], self._dtype)[0, 0])
+        cols = constant(self, ("cols", dev, S + K - 1), lambda: torch.arange(S + K - 1, device=dev))
+        idx = (cols - start).clamp(0, A)
+        for k, module in enumerate(self.modules_, start=1):
+            p = ext[K - k:K - k + A]
+            h = module(bb, H[k - 1].index_select(0, p)[None], e, p[None], cache, (k - 1) * L, p,
+                       table[:, idx[k - 1:k - 1 + S]][None, None],
+                       None if rope is None else tuple(r[:, K - k:K - k + A] for r in rope))
             H[k].index_copy_(0, p, h[0])
 
     def draft(self, bb, state, tree, n, choose):
