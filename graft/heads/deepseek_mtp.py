@@ -143,10 +143,11 @@ class DeepSeekMTPHeads(ChainedHeads):
             if k == 1:  # module 1's state at n-1 is committed
                 cur = _rows(H[1], n - 1)[None]
             else:
-                hin = _rows(H[k - 1], n - k + 1)[None].expand(B, 1, -1)
+                base = n - (k - 1)  # the first position module k has not committed
+                hin = _rows(H[k - 1], base)[None].expand(B, 1, -1)
                 if k > 2:
                     hin = torch.cat([hin, prev[lv.up]], dim=1)  # (B, k-1, d)
-                cur = self._tails(bb, state, k, n, hin, out[lv.lines])
+                cur = self._tails(bb, state, k, base, hin, out[lv.lines])
             prev = cur
             top = self.pick(choose, k, self.draft_logits(bb, k - 1, cur[:, -1]), lv.width)  # (B, R)
             out[lv.nodes] = top.flatten()[lv.flat]
@@ -161,19 +162,19 @@ class DeepSeekMTPHeads(ChainedHeads):
         """Module d over the tails of the frontier's paths, continuing module d-1's outputs on
         the tails of their parents' paths (the carry)."""
         k = tree.width
-        hin = torch.cat([_rows(state["H"][d - 1], n - d + 1)[None].expand(k, 1, -1), carry[0]], dim=1)
-        cur = self._tails(bb, state, d, n, hin, paths)
+        base = n - (d - 1)
+        hin = torch.cat([_rows(state["H"][d - 1], base)[None].expand(k, 1, -1), carry[0]], dim=1)
+        cur = self._tails(bb, state, d, base, hin, paths)
         return self.draft_logits(bb, d - 1, cur[:, -1]), (cur,)
 
-    def _tails(self, bb, state, k, n, hin, toks):
-        """Module k (>= 2) on B paths' tails: positions n-k+1..n-1 (T = k-1), inputs hin (B, T, d)
-        and tokens (B, T) t_{n+1}..t_{n+k-1}. The B tails go to the module's cache side by side
-        after its committed prefix, each seeing the prefix and its own earlier positions (a
-        block-diagonal causal mask, from a table built once per shape). Returns (B, T, d)."""
+    def _tails(self, bb, state, k, base, hin, toks):
+        """Module k (>= 2) on B paths' tails: positions base = n-k+1 .. n-1 (T = k-1), inputs hin
+        (B, T, d) and tokens (B, T) t_{n+1}..t_{n+k-1}. The B tails go to the module's cache side
+        by side after its committed prefix, each seeing the prefix and its own earlier positions
+        (a block-diagonal causal mask, from a table built once per shape). Returns (B, T, d)."""
         cache = state["cache"]
         B, T = toks.shape
         dev = cache.k.device
-        base = n - k + 1  # first uncommitted position of module k
         table = constant(self, ("tails", dev, B, T), lambda: _tail_table(B, T, self._dtype, dev))
         cols = constant(self, ("cols+1", dev, cache.max_len), lambda: torch.arange(1, cache.max_len + 1, device=dev))
         i = constant(self, ("i", dev, B, T), lambda: torch.arange(B * T, device=dev))
