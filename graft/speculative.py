@@ -176,9 +176,9 @@ class SpeculativeDecoder:
             if not hasattr(self.heads, "draft_dynamic"):
                 raise GraftError(f"--tree dynamic is drafted by chained heads (eagle, deepseek-mtp); "
                                  f"{self.heads.family} heads draft the calibrated tree: use --tree auto")
-            cuda = self.bb.device.type == "cuda"
-            size = cfg.tree_size or (32 if cuda else 16)
-            return DynamicTree(size, 8 if cuda else 4, K), f"dynamic ({size} nodes, EAGLE-2)"
+            width = 8  # candidates per expanded node (EAGLE-2's top-k)
+            size = cfg.tree_size or min(32 if self.bb.device.type == "cuda" else 16, width + (K - 1) * width ** 2)
+            return DynamicTree(size, width, K), f"dynamic ({size} nodes, EAGLE-2)"
         if cfg.tree_size:
             return Tree(build_tree(self.accuracies(), cfg.tree_size)), "--tree-size"
         if cfg.tree == "auto" and self.bb.device.type == "cuda":
