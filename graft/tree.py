@@ -8,11 +8,12 @@ after the root; its rank r says it is the parent's (r+1)-th best candidate.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import GraftError
+from .modeling import additive_mask
 
 
 def default_accuracies(num_heads: int, ranks: int = 8) -> list[list[float]]:
@@ -80,6 +81,13 @@ class Level:
     lines: torch.Tensor
     up: torch.Tensor
     sees: torch.Tensor
+    _bias: dict = field(default_factory=dict, repr=False)
+
+    def bias(self, dtype) -> torch.Tensor:
+        """`sees` as an additive attention mask in `dtype` (0 or the dtype's lowest), built once."""
+        if dtype not in self._bias:
+            self._bias[dtype] = additive_mask(self.sees, dtype)[0, 0]
+        return self._bias[dtype]
 
 
 class Tree:

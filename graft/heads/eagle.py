@@ -160,7 +160,7 @@ class EagleHeads(ChainedHeads):
             else:
                 nodes = lv.lines[:, -1]  # (B,) the parents, of depth d-1
                 pos = (root + (lv.depth - 1)).expand(nodes.shape[0])
-                mask = additive_mask(lv.sees[:, rel], self._dtype)
+                mask = lv.bias(self._dtype)[:, rel][None, None]
                 g = self._step(bb, prev[lv.up][None], out[nodes][None], pos[None], cache, root + nodes, mask)[0]
             top = self.pick(choose, lv.depth, self.draft_logits(bb, lv.depth - 1, g), lv.width)  # (B, R)
             out[lv.nodes] = top.flatten()[lv.flat]
