@@ -213,6 +213,7 @@ def main(argv=None):
         backend = getattr(SDPBackend, {"efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                                        "flash": "FLASH_ATTENTION", "math": "MATH"}[a.sdpa])
         graft.engine.attention_backends = lambda device, static: sdpa_kernel([backend])  # only static steps ask
+    torch.manual_seed(0)  # the same random weights every run
     bb = random_llama(a.random_llama, dt) if a.random_llama else load_backbone(a.model, dtype=a.dtype)
     name = f"random-llama-{a.random_llama}" if a.random_llama else a.model
     g = torch.Generator().manual_seed(0)
