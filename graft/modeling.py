@@ -225,9 +225,11 @@ def _fused(owner, x: torch.Tensor):
     return F.linear(x, f.weight, f.bias).split(f.sizes, dim=-1)
 
 
-def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None):
+def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None, kv_only=False):
     """One Llama-family decoder layer (Llama, Mistral, Qwen2, Qwen3). h: (B, T, d), the residual
-    stream; x: the attention's input if not the normalised h (EAGLE-3's wider draft layer)."""
+    stream; x: the attention's input if not the normalised h (EAGLE-3's wider draft layer).
+    kv_only: write the keys and values to the cache and stop there (returns None), for a layer
+    whose output nothing reads."""
     attn = layer.self_attn
     B, T, _ = h.shape
     if x is None:
@@ -249,6 +251,8 @@ def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x
     q, k = qk[:, :H], qk[:, H:]
     if cache is not None:
         k, v = cache.update(cache_layer, start, k, v)
+        if kv_only:
+            return None
     o = _sdpa(q, k, v, mask, attn.scaling, causal=mask is None and cache is None)
     h = h + attn.o_proj(o)
     x = norm(layer.post_attention_layernorm, h)
@@ -259,9 +263,9 @@ def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x
     return h + mlp.down_proj(mlp.act_fn(gate_up[0]) * gate_up[1])
 
 
-def gpt2_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None):
+def gpt2_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None, kv_only=False):
     """One GPT-2 block. Positions enter GPT-2 through the input embedding, so `rope` is unused.
-    x: the attention's input if not the normalised h (as in llama_layer)."""
+    x and kv_only: as in llama_layer."""
     attn = layer.attn
     B, T, _ = h.shape
     if x is None:
@@ -273,6 +277,8 @@ def gpt2_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=
         scale /= float(attn.layer_idx + 1)
     if cache is not None:
         k, v = cache.update(cache_layer, start, k, v)
+        if kv_only:
+            return None
     o = _sdpa(q, k, v, mask, scale, causal=mask is None and cache is None)
     h = h + attn.c_proj(o)
     return h + layer.mlp(layer.ln_2(h))

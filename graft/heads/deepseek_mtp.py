@@ -36,12 +36,15 @@ class MTPModule(nn.Module):
             self.proj.weight[:, :d].copy_(torch.eye(d))
         self.layers = nn.ModuleList(copy_last_layer(bb, spec.init) for _ in range(spec.head_layers))
 
-    def forward(self, bb, h, e, positions, cache=None, cache_base=0, start=0, mask=None, rope=None):
-        """`rope`: the rotary (cos, sin) at `positions`, where the caller has them already."""
+    def forward(self, bb, h, e, positions, cache=None, cache_base=0, start=0, mask=None, rope=None, kv_only=False):
+        """`rope`: the rotary (cos, sin) at `positions`, where the caller has them already.
+        kv_only: fill the cache and return None (a commit whose states nothing reads)."""
         x = self.proj(torch.cat([self.norm_h(h), self.norm_e(e)], dim=-1))  # (B, T, 2d) -> (B, T, d)
         rope = bb.rope(x, positions) if rope is None else rope
+        last = len(self.layers) - 1
         for j, layer in enumerate(self.layers):
-            x = bb.layer_fn(layer, x, rope, cache=cache, cache_layer=cache_base + j, start=start, mask=mask)
+            x = bb.layer_fn(layer, x, rope, cache=cache, cache_layer=cache_base + j, start=start, mask=mask,
+                            kv_only=kv_only and j == last)
         return x
 
 
@@ -76,7 +79,8 @@ class DeepSeekMTPHeads(ChainedHeads):
         d = bb.hidden_size
         return {
             "cache": KVCache(self.num_heads * L, 1, bb.n_kv_heads, bb.head_dim, max_len, self._dtype, bb.device),
-            # H[k][j]: depth-k hidden state at position j (H[0] = backbone final); tokens: t_0..t_N
+            # H[k][j]: depth-k hidden state at position j (H[0] = backbone final; H[K] written only
+            # where K = 1: `_unread`); tokens: t_0..t_N
             "H": torch.zeros(self.num_heads + 1, max_len, d, dtype=self._dtype, device=bb.device),
             "tokens": torch.zeros(max_len + 1, dtype=torch.long, device=bb.device),
         }
@@ -89,7 +93,9 @@ class DeepSeekMTPHeads(ChainedHeads):
     def commit(self, bb, state, trunk, final, next_tokens, start, count):
         """Module k commits the positions whose inputs all became known: with n = start + count
         positions accepted, positions up to n-k. Once the prefill has run (start >= K-1), that is
-        start-k+1 .. start-k+A, the same A positions for every module, so shapes stay fixed."""
+        start-k+1 .. start-k+A, the same A positions for every module, so shapes stay fixed.
+        The last module's states are never read (drafting reads H[k-1] for module k, and module
+        1's own at n-1), so with K >= 2 it only fills its cache."""
         A, dev = final.shape[1], final.device
         H, tokens, cache = state["H"], state["tokens"], state["cache"]
         pos = positions(start, A, dev)
@@ -104,8 +110,9 @@ class DeepSeekMTPHeads(ChainedHeads):
                 continue
             p = torch.arange(lo, hi, device=dev)
             h = module(bb, H[k - 1, p][None], self._emb(bb, tokens[p + k][None]), p[None], cache, (k - 1) * L, p,
-                       cache_mask(p, cache.max_len, self._dtype))
-            H[k].index_copy_(0, p, h[0])
+                       cache_mask(p, cache.max_len, self._dtype), kv_only=self._unread(k))
+            if h is not None:
+                H[k].index_copy_(0, p, h[0])
 
     def _commit_fixed(self, bb, state, next_tokens, start, A):
         """`commit` with fixed shapes. Module k's positions p = start-k+1 .. start-k+A read the
@@ -126,8 +133,13 @@ class DeepSeekMTPHeads(ChainedHeads):
             p = ext[K - k:K - k + A]
             h = module(bb, H[k - 1].index_select(0, p)[None], e, p[None], cache, (k - 1) * L, p,
                        table[:, idx[k - 1:k - 1 + S]][None, None],
-                       None if rope is None else tuple(r[:, K - k:K - k + A] for r in rope))
-            H[k].index_copy_(0, p, h[0])
+                       None if rope is None else tuple(r[:, K - k:K - k + A] for r in rope), kv_only=self._unread(k))
+            if h is not None:
+                H[k].index_copy_(0, p, h[0])
+
+    def _unread(self, k: int) -> bool:
+        """Whether module k's committed states go unread: the last module's, where there are several."""
+        return k == self.num_heads > 1
 
     def draft(self, bb, state, tree, n, choose):
         """Module k drafts depth k for the B nodes of depth k-1 with children, in one batch. Its
