@@ -178,7 +178,7 @@ class SpeculativeDecoder:
                                  f"{self.heads.family} heads draft the calibrated tree: use --tree auto")
             width = 8  # candidates per expanded node (EAGLE-2's top-k)
             size = cfg.tree_size or min(32 if self.bb.device.type == "cuda" else 16, width + (K - 1) * width ** 2)
-            return DynamicTree(size, width, K), f"dynamic ({size} nodes, EAGLE-2)"
+            return DynamicTree(size, width, K), f"dynamic, EAGLE-2, {width} candidates per node"
         if cfg.tree_size:
             return Tree(build_tree(self.accuracies(), cfg.tree_size)), "--tree-size"
         if cfg.tree == "auto" and self.bb.device.type == "cuda":
