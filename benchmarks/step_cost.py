@@ -51,7 +51,6 @@ def random_llama(shape: str, dtype: torch.dtype):
 
 PHASES = ("draft", "verify", "logits", "commit", "compact")
 CURRENT = ["other"]  # the phase running now (label_phases), for count_ops
-CHAINED = ("eagle", "deepseek-mtp")  # the families that draft dynamic trees
 
 
 def label_phases(dec):
@@ -202,6 +201,7 @@ def main(argv=None):
 
     from graft.backbone import load_backbone
     from graft.bench import device_name
+    from graft.heads import ChainedHeads
     from graft.model import add_heads
     from graft.speculative import DecodeConfig, SpeculativeDecoder
 
@@ -225,16 +225,17 @@ def main(argv=None):
     if not a.ops:
         print(f"{'family':<14}{'nodes':>6}{'ms/step':>9}{'x no-draft':>11}{'roofline share':>16}", flush=True)
     base = None
-    for fam in a.families.split(","):
+    families, sizes = a.families.split(","), [int(s) for s in a.sizes.split(",")]
+    largest = max(sizes)
+    for fam in families:
         torch.manual_seed(0)
         m = add_heads(bb, heads=fam, num_heads=a.num_heads, draft_vocab=a.draft_vocab)
         m.heads.to(bb.dtype)
         dec = SpeculativeDecoder(m)
-        tree = a.tree if fam in CHAINED else "auto"
-        largest = max(int(x) for x in a.sizes.split(","))
+        tree = a.tree if isinstance(m.heads, ChainedHeads) else "auto"  # dynamic trees are the chained families'
         if a.ops:
             label_phases(dec)
-            if fam == a.families.split(",")[0]:
+            if fam == families[0]:
                 count_ops(dec, prompt)
             count_ops(dec, prompt, largest, tree)
             continue
@@ -243,7 +244,7 @@ def main(argv=None):
             if base is None:
                 profile(dec, prompt, roof)
             profile(dec, prompt, roof, size=largest, tree=tree)
-        for size in [int(s) for s in a.sizes.split(",")]:
+        for size in sizes:
             if size == 0 and base is not None:
                 continue  # the loop without drafting does not depend on the family
             cfg = DecodeConfig(max_new_tokens=a.new, engine=a.engine, draft=size > 0, tree_size=size, eos=False,

@@ -177,7 +177,7 @@ class SpeculativeDecoder:
                 raise GraftError(f"--tree dynamic is drafted by chained heads (eagle, deepseek-mtp); "
                                  f"{self.heads.family} heads draft the calibrated tree: use --tree auto")
             width = 8  # candidates per expanded node (EAGLE-2's top-k)
-            size = cfg.tree_size or min(32 if self.bb.device.type == "cuda" else 16, width + (K - 1) * width ** 2)
+            size = cfg.tree_size or min(32 if self.bb.device.type == "cuda" else 16, DynamicTree.capacity(width, K))
             return DynamicTree(size, width, K), f"dynamic, EAGLE-2, {width} candidates per node"
         if cfg.tree_size:
             return Tree(build_tree(self.accuracies(), cfg.tree_size)), "--tree-size"

@@ -54,6 +54,11 @@ def expected_tokens(acc: list[list[float]], paths: list[list[int]]) -> float:
     return total
 
 
+def _longs(x, device) -> torch.Tensor:
+    """A list of ints as an index tensor on `device` (built on the host, copied once)."""
+    return torch.tensor(list(x), dtype=torch.long).to(device)
+
+
 def chain(depth: int) -> list[list[int]]:
     return [[0] * d for d in range(1, depth + 1)]
 
@@ -146,12 +151,10 @@ class Tree:
                 up = [rows.get(self.parents[v], 0) for v in parents]
                 rows = {v: b for b, v in enumerate(parents)}
 
-                def t(x):
-                    return torch.tensor(x, dtype=torch.long).to(device)
-
                 sees = torch.cat([self.anc[parents], torch.zeros(len(parents), 1, dtype=torch.bool)], dim=1)
-                out.append(Level(d, parents, R, t(kids), t(flat), t([self.ranks[c] for c in kids]),
-                                 lines.to(device), t(up), sees.to(device)))
+                out.append(Level(d, parents, R, _longs(kids, device), _longs(flat, device),
+                                 _longs([self.ranks[c] for c in kids], device),
+                                 lines.to(device), _longs(up, device), sees.to(device)))
             self._levels[key] = out
         return self._levels[key]
 
@@ -181,7 +184,7 @@ class DynamicTree:
     def __init__(self, size: int, width: int, depth: int):
         if size < 1 or width < 1 or depth < 1:
             raise GraftError("a dynamic tree needs at least one node, one candidate per node and one depth")
-        if size > width + (depth - 1) * width * width:
+        if size > self.capacity(width, depth):
             raise GraftError(f"a dynamic tree of {size} nodes needs more candidates than {width} per node over "
                              f"{depth} depths draft: lower --tree-size")
         self.size, self.width, self.max_depth = size, width, depth
@@ -191,10 +194,14 @@ class DynamicTree:
         self.depths = [0] * self.n
         self._plans = {}
 
+    @staticmethod
+    def capacity(width: int, depth: int) -> int:
+        """Candidates drafted per step: `width` at depth 1, width x width at every further depth."""
+        return width + (depth - 1) * width * width
+
     @property
     def pool(self) -> int:
-        """Candidates drafted per step: `width` at depth 1, width x width at every further depth."""
-        return self.width + (self.max_depth - 1) * self.width * self.width
+        return self.capacity(self.width, self.max_depth)
 
     def plan(self, device) -> dict:
         """The index tensors of the selection (`ChainedHeads.draft_dynamic`), built once per device.
@@ -209,11 +216,9 @@ class DynamicTree:
             up = [(D - 1) * k] * k + [b * k + j // k for b in range(D - 1) for j in range(k * k)]
             depth = [1] * k + [d for d in range(2, D + 1) for _ in range(k * k)]
 
-            def t(x):
-                return torch.tensor(x, dtype=torch.long).to(device)
-
-            self._plans[key] = {"up": t(up), "depth": t(depth), "root": t([self.pool]), "first": t(range(k)),
-                                "number": t(range(1, self.n)), "zero": t([0])}
+            self._plans[key] = {name: _longs(x, device) for name, x in (
+                ("up", up), ("depth", depth), ("root", [self.pool]), ("first", range(k)),
+                ("number", range(1, self.n)), ("zero", [0]))}
         return self._plans[key]
 
     @staticmethod
