@@ -276,9 +276,10 @@ class SpeculativeDecoder:
             out.decode_s = time.perf_counter() - t0
             return self._finish(out)
         while True:
-            first = out.steps == 0  # the prefill's commit above stands in for the first step's
-            step.load(n if first else n - len(path), path, new, n)
-            if not first:
+            # the prefill's commit above stands in for the first step's (its accepted path: the
+            # prompt's last position)
+            step.load(n - len(path), path, new, n)
+            if out.steps:
                 step.commit()
             if greedy:
                 path, new = self._greedy_step(step, shape)

@@ -331,6 +331,37 @@ def test_deepseek_padded_commits_leave_what_training_sees(mt, tokenizer):
             torch.testing.assert_close(got[d], heads.logits(bb, d, trained[d][0, n - 1]), atol=1e-4, rtol=1e-4)
 
 
+def test_deepseek_first_step_commits_again_what_the_prefill_committed(tokenizer):
+    """A captured step runs what modules 2..K owe from the last commit with their drafts, so it
+    does so after the prefill too (whose exact commit owes nothing): there the step's inputs say
+    that the prompt's last position was the accepted path, and committing it again changes no
+    draft. (Read as the root's position instead, the owed commit would embed the root as the
+    token after it.)"""
+    from graft.tree import chain
+
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="deepseek-mtp", num_heads=3)
+    perturb(m, 0.05)
+    heads, tree, P = m.heads, Tree(chain(3)), 9
+    seq = torch.randint(4, len(tokenizer), (P + 1,))
+    with torch.inference_mode():
+        trunk, final = bb.forward(seq[None, :P], torch.arange(P)[None], features=heads.features)
+        state = heads.new_state(bb, 64)
+        heads.commit(bb, state, trunk, final, seq[1:], 0, P)
+
+        def drafted():
+            got = []
+            heads.draft(bb, state, tree, torch.tensor(P), lambda d, lg, R: got.append(lg[0]) or lg.topk(R).indices)
+            return torch.stack(got)
+
+        assert state["pending"] is None
+        alone = drafted()
+        pad = torch.randint(4, 50, (3,))
+        state["pending"] = (torch.tensor(P - 1), torch.tensor(1), torch.cat([seq[P:], pad]))  # as Step.load says
+        torch.testing.assert_close(drafted(), alone, atol=1e-5, rtol=1e-5)
+
+
 def test_deepseek_greedy_drafts_a_tree(tokenizer):
     from graft.speculative import SpeculativeDecoder
 
@@ -390,7 +421,7 @@ def test_measuring_trees_leaves_the_decoders_cache_as_it_was(tokenizer):
         return out
 
     dec._generate = spy
-    trees = [Tree(build_tree(dec.accuracies(), 128)), None]  # 129 nodes x 4 rows of deepseek-mtp's room
+    trees = [Tree(build_tree(dec.accuracies(), 256)), None]  # 257 nodes: past 512 slots with the prompt
     costs = fit.measure(dec, "static", trees)
     assert set(costs) == {fit._shape(t) for t in trees} and all(v > 0 for v in costs.values())
     assert sizes == [1024, 1024, 512, 512]

@@ -14,6 +14,10 @@ Drafting builds a tree (as EAGLE-2 does, with the tree's shape fixed by calibrat
 runs depth by depth, module k once for all depth-(k-1) nodes that have children, in a batch,
 and each such node's top candidates become its children. A chain is the tree of rank-0 nodes.
 Every shape is fixed by the tree, so the draft is captured in the decoding step's CUDA graph.
+
+In the fixed-shape steps, module k >= 2 commits the accepted positions in the same forward as
+its draft tails (one pass of the module per depth instead of two): the commit records what it
+owes (`pending`) and the draft runs it, rows of commit and tails side by side.
 """
 from __future__ import annotations
 
@@ -86,9 +90,13 @@ class DeepSeekMTPHeads(ChainedHeads):
         }
 
     def scratch(self, tree):
-        # each depth's module reruns its path tails side by side after its committed prefix
-        tails = tree.width * tree.max_depth if tree.dynamic else 0  # a dynamic tree's: width per depth
-        return max(tree.n * (tree.max_depth + 1), tails)
+        # module k writes its A = depth+1 commit rows from n-A-k+1 on, then its tails (B paths of k-1)
+        A = tree.max_depth + 1
+        if tree.dynamic:
+            tails = tree.width * (tree.max_depth - 1)
+        else:
+            tails = max(len(lv.parents) * (lv.depth - 1) for lv in tree.levels("cpu"))
+        return max(super().scratch(tree), A + tails)
 
     def commit(self, bb, state, trunk, final, next_tokens, start, count):
         """Module k commits the positions whose inputs all became known: with n = start + count
@@ -103,7 +111,8 @@ class DeepSeekMTPHeads(ChainedHeads):
         tokens.index_copy_(0, pos + 1, next_tokens)
         L = self.spec.head_layers
         if not isinstance(start, int):
-            return self._commit_fixed(bb, state, next_tokens, start, A)
+            return self._commit_fixed(bb, state, next_tokens, start, count, A)
+        state["pending"] = None
         for k, module in enumerate(self.modules_, start=1):  # exact shapes: the prefill, or the eager engine
             lo, hi = max(start - k + 1, 0), start + A - k + 1
             if hi <= lo:
@@ -114,28 +123,18 @@ class DeepSeekMTPHeads(ChainedHeads):
             if h is not None:
                 H[k].index_copy_(0, p, h[0])
 
-    def _commit_fixed(self, bb, state, next_tokens, start, A):
-        """`commit` with fixed shapes. Module k's positions p = start-k+1 .. start-k+A read the
-        tokens t_{p+k}: the A new ones for every module, embedded once. Their rotary angles are
-        gathered once over the K+A-1 positions from start-K+1 on and sliced per module, and so
-        are their masks (query j sees slots up to its position: column c of module k is column
-        c+k-1 of one index row, gathered from a table built once)."""
+    def _commit_fixed(self, bb, state, next_tokens, start, count, A):
+        """`commit` with fixed shapes: module 1 here (drafting starts from its state at n-1); the
+        others owe positions start-k+1 .. start-k+A, which the draft runs with their tails
+        (`_tails`). Drafting runs after every commit; a module deeper than the tree is never
+        read in this generation, so what it owes may go unpaid."""
         H, cache = state["H"], state["cache"]
-        K, L, dev, S = self.num_heads, self.spec.head_layers, H.device, cache.max_len
-        e = self._emb(bb, next_tokens[None])  # (1, A, d)
-        ext = positions(start - (K - 1), A + K - 1, dev)
-        rope = bb.rope(e, ext[None])  # None where positions are learned
-        table = constant(self, ("commit", dev, A), lambda: additive_mask(
-            torch.arange(A + 1, device=dev)[None, :] <= torch.arange(A, device=dev)[:, None], self._dtype)[0, 0])
-        cols = constant(self, ("cols", dev, S + K - 1), lambda: torch.arange(S + K - 1, device=dev))
-        idx = (cols - start).clamp(0, A)
-        for k, module in enumerate(self.modules_, start=1):
-            p = ext[K - k:K - k + A]
-            h = module(bb, H[k - 1].index_select(0, p)[None], e, p[None], cache, (k - 1) * L, p,
-                       table[:, idx[k - 1:k - 1 + S]][None, None],
-                       None if rope is None else tuple(r[:, K - k:K - k + A] for r in rope), kv_only=self._unread(k))
-            if h is not None:
-                H[k].index_copy_(0, p, h[0])
+        p = positions(start, A, H.device)
+        h = self.modules_[0](bb, H[0].index_select(0, p)[None], self._emb(bb, next_tokens[None]), p[None], cache, 0,
+                             p, cache_mask(p, cache.max_len, self._dtype), kv_only=self._unread(1))
+        if h is not None:
+            H[1].index_copy_(0, p, h[0])
+        state["pending"] = (start, count, next_tokens)
 
     def _unread(self, k: int) -> bool:
         """Whether module k's committed states go unread: the last module's, where there are several."""
@@ -181,30 +180,59 @@ class DeepSeekMTPHeads(ChainedHeads):
 
     def _tails(self, bb, state, k, base, hin, toks):
         """Module k (>= 2) on B paths' tails: positions base = n-k+1 .. n-1 (T = k-1), inputs hin
-        (B, T, d) and tokens (B, T) t_{n+1}..t_{n+k-1}. The B tails go to the module's cache side
-        by side after its committed prefix, each seeing the prefix and its own earlier positions
-        (a block-diagonal causal mask, from a table built once per shape). Returns (B, T, d)."""
+        (B, T, d) and tokens (B, T) t_{n+1}..t_{n+k-1}. Returns (B, T, d).
+
+        The module's forward also runs what its last commit owes (`pending`, A rows at positions
+        s0 = start-k+1 ..., of which the first `count` are real; base = s0 + count), writing
+        their states to H[k]. Cache slots: the A commit rows at s0.., then the B tails side by
+        side. Each tail sees the committed prefix (the real commit rows included) and its own
+        earlier positions; each commit row the prefix and the commit rows up to itself. The
+        mask is gathered from a table built once per shape (`_tail_table`), by slot: the padded
+        commit rows' slots are hidden from every row."""
         cache = state["cache"]
         B, T = toks.shape
-        dev = cache.k.device
-        table = constant(self, ("tails", dev, B, T), lambda: _tail_table(B, T, self._dtype, dev))
-        cols = constant(self, ("cols+1", dev, cache.max_len), lambda: torch.arange(1, cache.max_len + 1, device=dev))
-        i = constant(self, ("i", dev, B, T), lambda: torch.arange(B * T, device=dev))
+        dev, S, d = cache.k.device, cache.max_len, hin.shape[-1]
+        if state.get("pending") is None:  # nothing owed (the eager engine commits in full)
+            s0, count, new = base, 0, toks.new_zeros(0)
+        else:
+            start, count, new = state["pending"]
+            s0 = start - (k - 1)
+        A = new.shape[0]
+        table = constant(self, ("tails", dev, A, B, T), lambda: _tail_table(A, B, T, self._dtype, dev))
+        cols = constant(self, ("cols", dev, S), lambda: torch.arange(S, device=dev))
+        i = constant(self, ("i", dev, A, B, T), lambda: torch.arange(A + B * T, device=dev))
         j = constant(self, ("i%T", dev, B, T), lambda: torch.arange(B * T, device=dev) % T)
-        mask = table[:, (cols - base).clamp(0, B * T + 1)][None, None]
-        x = self.modules_[k - 1](bb, hin.reshape(1, B * T, -1), self._emb(bb, toks.reshape(1, B * T)),
-                                 (j + base)[None], cache, (k - 1) * self.spec.head_layers, i + base, mask)
-        return x.view(B, T, -1)
+        rel = cols - s0  # slot -> row of the commit block and tails; column rel+2 of the table
+        col = (rel + 2).clamp(1, A + B * T + 2)
+        if A:
+            col = col.masked_fill((rel >= count) & (rel < A), 0)  # padded commit rows: seen by none
+        mask = table[:, col][None, None]
+        p = i[:A] + s0  # the commit rows' positions
+        pos = torch.cat([p, j + base])
+        emb = self._emb(bb, torch.cat([new, toks.reshape(B * T)]))
+        h = torch.cat([state["H"][k - 1].index_select(0, p), hin.reshape(B * T, d)]) if A else hin.reshape(B * T, d)
+        x = self.modules_[k - 1](bb, h[None], emb[None], pos[None], cache, (k - 1) * self.spec.head_layers,
+                                 i + s0, mask)[0]
+        if A and not self._unread(k):
+            state["H"][k].index_copy_(0, p, x[:A])
+        return x[A:].view(B, T, -1)
 
 
-def _tail_table(B: int, T: int, dtype, device) -> torch.Tensor:
-    """(B*T, B*T + 2) additive mask by slot relative to the tails: column 0 the committed prefix
-    (seen by all), 1 + b*T + j tail b's j-th position (seen by tail b's positions j and later),
-    the last the slots past the tails (seen by none)."""
-    q = torch.arange(B * T, device=device)
-    allowed = torch.zeros(B * T, B * T + 2, dtype=torch.bool, device=device)
-    allowed[:, 0] = True
-    allowed[:, 1:-1] = (q[None, :] // T == q[:, None] // T) & (q[None, :] % T <= q[:, None] % T)
+def _tail_table(A: int, B: int, T: int, dtype, device) -> torch.Tensor:
+    """(A + B*T, A + B*T + 3) additive mask by column: 0 seen by none (padded commit rows), 1 the
+    committed prefix (seen by all), 2 + r the r-th row of the block (A commit rows, then B tails
+    of T), the last the slots past the block (seen by none). A commit row sees the commit rows up
+    to itself, a tail all the commit rows and its own earlier positions."""
+    R = A + B * T
+    q = torch.arange(R, device=device)
+    tail, pos = (q - A) // T, (q - A) % T
+    commit = q < A
+    allowed = torch.zeros(R, R + 3, dtype=torch.bool, device=device)
+    allowed[:, 1] = True
+    block = commit[:, None] & commit[None, :] & (q[None, :] <= q[:, None])  # commit rows
+    block |= ~commit[:, None] & commit[None, :]  # tails see the (real) commit rows
+    block |= ~commit[:, None] & ~commit[None, :] & (tail[None, :] == tail[:, None]) & (pos[None, :] <= pos[:, None])
+    allowed[:, 2:R + 2] = block
     return additive_mask(allowed, dtype)[0, 0]
 
 
