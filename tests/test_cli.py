@@ -158,6 +158,29 @@ def test_bench_report_and_bad_prompts(tiny_dirs, tmp_path):
     one_line_error(run("bench", e, "--prompts", prompts, "--limit", "0", ok=False), "--limit")
 
 
+def test_bench_times_the_loop_without_drafts_with_a_cache_of_its_own(tiny_dirs, tmp_path, monkeypatch):
+    """The no-draft baseline decodes with the cache it would have alone: the fixed-shape steps
+    attend over their whole cache, so one grown for a large draft tree would slow the baseline
+    and flatter graft's speedup."""
+    from graft.speculative import SpeculativeDecoder
+
+    sizes, real = [], SpeculativeDecoder._buffers
+
+    def spy(self, engine, need, drafting):
+        out = real(self, engine, need, drafting)
+        sizes.append((drafting, out[0].max_len))
+        return out
+
+    monkeypatch.setattr(SpeculativeDecoder, "_buffers", spy)
+    g = tmp_path / "g"
+    run("add-heads", tiny_dirs["llama"], "--heads", "medusa", "-k", "3", "--out", g, "--device", "cpu")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "the quick", "category": "a"}) + "\n")
+    run("bench", g, "--prompts", prompts, "--max-new-tokens", "12", "--baselines", "nodraft", "--engine", "static",
+        "--tree-size", "250", "--device", "cpu")  # 251 nodes: past 256 slots
+    assert {n for d, n in sizes if d} == {512} and {n for d, n in sizes if not d} == {256}
+
+
 def test_engine_choices_match_the_engine_module():
     """The CLI writes the engine names out (no torch import for --help); they must not drift."""
     from graft.cli import bench_cmd, generate_cmd
