@@ -90,7 +90,8 @@ class DeepSeekMTPHeads(ChainedHeads):
         }
 
     def scratch(self, tree):
-        # module k writes its A = depth+1 commit rows from n-A-k+1 on, then its tails (B paths of k-1)
+        # module k >= 2 writes its A = depth+1 owed commit rows from start-k+1 on (start >= n-A),
+        # then its tails: B paths of k-1 positions
         A = tree.max_depth + 1
         if tree.dynamic:
             tails = tree.width * (tree.max_depth - 1)
@@ -131,9 +132,8 @@ class DeepSeekMTPHeads(ChainedHeads):
         H, cache = state["H"], state["cache"]
         p = positions(start, A, H.device)
         h = self.modules_[0](bb, H[0].index_select(0, p)[None], self._emb(bb, next_tokens[None]), p[None], cache, 0,
-                             p, cache_mask(p, cache.max_len, self._dtype), kv_only=self._unread(1))
-        if h is not None:
-            H[1].index_copy_(0, p, h[0])
+                             p, cache_mask(p, cache.max_len, self._dtype))
+        H[1].index_copy_(0, p, h[0])
         state["pending"] = (start, count, next_tokens)
 
     def _unread(self, k: int) -> bool:
