@@ -362,6 +362,34 @@ def test_deepseek_first_step_commits_again_what_the_prefill_committed(tokenizer)
         torch.testing.assert_close(drafted(), alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_deepseek_step_stays_within_its_cache_room(dynamic, tokenizer):
+    """A fixed-shape step writes at most `scratch` slots past the committed length: the owed
+    commit rows (all of them when one position was accepted) and every module's tails, in a
+    cache of exactly that size (a slot past it raises)."""
+    from graft.tree import DynamicTree
+
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="deepseek-mtp", num_heads=3)
+    heads = m.heads
+    # the dynamic tree: few nodes, wide levels, so that its tails and not its nodes set the room
+    tree = DynamicTree(8, 8, 3) if dynamic else Tree(build_tree(SpeculativeDecoder(m).accuracies(), 40))
+    n, A = 12, tree.max_depth + 1
+    seq = torch.randint(4, len(tokenizer), (n + 1,))
+    with torch.inference_mode():
+        trunk, final = bb.forward(seq[None, :n], torch.arange(n)[None], features=heads.features)
+        state = heads.new_state(bb, n + heads.scratch(tree))
+        heads.commit(bb, state, trunk[:, :n - 1], final[:, :n - 1], seq[1:n], 0, n - 1)
+        pad = lambda x: torch.cat([x[:, n - 1:n], torch.zeros(1, A - 1, x.shape[-1])], dim=1)
+        heads.commit(bb, state, pad(trunk), pad(final), torch.cat([seq[n:], torch.zeros(A - 1, dtype=torch.long)]),
+                     torch.tensor(n - 1), torch.tensor(1))
+        if dynamic:
+            heads.draft_dynamic(bb, state, tree, torch.tensor(n))
+        else:
+            heads.draft(bb, state, tree, torch.tensor(n), lambda d, lg, R: lg.topk(R, dim=-1).indices)
+
+
 def test_deepseek_greedy_drafts_a_tree(tokenizer):
     from graft.speculative import SpeculativeDecoder
 
