@@ -40,11 +40,10 @@ class MTPModule(nn.Module):
             self.proj.weight[:, :d].copy_(torch.eye(d))
         self.layers = nn.ModuleList(copy_last_layer(bb, spec.init) for _ in range(spec.head_layers))
 
-    def forward(self, bb, h, e, positions, cache=None, cache_base=0, start=0, mask=None, rope=None, kv_only=False):
-        """`rope`: the rotary (cos, sin) at `positions`, where the caller has them already.
-        kv_only: fill the cache and return None (a commit whose states nothing reads)."""
+    def forward(self, bb, h, e, positions, cache=None, cache_base=0, start=0, mask=None, kv_only=False):
+        """kv_only: fill the cache and return None (a commit whose states nothing reads)."""
         x = self.proj(torch.cat([self.norm_h(h), self.norm_e(e)], dim=-1))  # (B, T, 2d) -> (B, T, d)
-        rope = bb.rope(x, positions) if rope is None else rope
+        rope = bb.rope(x, positions)
         last = len(self.layers) - 1
         for j, layer in enumerate(self.layers):
             x = bb.layer_fn(layer, x, rope, cache=cache, cache_layer=cache_base + j, start=start, mask=mask,
@@ -84,9 +83,11 @@ class DeepSeekMTPHeads(ChainedHeads):
         return {
             "cache": KVCache(self.num_heads * L, 1, bb.n_kv_heads, bb.head_dim, max_len, self._dtype, bb.device),
             # H[k][j]: depth-k hidden state at position j (H[0] = backbone final; H[K] written only
-            # where K = 1: `_unread`); tokens: t_0..t_N
+            # where K = 1: `_unread`); tokens: t_0..t_N; pending: what modules 2..K owe from the
+            # last fixed-shape commit (`_commit_fixed`), None after an exact one
             "H": torch.zeros(self.num_heads + 1, max_len, d, dtype=self._dtype, device=bb.device),
             "tokens": torch.zeros(max_len + 1, dtype=torch.long, device=bb.device),
+            "pending": None,
         }
 
     def scratch(self, tree):
@@ -192,7 +193,7 @@ class DeepSeekMTPHeads(ChainedHeads):
         cache = state["cache"]
         B, T = toks.shape
         dev, S, d = cache.k.device, cache.max_len, hin.shape[-1]
-        if state.get("pending") is None:  # nothing owed (the eager engine commits in full)
+        if state["pending"] is None:  # nothing owed (the eager engine commits in full)
             s0, count, new = base, 0, toks.new_zeros(0)
         else:
             start, count, new = state["pending"]
