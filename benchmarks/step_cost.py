@@ -10,6 +10,7 @@ is graft's loop without drafting. The ratio column divides by that.
   python benchmarks/step_cost.py --random-llama 8b --engine graph     # random weights, no download
   python benchmarks/step_cost.py smollm2-135m --draft-vocab 8192     # drafts over 8192 tokens (FR-Spec)
   python benchmarks/step_cost.py --random-llama smollm2 --dtype float32 --ops --tree dynamic   # CPU: op counts
+  python benchmarks/step_cost.py --random-llama 8b --matmuls 1,17,33,65     # the matmuls alone, per row count
 
 --random-llama builds a Llama of that shape on the device from a config (smollm2:
 SmolLM2-135M, 1b: Llama-3.2-1B, 8b: Llama-3-8B, all with a 49,152 vocabulary) and states the memory roofline of a one-token
@@ -137,6 +138,69 @@ def profile(dec, prompt, roof, size: int = 0, steps: int = 32, tree: str = "auto
         print(f"  {e.self_device_time_total / out.steps / 1e3:7.3f} ms  {e.count // out.steps:4d}x  {e.key[:90]}")
 
 
+def projections(bb):
+    """The weights a forward multiplies by, each once, as it multiplies: a fused group's one
+    weight (fuse_projections) in place of its modules', and the unembedding."""
+    from torch import nn
+
+    from graft.modeling import _FUSED
+
+    out, fused = [], set()
+    for mod in bb.hf.modules():
+        f = getattr(mod, _FUSED, None)
+        if f is not None:
+            out.append(f.weight)
+            fused.update(id(getattr(mod, n)) for n in f.names)
+    out += [m.weight for m in bb.hf.modules() if type(m) is nn.Linear and id(m) not in fused]
+    return out
+
+
+def matmul_cost(bb, rows, roof, reps: int = 20):
+    """The matmuls of a forward alone, over `rows` rows each (every projection of every layer
+    and the unembedding, one after another in one CUDA graph), with each BLAS library torch can
+    call: whether a tree's verification costs more than one token's because its matmuls do."""
+    import torch.nn.functional as F
+
+    if bb.device.type != "cuda":
+        print("--matmuls needs a CUDA device")
+        return []
+    bb.fuse_projections()  # as the decoder does
+    ws = projections(bb)
+    recs = []
+    print(f"the forward's {len(ws)} matmuls alone, CUDA graph, {reps} replays; ms per forward "
+          f"(share of the weights' roofline {roof:.2f} ms):")
+    print(f"{'rows':>6}" + "".join(f"{lib:>18}" for lib in ("cublas", "cublaslt")))
+    for m in rows:
+        xs = {w.shape[1]: torch.randn(m, w.shape[1], dtype=w.dtype, device=bb.device) for w in ws}
+        line = f"{m:>6}"
+        for lib in ("cublas", "cublaslt"):
+            prev = torch.backends.cuda.preferred_blas_library()
+            torch.backends.cuda.preferred_blas_library(lib)
+            try:
+                for w in ws:  # warm-up outside the capture: the libraries' handles and heuristics
+                    F.linear(xs[w.shape[1]], w)
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for w in ws:
+                        F.linear(xs[w.shape[1]], w)
+            finally:
+                torch.backends.cuda.preferred_blas_library(prev)
+            g.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                g.replay()
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / reps
+            line += f"{ms:>11.3f} ({roof / ms:.2f})"
+            recs.append({"rows": m, "blas": lib, "ms_matmuls": ms, "roofline_ms": roof})
+            del g
+        print(line, flush=True)
+    return recs
+
+
 def count_ops(dec, prompt, size: int = 0, tree: str = "auto", steps: int = 16):
     """Operations dispatched per step, by phase, on any device: a stand-in for the kernel count
     where no GPU is at hand (views and no-op casts left out; on a GPU most operations are one
@@ -190,6 +254,11 @@ def main(argv=None):
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s for the roofline")
     p.add_argument("--sdpa", choices=["default", "efficient", "cudnn", "math", "flash"], default="default",
                    help="the attention kernel of the fixed-shape steps (default: torch's choice among all)")
+    p.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default="default",
+                   help="the BLAS library torch calls for every matmul (default: torch's own choice)")
+    p.add_argument("--matmuls", metavar="ROWS",
+                   help="instead of decoding, time the forward's matmuls alone at these row counts (e.g. "
+                        "1,17,33,65), with cuBLAS and with cuBLASLt (CUDA)")
     p.add_argument("--json", help="append one JSON line per figure")
     p.add_argument("--ops", action="store_true",
                    help="count the operations dispatched per step and phase (one-token step and each family's "
@@ -213,6 +282,8 @@ def main(argv=None):
         backend = getattr(SDPBackend, {"efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                                        "flash": "FLASH_ATTENTION", "math": "MATH"}[a.sdpa])
         graft.engine.attention_backends = lambda device, static: sdpa_kernel([backend])  # only static steps ask
+    if a.blas != "default":
+        torch.backends.cuda.preferred_blas_library(a.blas)
     torch.manual_seed(0)  # the same random weights every run
     bb = random_llama(a.random_llama, dt) if a.random_llama else load_backbone(a.model, dtype=a.dtype)
     name = f"random-llama-{a.random_llama}" if a.random_llama else a.model
@@ -222,6 +293,13 @@ def main(argv=None):
     roof = weights / a.bandwidth * 1e3
     print(f"{name} on {device_name(bb.device)} ({a.dtype}), engine {a.engine}, context {a.context}: "
           f"weights {weights / 2**30:.2f} GiB, one-token roofline {roof:.2f} ms", flush=True)
+    if a.matmuls:
+        for rec in matmul_cost(bb, [int(r) for r in a.matmuls.split(",")], roof):
+            if a.json:
+                with open(a.json, "a") as f:
+                    f.write(json.dumps({"model": name, "device": device_name(bb.device), "dtype": a.dtype, **rec})
+                            + "\n")
+        return 0
     if not a.ops:
         print(f"{'family':<14}{'nodes':>6}{'ms/step':>9}{'x no-draft':>11}{'roofline share':>16}", flush=True)
     base = None
@@ -255,7 +333,7 @@ def main(argv=None):
             if size == 0:
                 base = ms
             rec = {"model": name, "device": device_name(bb.device), "dtype": a.dtype, "engine": a.engine,
-                   "draft_vocab": a.draft_vocab, "sdpa": a.sdpa, "tree": tree if size else "none",
+                   "draft_vocab": a.draft_vocab, "sdpa": a.sdpa, "blas": a.blas, "tree": tree if size else "none",
                    "family": "none" if size == 0 else fam, "nodes": size + 1, "ms_per_step": ms,
                    "x_nodraft": ms / base, "roofline_ms": roof}
             label = rec["family"] + (" dyn" if size and tree == "dynamic" else "")
