@@ -200,6 +200,10 @@ class Step:
         # at or past the cache length is read before the step that owns it has written it.
         safe = self.cache.max_len - room(self.heads, self.tree) - 1
         self.load(safe, [0], [0], safe, [0] * self.N)
+        # Warm-up and capture on one side stream: libraries that keep per-stream state (cuBLAS's
+        # and cuDNN's workspaces, cuDNN's attention plans) then set it up before the capture, not
+        # in it. "thread_local": another thread's CUDA calls (the caller's own work) cannot
+        # invalidate the capture.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with attention_backends(self.cache.k.device, static=True):
@@ -208,14 +212,14 @@ class Step:
                     self.last = verify()[:2]
                     if self.heads is not None:
                         commit()
-            torch.cuda.current_stream().wait_stream(stream)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+            with torch.cuda.graph(g, stream=stream, capture_error_mode="thread_local"):
                 self.out = verify()
             self.graphs["verify"] = g
             self.last = self.out[:2]
             if self.heads is not None:
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
+                with torch.cuda.graph(g, stream=stream, capture_error_mode="thread_local"):
                     commit()
                 self.graphs["commit"] = g
+        torch.cuda.current_stream().wait_stream(stream)
