@@ -318,15 +318,18 @@ class SpeculativeDecoder:
         picked = []  # (token, q over the whole vocabulary) per depth
         ids = self.heads.draft_ids  # a draft vocabulary: q is zero outside it, which keeps sampling exact
 
-        def sample(depth, logits, width):
-            q = warp(logits[0], cfg.temperature, cfg.top_p)
-            tok = torch.multinomial(q, 1, generator=gen)
-            if ids is None:
-                picked.append((int(tok.item()), q))
-            else:
-                full = torch.zeros(bb.vocab_size, device=q.device).index_copy_(0, ids, q)
-                picked.append((int(ids[tok].item()), full))
-            return tok[None]
+        def sample(depth, logits, width):  # one draw per row, rows in depth order
+            toks = []
+            for row in logits:
+                q = warp(row, cfg.temperature, cfg.top_p)
+                tok = torch.multinomial(q, 1, generator=gen)
+                if ids is None:
+                    picked.append((int(tok.item()), q))
+                else:
+                    full = torch.zeros(bb.vocab_size, device=q.device).index_copy_(0, ids, q)
+                    picked.append((int(ids[tok].item()), full))
+                toks.append(tok)
+            return torch.stack(toks)
 
         self.heads.draft(bb, state, tree, n, sample)
         _, final, _ = step.verify([root] + [t for t, _ in picked])

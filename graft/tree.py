@@ -134,7 +134,7 @@ class Tree:
         self.parents, self.depths, self.ranks = parent, depth, rank
         self.anc = anc
         self.max_depth = max(depth)
-        self._levels = {}
+        self._levels = {}  # the device tensors of `levels` and `by_rank`, by device
 
     def levels(self, device) -> list[Level]:
         """Per depth 1..max_depth, the index tensors that drafting gathers with (built once per
@@ -156,6 +156,17 @@ class Tree:
                                  _longs([self.ranks[c] for c in kids], device),
                                  lines.to(device), _longs(up, device), sees.to(device)))
             self._levels[key] = out
+        return self._levels[key]
+
+    def by_rank(self, device) -> tuple[int, torch.Tensor]:
+        """Where drafts do not depend on the parent (the parallel families): the width R (one
+        more than the highest rank), and for nodes 1..n-1 the index of each one's token among the
+        depths' top-R candidates flattened (D, R): row depth-1, column rank."""
+        key = ("by_rank", str(device))
+        if key not in self._levels:
+            width = max(self.ranks) + 1
+            self._levels[key] = width, _longs(((d - 1) * width + r for d, r in zip(self.depths[1:], self.ranks[1:])),
+                                              device)
         return self._levels[key]
 
     def accept(self, tokens: list, target: list) -> tuple[list, list]:

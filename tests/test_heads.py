@@ -136,9 +136,9 @@ def test_drafting_sees_what_training_saw(family, mt, tokenizer):
         m.heads.commit(bb, state, trunk[:, :n], final[:, :n], seq[1:n + 1], 0, n)
         got = []
 
-        def real(d, logits, width):
-            got.append(logits[0])
-            return seq[n + d].view(1, 1)
+        def real(d, logits, width):  # rows from depth d on (one row, or every depth at once)
+            got.extend(logits)
+            return seq[n + d:n + d + len(logits)].view(-1, 1)
 
         m.heads.draft(bb, state, Tree(chain(3)), n, real)
         for d in range(3):

@@ -124,9 +124,10 @@ class Heads(nn.Module):
 
     def draft(self, bb, state, tree, n, choose) -> torch.Tensor:
         """(N,) tokens of `tree`'s nodes on the device (node 0 left for the caller: the root, the
-        last known token, at position n). Depth by depth, `choose(d, logits (B, V), R) -> (B, R)`
-        picks the candidates of the B nodes of depth d-1 that have children (greedy: the top R;
-        sampling: a chain, one draw)."""
+        last known token, at position n). `choose(d, logits (B, V), R) -> (B, R)` picks each row's
+        candidates (greedy: the top R; sampling: a chain, one draw per row, rows in order): the
+        rows of the B nodes of depth d-1 that have children, or (parallel families) one row per
+        depth from d on."""
         raise NotImplementedError
 
 
@@ -177,16 +178,17 @@ class ParallelHeads(Heads):
         return torch.stack([self.logits(bb, k, h[k]) for k in range(self.num_heads)])
 
     def draft(self, bb, state, tree, n, choose):
+        """Depth d's candidates are head d's whatever the parent, so one `choose` over the heads'
+        rows draws every depth's at once (on a GPU a top-k over the vocabulary launches several
+        kernels however many rows it has), and each node takes its depth's candidate of its rank."""
         h = self.last_hidden(bb, state)  # (K, d)
         if self.draft_ids is None:
             logits = self.all_logits(bb, h)  # (K, V)
         else:
             logits = torch.stack([self.draft_logits(bb, k, h[k]) for k in range(self.num_heads)])  # (K, N)
-        out = torch.zeros(tree.n, dtype=torch.long, device=logits.device)
-        for lv in tree.levels(logits.device):
-            top = self.pick(choose, lv.depth, logits[lv.depth - 1][None], lv.width)  # (1, R)
-            out[lv.nodes] = top[0, lv.ranks]
-        return out
+        width, index = tree.by_rank(logits.device)
+        top = self.pick(choose, 1, logits[:tree.max_depth], width)  # (D, R)
+        return torch.cat([top.new_zeros(1), top.flatten()[index]])
 
 
 class ChainedHeads(Heads):
