@@ -248,6 +248,41 @@ def test_static_engine_shrinks_a_cache_a_long_prompt_left(tokenizer):
     assert m._decoder._pool["static"]["max_len"] == 256
 
 
+@pytest.mark.parametrize("family", ["blockwise", "medusa", "meta-mtp"])
+@pytest.mark.parametrize("draft_vocab", [None, 24])
+def test_parallel_tree_node_holds_its_depths_ranked_candidate(family, draft_vocab, tokenizer):
+    """A parallel family draws every depth's candidates in one go; node v must still hold depth
+    d's rank-r candidate (d, r its depth and rank), as each depth's own top-(r+1) gives it, with
+    and without a draft vocabulary; and a sampler sees one row per depth, in depth order."""
+    from graft.engine import greedy_choose
+
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads=family, num_heads=3, draft_vocab=draft_vocab)
+    perturb(m, 0.3)
+    heads = m.heads
+    if draft_vocab:
+        heads.set_draft_vocab(torch.randperm(bb.vocab_size).float())
+    tree = Tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [2, 0], [0, 0, 0], [1, 0, 1], [0, 3]])
+    ids = torch.tensor(encode(tokenizer, PROMPTS[1]))
+    with torch.inference_mode():
+        state = heads.new_state(bb, 64)
+        trunk, final = bb.forward(ids[None], torch.arange(len(ids))[None], features=heads.features)
+        heads.commit(bb, state, trunk, final, torch.cat([ids[1:], ids[:1]]), 0, len(ids))
+        got = heads.draft(bb, state, tree, len(ids), greedy_choose).tolist()
+        h = heads.last_hidden(bb, state)
+        for v in range(1, tree.n):
+            d, r = tree.depths[v], tree.ranks[v]
+            want = heads.to_vocab(heads.draft_logits(bb, d - 1, h[d - 1]).topk(r + 1).indices[r])
+            assert got[v] == int(want), (v, d, r)
+        rows = []
+        heads.draft(bb, state, Tree([[0], [0, 0], [0, 0, 0]]), len(ids),
+                    lambda d, lg, R: rows.append(lg.clone()) or lg.argmax(-1, keepdim=True))
+        assert len(rows) == 1 and rows[0].shape[0] == 3
+        for k in range(3):
+            torch.testing.assert_close(rows[0][k], heads.draft_logits(bb, k, h[k]))
+
+
 @pytest.mark.parametrize("engine", ["eager", "static"])
 @pytest.mark.parametrize("mt", ["llama", "gpt2"])
 def test_deepseek_tree_drafts_what_the_chain_drafts(mt, engine, tokenizer):
