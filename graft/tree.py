@@ -70,7 +70,7 @@ class Level:
     parents: the B nodes of depth d-1 that have children; width R: one more than the highest
     rank among their children (each parent's top-R candidates are drawn).
     nodes (M,): the depth-d nodes; flat (M,): each one's index into the parents' (B, R)
-    candidates flattened; ranks (M,): each one's rank. lines (B, d-1): each parent's path below
+    candidates flattened. lines (B, d-1): each parent's path below
     the root; up (B,): each parent's own parent's row among the previous level's parents.
     sees (B, n+1): which slots a parent's draft query sees, by slot relative to the root's (0:
     the root and everything committed, j: node j, n: past the tree), for layers that keep the
@@ -82,7 +82,6 @@ class Level:
     width: int
     nodes: torch.Tensor
     flat: torch.Tensor
-    ranks: torch.Tensor
     lines: torch.Tensor
     up: torch.Tensor
     sees: torch.Tensor
@@ -153,7 +152,6 @@ class Tree:
 
                 sees = torch.cat([self.anc[parents], torch.zeros(len(parents), 1, dtype=torch.bool)], dim=1)
                 out.append(Level(d, parents, R, _longs(kids, device), _longs(flat, device),
-                                 _longs([self.ranks[c] for c in kids], device),
                                  lines.to(device), _longs(up, device), sees.to(device)))
             self._levels[key] = out
         return self._levels[key]
