@@ -379,6 +379,10 @@ def _finish(run: _Run) -> dict:
                "sharded_backbone": bb.sharded}
     if bb.device.type == "cuda":
         summary["peak_gpu_gib"] = torch.cuda.max_memory_allocated(bb.device) / 2 ** 30
+    ids = model.heads.draft_ids
+    if ids is not None:  # what a draft vocabulary can still hit: a token outside it is never drafted
+        held = run.eval_blocks if len(run.eval_blocks) else run.train_blocks
+        summary["draft_vocab_coverage"] = torch.isin(held, ids.to(held.device)).float().mean().item()
     if not run.dd.main:
         return summary
     model.config.training = summary

@@ -300,12 +300,19 @@ def test_recipe_numbers_in_exponent_form(tmp_path):
 def test_training_sets_the_draft_vocabulary_from_the_data(tiny_dirs, tiny_data, tmp_path, tokenizer):
     g = str(tmp_path / "g")
     add_heads(tiny_dirs["llama"], heads="eagle", num_heads=2, draft_vocab=10, out=g, device="cpu")
-    train(g, tiny_data, FAST, device="cpu", progress=False)
+    s = train(g, tiny_data, FAST, device="cpu", progress=False)
     blocks = pack(load_records(tiny_data), tokenizer, FAST["seq_len"])
     counts = torch.bincount(blocks.flatten(), minlength=len(tokenizer))
     got = load(g, device="cpu").heads.draft_ids.tolist()
     assert got == sorted(got) and len(got) == 10
     assert min(counts[got]) >= counts.sort(descending=True).values[9]  # the most frequent ten (ties either way)
+    # reported with the run: the share of the held-out blocks' tokens inside the subset
+    from graft.data import split_blocks
+
+    tc = TrainConfig()
+    _, held = split_blocks(blocks, tc.eval_fraction, tc.seed)
+    assert s["draft_vocab_coverage"] == pytest.approx(torch.isin(held, torch.tensor(got)).float().mean().item())
+    assert 0 < s["draft_vocab_coverage"] < 1
     with pytest.raises(GraftError, match="--draft-vocab"):
         add_heads(tiny_dirs["llama"], heads="eagle", num_heads=2, draft_vocab=0, device="cpu")
 
