@@ -125,7 +125,9 @@ def main():
                    "of L layers, as EAGLE-3).")
 @click.option("--draft-vocab", type=int, default=None, metavar="N",
               help="Drafts score only the N most frequent tokens of the training data (FR-Spec; set when `graft "
-                   "train` starts): cheaper drafting, and the output does not change.")
+                   "train` starts): cheaper drafting and faster training, and the output does not change. Drafts "
+                   "can never propose the other tokens: `graft train` reports the share of held-out tokens the N "
+                   "cover (8192 of SmolLM2's 49,152: about 95%).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder to write.")
 @click.option("--force", is_flag=True, help="Write into an existing non-empty --out folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
