@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import torch
 
+from .config import GraftError
 from .modeling import KVCache, additive_mask, attention_backends, device_ids
 from .tree import ancestors
 
 ENGINES = ("auto", "eager", "static", "graph", "compiled")
 
 
+class StepBoundsError(GraftError):
+    """A step's inputs would index outside its cache, tree or vocabulary (`Step.check`)."""
+
+
 def resolve_engine(engine: str, bb) -> str:
     if engine != "auto":
         if engine in ("graph", "compiled") and bb.device.type != "cuda":
-            from .config import GraftError
-
             raise GraftError(f"--engine {engine} needs a CUDA device: use eager or static on CPU")
         return engine
     return "graph" if bb.device.type == "cuda" else "eager"  # bitsandbytes' 4-bit matmuls capture too
@@ -78,6 +81,8 @@ class Step:
         # Nodes past the context window only draft tokens that are never emitted; their positions
         # are clamped so that learned position tables (GPT-2) are never indexed out of range.
         self.last_pos = (bb.max_positions or 1 << 62) - 1
+        self.room = room(heads, tree)  # cache slots past n that one step writes (`check`)
+        self.vocab = bb.vocab_size
         A, N = self.A, self.N
         # io: path (A), new tokens (A), n_prev, count, n, node tokens (N)
         self.io = torch.zeros(2 * A + 3 + N, dtype=torch.long, device=dev)
@@ -96,6 +101,7 @@ class Step:
         """The previous step's accepted path (node indices) and new tokens (the last is the next
         root), the cache length before (n_prev) and after (n) it, and the node tokens when the
         caller drafted them itself (sampling, or no drafting)."""
+        self.check(n_prev, path, new, n, tokens)
         if self.mode == "eager":
             self.args = (n_prev, path, new, n, tokens)
             return
@@ -104,6 +110,27 @@ class Step:
                 + (list(tokens) + [0] * (N - len(tokens)) if tokens is not None else [0] * N))
         self.host.copy_(torch.tensor(vals, dtype=torch.long))
         self.io.copy_(self.host, non_blocking=True)
+
+    def check(self, n_prev: int, path: list, new: list, n: int, tokens: list | None) -> None:
+        """Everything a step may index, checked on the host before it runs: a captured step's
+        kernels do not check their indices, and a wrong one would fault on the device (or write
+        where it should not) instead of raising. Costs a few microseconds per step."""
+        room = self.room
+        bad = None
+        if not 1 <= len(path) <= self.A or len(new) != len(path):
+            bad = f"an accepted path of {len(path)} nodes with {len(new)} new tokens (at most {self.A})"
+        elif any(not 0 <= p < self.N for p in path) or path[0] != 0:
+            bad = f"accepted path {path} outside the tree's {self.N} nodes"
+        elif n_prev != n - len(path) or n_prev < 0:
+            bad = f"cache lengths {n_prev} -> {n} for a path of {len(path)}"
+        elif n + room > self.cache.max_len:
+            bad = f"cache slots up to {n + room - 1} for a cache of {self.cache.max_len}"
+        elif any(not 0 <= t < self.vocab for t in new) or (
+                tokens is not None and (len(tokens) > self.N or any(not 0 <= t < self.vocab for t in tokens))):
+            bad = f"a token id outside the vocabulary of {self.vocab}"
+        if bad:
+            raise StepBoundsError(f"internal error: a decoding step was about to index {bad}; it was stopped "
+                                  "before running. Please report it with the command that led here.")
 
     def commit(self) -> None:
         """Compact the accepted path's KV entries and feed its states to the heads."""
@@ -124,6 +151,9 @@ class Step:
         the backbone's argmax after each node. In the static engines these live in buffers the
         next call overwrites. `tokens` replaces the loaded node tokens (sampling drafts)."""
         if tokens is not None:
+            if len(tokens) != self.N or any(not 0 <= t < self.vocab for t in tokens):
+                raise StepBoundsError(f"internal error: a decoding step was given {len(tokens)} node tokens for "
+                                      f"{self.N} nodes, or one outside the vocabulary; it was stopped before running")
             if self.mode == "eager":
                 self.args = self.args[:4] + (tokens,)
             else:
@@ -198,8 +228,8 @@ class Step:
             verify, commit = (torch.compile(f, dynamic=False) for f in (verify, commit))
         # Warm-up and capture write at slots near the end of the cache. That is harmless: no slot
         # at or past the cache length is read before the step that owns it has written it.
-        safe = self.cache.max_len - room(self.heads, self.tree) - 1
-        self.load(safe, [0], [0], safe, [0] * self.N)
+        safe = self.cache.max_len - self.room - 1
+        self.load(safe - 1, [0], [0], safe, [0] * self.N)
         # Warm-up and capture on one side stream: libraries that keep per-stream state (cuBLAS's
         # and cuDNN's workspaces, cuDNN's attention plans) then set it up before the capture, not
         # in it. "thread_local": another thread's CUDA calls (the caller's own work) cannot

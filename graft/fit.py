@@ -1,4 +1,4 @@
-"""The draft tree sized from what a step costs on this card.
+"""The draft tree sized from what a step costs on this device (a GPU or the CPU).
 
 A bigger tree accepts more tokens per step but costs more per step, and where the balance lies
 depends on the card, the backbone and the engine (on an H200 a 65-node step of SmolLM2 costs
@@ -9,6 +9,10 @@ shape, head shape, card, dtype and engine, the wall time of a decoding step with
 the tree with the most expected tokens per millisecond. Where no tree beats decoding without
 drafts, it decodes without drafts: drafting never makes decoding slower than not drafting, as far
 as the calibration is right.
+
+The CPU is measured the same way (fewer and shorter generations): there a drafting step of
+SmolLM2 with blockwise heads cost twice a plain one even for a 2-node tree, so the fit decodes
+without drafts.
 
 Measured costs are cached in `$GRAFT_CACHE/step-cost.json` (default `~/.cache/graft`).
 """
@@ -22,8 +26,9 @@ import torch
 from .config import write_json
 from .tree import Tree, build_tree, chain, expected_tokens
 
-SIZES = (4, 8, 16, 32, 64, 128)
-CONTEXT, NEW = 256, 32  # the measuring generation: prompt tokens, new tokens
+SIZES = {"cuda": (4, 8, 16, 32, 64, 128), "cpu": (2, 4, 8, 16, 32)}  # trees of N nodes besides the root
+# the measuring generation: prompt tokens, new tokens (fewer on a CPU, where a step takes tens of ms)
+CONTEXT, NEW = {"cuda": 256, "cpu": 64}, {"cuda": 32, "cpu": 8}
 STEP_VERSION = 3  # raised when graft's step changes what it costs, so that cached costs are measured again
 
 
@@ -38,10 +43,25 @@ def _key(dec, engine: str) -> str:
 
     bb, spec = dec.bb, dec.model.config.heads
     ident = bb.identity
+    where = device_name(bb.device) if bb.device.type == "cuda" else f"{_cpu_name()} x{torch.get_num_threads()}"
     return "|".join([f"{ident.model_type} d{ident.hidden_size} L{ident.num_layers} V{ident.vocab_size}",
-                     json.dumps(spec.__dict__, sort_keys=True), device_name(bb.device),
+                     json.dumps(spec.__dict__, sort_keys=True), where,
                      str(bb.dtype).removeprefix("torch.") + (" 4-bit" if bb.quantized else ""), engine,
                      f"torch {torch.__version__}", f"steps v{STEP_VERSION}"])
+
+
+def _cpu_name() -> str:
+    """The processor's model name (Linux), else the platform's word for it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return "cpu " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return "cpu " + (platform.processor() or platform.machine())
 
 
 def _load() -> dict:
@@ -57,11 +77,13 @@ def measure(dec, engine: str, trees: list) -> dict:
     """ms per decoding step for each tree (None: no drafting), on a random prompt."""
     from .speculative import DecodeConfig
 
+    kind = _kind(dec)
+    context, new = CONTEXT[kind], NEW[kind]
     g = torch.Generator().manual_seed(0)
     scratch = max((dec.heads.scratch(t) for t in trees if t), default=0)  # the drafts' cache room
-    room = (dec.bb.max_positions or 2 * CONTEXT) - NEW - 2 * scratch - 1
-    ids = torch.randint(0, dec.bb.vocab_size, (max(min(CONTEXT, room), 16),), generator=g).tolist()
-    cfg = DecodeConfig(max_new_tokens=NEW, eos=False, engine=engine)
+    room = (dec.bb.max_positions or 2 * context) - new - 2 * scratch - 1
+    ids = torch.randint(0, dec.bb.vocab_size, (max(min(context, room), 16),), generator=g).tolist()
+    cfg = DecodeConfig(max_new_tokens=new, eos=False, engine=engine)
     out = {}
     kept = dec._pool.pop(engine, None)  # the decoder's own cache and captured steps, back afterwards
     try:
@@ -69,7 +91,7 @@ def measure(dec, engine: str, trees: list) -> dict:
             # each tree with a cache of the size it decodes with: attention reads the whole cache,
             # so a cache grown for the largest tree would slow every later step, drafted or not
             dec._pool.pop(engine, None)
-            dec._generate(ids, cfg, tree=tree)  # warm-up: cache, captured step
+            dec._generate(ids, cfg, tree=tree)  # warm-up: cache, captured step, first-call costs
             gen = dec._generate(ids, cfg, tree=tree)
             out[_shape(tree)] = gen.decode_s / max(gen.steps, 1) * 1e3
     finally:
@@ -77,6 +99,10 @@ def measure(dec, engine: str, trees: list) -> dict:
         if kept is not None:
             dec._pool[engine] = kept
     return out
+
+
+def _kind(dec) -> str:
+    return "cuda" if dec.bb.device.type == "cuda" else "cpu"
 
 
 def _shape(tree) -> str:
@@ -89,7 +115,7 @@ def fit_tree(dec, engine: str) -> tuple[Tree | None, str]:
     if engine in memo:
         return memo[engine]
     acc = dec.accuracies()
-    candidates = [Tree(chain(dec.heads.num_heads))] + [Tree(build_tree(acc, s)) for s in SIZES]
+    candidates = [Tree(chain(dec.heads.num_heads))] + [Tree(build_tree(acc, s)) for s in SIZES[_kind(dec)]]
     key = _key(dec, engine)
     table = _load()
     costs = dict(table.get(key, {}))
@@ -109,11 +135,13 @@ def fit_tree(dec, engine: str) -> tuple[Tree | None, str]:
         r = expected_tokens(acc, tree.paths) / costs[_shape(tree)]
         if r > rate:
             best, rate = tree, r
+    where = "card" if _kind(dec) == "cuda" else "CPU"
     if best is None:
-        note = f"no tree pays here (a step without drafts: {base:.2f} ms): decoding without drafts"
+        note = (f"no tree pays on this {where} (a step without drafts: {base:.2f} ms, the cheapest tree's "
+                f"{min(costs[_shape(t)] for t in candidates):.2f} ms): decoding without drafts")
     else:
         e = expected_tokens(acc, best.paths)
-        note = (f"{best.n - 1} nodes fit this card: {e:.2f} tokens expected per {costs[_shape(best)]:.2f} ms step, "
+        note = (f"{best.n - 1} nodes fit this {where}: {e:.2f} tokens expected per {costs[_shape(best)]:.2f} ms step, "
                 f"{rate * base:.2f}x a step without drafts, from the heads' accuracy on held-out training text "
                 f"(lower on text unlike it)")
     memo[engine] = (best, note)

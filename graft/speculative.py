@@ -37,9 +37,9 @@ class DecodeConfig:
     temperature: 0 is greedy; > 0 samples (with top_p) by speculative rejection sampling.
     top_p: nucleus sampling threshold, as in transformers.
     seed: random seed for sampling.
-    tree: at temperature 0, "auto" sizes the tree from the measured step cost on a CUDA device
-        (graft.fit: the size that maximises expected tokens per millisecond, or no drafting
-        where none pays) and takes the calibrated tree elsewhere; "calibrated" the tree in
+    tree: at temperature 0, "auto" sizes the tree from the step cost measured on this device
+        (graft.fit: the size that maximises expected tokens per millisecond, a chain, or no
+        drafting where none pays; untrained heads never draft); "calibrated" the tree in
         graft.json; "chain" one path; "dynamic" (eagle, deepseek-mtp) a tree the heads shape at
         every step by cumulative draft probability (EAGLE-2). Sampling always drafts a chain.
     tree_size: nodes in the draft tree besides the root (0: as `tree` says); overrides "auto".
@@ -170,6 +170,9 @@ class SpeculativeDecoder:
         K = self.heads.num_heads
         if not cfg.draft:
             return None, "drafting off"
+        if cfg.tree == "auto" and not cfg.tree_size and not (self.model.config.training or {}).get("rank_accuracy"):
+            return None, ("untrained heads: decoding without drafts, which would only slow it down (train the "
+                          "heads with `graft train`, or force a tree with --tree calibrated or --tree-size)")
         if cfg.temperature > 0 or cfg.tree == "chain":
             return Tree(chain(K)), "chain"
         if cfg.tree == "dynamic":
@@ -181,7 +184,7 @@ class SpeculativeDecoder:
             return DynamicTree(size, width, K), f"dynamic, EAGLE-2, {width} candidates per node"
         if cfg.tree_size:
             return Tree(build_tree(self.accuracies(), cfg.tree_size)), "--tree-size"
-        if cfg.tree == "auto" and self.bb.device.type == "cuda":
+        if cfg.tree == "auto":
             from .fit import fit_tree
 
             return fit_tree(self, engine)

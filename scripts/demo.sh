@@ -35,4 +35,5 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 sp = ", ".join(f"{v:.2f}x over {k}" for k, v in r["speedup"].items())
 print(f"\nRESULT  tau {r['tau']:.2f} tokens per backbone forward; speedup {sp}; identical_rate {r['identical_rate']}")
+print(f"        draft tree: {r['tree_nodes']} nodes ({r['tree_choice']})")
 PY

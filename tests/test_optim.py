@@ -155,7 +155,7 @@ def test_medusa_lm_heads_in_bfloat16(tiny_dirs, tiny_data, tmp_path, tokenizer):
     changed = any(not torch.equal(a, b) for a, b in zip(before.lm_heads.parameters(), m.heads.lm_heads.parameters()))
     assert changed
     ids = tokenizer("the cat sat on the mat", return_tensors="pt").input_ids[0].tolist()
-    out = m.generate(input_ids=ids, max_new_tokens=20, chat=False)
+    out = m.generate(input_ids=ids, max_new_tokens=20, chat=False, tree="calibrated")
     ref = m.backbone.hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
     assert out.ids == ref[:len(out.ids)] and len(out.ids) == 20
 

@@ -22,7 +22,7 @@ def test_4bit_backbone_graft_train_and_lossless_decode(tiny_dirs, tiny_data, tok
     ids = tokenizer("the quick brown")["input_ids"]
     ref = m.backbone.hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
                                  pad_token_id=0)[0, len(ids):].tolist()
-    assert m.generate(input_ids=ids, max_new_tokens=16).ids == ref
+    assert m.generate(input_ids=ids, max_new_tokens=16, tree="calibrated").ids == ref
 
 
 def test_4bit_decoding_dequantized_and_kept_4bit_export(tiny_dirs, tiny_data, tokenizer, tmp_path):
@@ -48,9 +48,9 @@ def test_4bit_decoding_dequantized_and_kept_4bit_export(tiny_dirs, tiny_data, to
     assert type(dense.backbone.layers[0].mlp.up_proj) is torch.nn.Linear
     dense_ref = dense.backbone.hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
                                            pad_token_id=0)[0, len(ids):].tolist()
-    assert dense.generate(input_ids=ids, max_new_tokens=16).ids == dense_ref
+    assert dense.generate(input_ids=ids, max_new_tokens=16, tree="calibrated").ids == dense_ref
     kept = load(g, device="cpu", decode_dtype="4bit")
-    assert kept.backbone.quantized and kept.generate(input_ids=ids, max_new_tokens=16).ids == ref
+    assert kept.backbone.quantized and kept.generate(input_ids=ids, max_new_tokens=16, tree="calibrated").ids == ref
     plain = str(tmp_path / "d")
     add_heads(tiny_dirs["llama"], heads="medusa", out=plain, device="cpu")
     with pytest.raises(GraftError, match="applies to 4-bit backbones"):
@@ -59,6 +59,6 @@ def test_4bit_decoding_dequantized_and_kept_4bit_export(tiny_dirs, tiny_data, to
     export(g, out, keep_4bit=True)
     e = load(out, device="cpu", decode_dtype="4bit")
     assert e.backbone.quantized and e.config.backbone.load_in_4bit
-    assert e.generate(input_ids=ids, max_new_tokens=16).ids == ref
+    assert e.generate(input_ids=ids, max_new_tokens=16, tree="calibrated").ids == ref
     with pytest.raises(GraftError, match="--keep-4bit"):
         export(plain, str(tmp_path / "e2"), keep_4bit=True)

@@ -64,10 +64,11 @@ def test_greedy_identical_untrained_and_random(family, mt, tokenizer):
         for p in PROMPTS[:3]:
             ids = encode(tokenizer, p)
             ref = plain_greedy(bb, ids, 30)
-            for tree in ("auto", "chain"):
+            for tree in ("calibrated", "chain"):
                 for engine in ("eager", "static"):
                     g = m.generate(input_ids=ids, max_new_tokens=30, tree=tree, engine=engine)
                     assert g.ids == ref, (family, mt, heads_state, p, tree, engine)
+                    assert g.draft_nodes > 0
 
 
 @pytest.mark.parametrize("family", HEAD_FAMILIES)
@@ -77,10 +78,12 @@ def test_greedy_identical_trained(family, trained, tokenizer):
     for p in PROMPTS:
         ids = encode(tokenizer, p)
         ref = plain_greedy(m.backbone, ids, 40)
-        for kw in ({}, {"tree": "chain"}, {"tree_size": 6}, {"engine": "static"}, {"engine": "static", "tree_size": 40}):
+        for kw in ({}, {"tree": "calibrated"}, {"tree": "chain"}, {"tree_size": 6}, {"engine": "static"},
+                   {"engine": "static", "tree_size": 40}):
             g = m.generate(input_ids=ids, max_new_tokens=40, **kw)
             assert g.ids == ref, (family, p, kw)
-            taus.append(g.tau)
+            if kw:  # {}: the tree the CPU's step costs chose, perhaps none
+                taus.append(g.tau)
     # trained heads must actually speculate: more than one token per verification forward
     assert sum(taus) / len(taus) > 1.2, taus
 
@@ -102,19 +105,19 @@ def test_eos_max_tokens_and_stop_strings(tokenizer):
     full = plain_greedy(bb, ids, 30)
     assert len(full) >= 12
     for n in (1, 2, 7):
-        assert m.generate(input_ids=ids, max_new_tokens=n).ids == full[:n]
+        assert m.generate(input_ids=ids, max_new_tokens=n, tree="calibrated").ids == full[:n]
     # make the 6th generated token the end-of-sequence token: both decoders must stop there
     eos = full[5]
     bb.hf.generation_config.eos_token_id = eos
     ref = plain_greedy(bb, ids, 30)
-    g = m.generate(input_ids=ids, max_new_tokens=30)
+    g = m.generate(input_ids=ids, max_new_tokens=30, tree="calibrated")
     assert g.ids == ref and g.ids[-1] == eos and g.stopped == "eos"
     bb.hf.generation_config.eos_token_id = 0
     # a stop string: generation ends on the first token whose text completes it
     text = [tokenizer.decode(full[:i]) for i in range(1, len(full) + 1)]
     stop = text[9][-3:]
     want = next(i for i, t in enumerate(text) if stop in t) + 1
-    g = m.generate(input_ids=ids, max_new_tokens=30, stop=(stop,), eos=False)
+    g = m.generate(input_ids=ids, max_new_tokens=30, stop=(stop,), eos=False, tree="calibrated")
     assert g.ids == full[:want] and g.stopped == "stop"
 
 
@@ -144,7 +147,7 @@ def test_sampling_follows_the_backbone(temperature, top_p, tokenizer):
     accepted = 0
     for s in range(N):
         g = dec.generate(ids, DecodeConfig(max_new_tokens=2, temperature=temperature, top_p=top_p, seed=s,
-                                           eos=False))
+                                           eos=False, tree="chain"))
         counts[g.ids[1]] += 1
         accepted += g.accepted[0]
     emp = counts / N
@@ -202,7 +205,7 @@ def test_static_engine_samples_as_eager(family, tokenizer):
     perturb(m, 0.05)
     for seed, p in enumerate(PROMPTS):
         ids = encode(tokenizer, p)
-        runs = [m.generate(input_ids=ids, max_new_tokens=20, temperature=0.8, seed=seed, engine=e).ids
+        runs = [m.generate(input_ids=ids, max_new_tokens=20, temperature=0.8, seed=seed, engine=e, tree="chain").ids
                 for e in ("eager", "static")]
         assert runs[0] == runs[1], (p, runs)
     assert set(m._decoder._pool) == {"static"}  # the static run really used its preallocated cache
@@ -222,11 +225,11 @@ def test_static_engine_grows_its_cache(tokenizer):
     m = add_heads(bb, heads="meta-mtp", num_heads=3)
     perturb(m, 0.05)
     short = encode(tokenizer, PROMPTS[1])
-    assert m.generate(input_ids=short, max_new_tokens=10, engine="static").ids == plain_greedy(bb, short, 10)
+    assert m.generate(input_ids=short, max_new_tokens=10, engine="static", tree="calibrated").ids == plain_greedy(bb, short, 10)
     assert m._decoder._pool["static"]["max_len"] == 256
     long = (short * 60)[:180]
     assert len(long) == 180
-    g = m.generate(input_ids=long, max_new_tokens=60, engine="static")
+    g = m.generate(input_ids=long, max_new_tokens=60, engine="static", tree="calibrated")
     assert m._decoder._pool["static"]["max_len"] == 512
     assert g.ids == plain_greedy(bb, long, 60)
 
@@ -240,11 +243,11 @@ def test_static_engine_shrinks_a_cache_a_long_prompt_left(tokenizer):
     perturb(m, 0.05)
     short = encode(tokenizer, PROMPTS[1])
     long = (short * 300)[:900]
-    m.generate(input_ids=long, max_new_tokens=10, engine="static")
+    m.generate(input_ids=long, max_new_tokens=10, engine="static", tree="calibrated")
     assert m._decoder._pool["static"]["max_len"] == 1024
-    m.generate(input_ids=long[:400], max_new_tokens=10, engine="static")
+    m.generate(input_ids=long[:400], max_new_tokens=10, engine="static", tree="calibrated")
     assert m._decoder._pool["static"]["max_len"] == 1024  # within four times: kept, steps and all
-    assert m.generate(input_ids=short, max_new_tokens=10, engine="static").ids == plain_greedy(bb, short, 10)
+    assert m.generate(input_ids=short, max_new_tokens=10, engine="static", tree="calibrated").ids == plain_greedy(bb, short, 10)
     assert m._decoder._pool["static"]["max_len"] == 256
 
 
@@ -423,6 +426,38 @@ def test_deepseek_step_stays_within_its_cache_room(dynamic, tokenizer):
             heads.draft_dynamic(bb, state, tree, torch.tensor(n))
         else:
             heads.draft(bb, state, tree, torch.tensor(n), lambda d, lg, R: lg.topk(R, dim=-1).indices)
+    cache = state["cache"]
+    written = (cache.k != 0).any(dim=4).any(dim=2).any(dim=1).any(dim=0).nonzero().max().item()  # the last slot
+    assert cache.max_len == n + heads.scratch(tree)
+    assert n <= written < cache.max_len, (written, n, heads.scratch(tree))  # the tails went past the prefix
+    if dynamic:  # here the tails, not the nodes, set the room: the step uses most of it
+        assert written >= n + heads.scratch(tree) // 2, (written, n, heads.scratch(tree))
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_a_step_refuses_inputs_outside_its_cache_tree_or_vocabulary(engine, tokenizer):
+    """What a (captured) step may index is checked on the host before it runs: a cache length
+    that would write past the cache, a path outside the tree, a token outside the vocabulary
+    each raise one clear error instead of reaching the device's kernels."""
+    from graft.engine import Step, StepBoundsError
+
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="eagle", num_heads=3)
+    tree = Tree(build_tree(SpeculativeDecoder(m).accuracies(), 10))
+    cache = bb.new_cache(64)
+    step = Step(bb, cache, tree, mode=engine, heads=m.heads, state=m.heads.new_state(bb, 64), drafts=True)
+    V = bb.vocab_size
+    step.load(19, [0, 1], [5, 6], 21)  # fine
+    room = m.heads.scratch(tree)
+    step.load(63 - room, [0], [5], 64 - room)  # the last slot the step may write is the cache's last
+    for args in [(64 - room, [0], [5], 65 - room),  # one slot past the cache
+                 (19, [0, 11], [5, 6], 21),  # node 11 of an 11-node tree
+                 (19, [1, 2], [5, 6], 21),  # a path that does not start at the root
+                 (18, [0, 1], [5, 6], 21),  # lengths that do not match the path
+                 (19, [0, 1], [5, V], 21),  # a token past the vocabulary
+                 (19, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], 24)]:  # longer than the tree is deep
+        with pytest.raises(StepBoundsError, match="stopped before running"):
+            step.load(*args)
 
 
 def test_deepseek_greedy_drafts_a_tree(tokenizer):
@@ -435,7 +470,7 @@ def test_deepseek_greedy_drafts_a_tree(tokenizer):
     dec = SpeculativeDecoder(m)
     assert dec._tree(DecodeConfig(tree_size=10))[0].n == 11
     assert dec._tree(DecodeConfig(tree="chain"))[0].n == 4
-    assert dec._tree(DecodeConfig(temperature=1.0))[0].n == 4
+    assert dec._tree(DecodeConfig(temperature=1.0, tree="calibrated"))[0].n == 4
 
 
 def test_tree_fitted_to_the_measured_cost(tokenizer, tmp_path, monkeypatch):
@@ -454,14 +489,39 @@ def test_tree_fitted_to_the_measured_cost(tokenizer, tmp_path, monkeypatch):
             return {fit._shape(t): 10.0 + (0 if t is None else per_node * t.n) for t in trees}
         return measure
 
+    biggest = max(fit.SIZES["cpu"])
     monkeypatch.setattr(fit, "measure", fake(0.0))  # size costs nothing: the biggest tree wins
     tree, note = fit.fit_tree(SpeculativeDecoder(m), "static")
-    assert tree.n == 129 and "129" not in note and "128 nodes" in note
+    assert tree.n == biggest + 1 and f"{biggest} nodes fit this CPU" in note
     monkeypatch.setattr(fit, "measure", fake(100.0))  # the cached costs are used, not these
-    assert fit.fit_tree(SpeculativeDecoder(m), "static")[0].n == 129 and calls == [8]
+    assert fit.fit_tree(SpeculativeDecoder(m), "static")[0].n == biggest + 1
+    assert calls == [len(fit.SIZES["cpu"]) + 2]  # once: no drafting, a chain and each size
     monkeypatch.setenv("GRAFT_CACHE", str(tmp_path / "other"))
     tree, note = fit.fit_tree(SpeculativeDecoder(m), "static")  # every node costs 10 steps: none pays
     assert tree is None and "no tree pays" in note
+
+
+def test_untrained_heads_do_not_draft_unless_asked(tokenizer, tmp_path, monkeypatch):
+    """Drafting with heads that never trained only slows decoding: `--tree auto` decodes without
+    drafts there (and says why), on any device, greedy or sampling; an explicit tree still drafts.
+    Once trained (a measured rank accuracy), auto fits a tree to this device's measured costs."""
+    from graft import fit
+
+    monkeypatch.setenv("GRAFT_CACHE", str(tmp_path))
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="blockwise", num_heads=3)
+    ids = encode(tokenizer, PROMPTS[0])
+    for kw in ({}, {"temperature": 1.0, "seed": 0}, {"engine": "static"}):
+        g = m.generate(input_ids=ids, max_new_tokens=8, **kw)
+        assert g.draft_nodes == 0 and g.tau == 1.0 and "untrained" in g.tree_note, kw
+    assert m.generate(input_ids=ids, max_new_tokens=8, tree="calibrated").draft_nodes > 0
+    m.config.training = {"rank_accuracy": [[0.9] * 4] * 3}
+    measured = []
+    real = fit.measure
+    monkeypatch.setattr(fit, "measure", lambda dec, engine, trees: measured.append(engine) or real(dec, engine, trees))
+    g = m.generate(input_ids=ids, max_new_tokens=8)
+    assert measured == ["eager"] and ("fit this CPU" in g.tree_note or "no tree pays" in g.tree_note)
+    assert g.ids == plain_greedy(bb, ids, 8)
 
 
 def test_measuring_trees_leaves_the_decoders_cache_as_it_was(tokenizer):
@@ -470,7 +530,7 @@ def test_measuring_trees_leaves_the_decoders_cache_as_it_was(tokenizer):
     from graft import fit
 
     bb = tiny_backbone("llama", tokenizer)
-    bb.max_positions = 2048  # room for the measuring prompt of 256 tokens
+    bb.max_positions = 2048  # room for the measuring prompt
     m = add_heads(bb, heads="deepseek-mtp", num_heads=3)
     dec = SpeculativeDecoder(m)
     dec.generate(list(range(4, 20)), DecodeConfig(max_new_tokens=4, engine="static", tree_size=4))
@@ -487,7 +547,7 @@ def test_measuring_trees_leaves_the_decoders_cache_as_it_was(tokenizer):
     trees = [Tree(build_tree(dec.accuracies(), 256)), None]  # 257 nodes: past 512 slots with the prompt
     costs = fit.measure(dec, "static", trees)
     assert set(costs) == {fit._shape(t) for t in trees} and all(v > 0 for v in costs.values())
-    assert sizes == [1024, 1024, 512, 512]
+    assert sizes == [512, 512, 256, 256]  # the CPU's measuring prompt: 64 tokens
     assert dec._pool["static"] is mine
 
 
@@ -501,7 +561,7 @@ def test_frozen_heads_decode_with_fused_projections_and_still_save(tokenizer, tm
     perturb(m, 0.05)
     ids = list(range(4, 30))
     ref = plain_greedy(bb, ids, 24)
-    g = m.generate(input_ids=ids, max_new_tokens=24, engine="static", eos=False)
+    g = m.generate(input_ids=ids, max_new_tokens=24, engine="static", eos=False, tree="calibrated")
     assert hasattr(m.heads.layer.self_attn, "_graft_fused") and hasattr(m.heads.layer.mlp, "_graft_fused")
     assert g.ids == ref
     m.save(str(tmp_path / "g"))  # views of one buffer are saved as tensors of their own
@@ -522,7 +582,7 @@ def test_drafting_up_to_the_end_of_the_context(engine, tokenizer):
     for P in range(238, 243):  # the last step lands at every offset from the window's end
         ids = torch.randint(4, len(tokenizer), (P,)).tolist()
         ref = plain_greedy(bb, ids, 256 - P)
-        g = m.generate(input_ids=ids, max_new_tokens=40, engine=engine, eos=False)
+        g = m.generate(input_ids=ids, max_new_tokens=40, engine=engine, eos=False, tree="calibrated")
         assert g.ids == ref and g.stopped == "context", P
 
 
@@ -544,7 +604,7 @@ def test_draft_vocabulary_keeps_greedy_output(family, tokenizer):
         ids = encode(tokenizer, p)
         ref = plain_greedy(bb, ids, 30)
         for engine in ("eager", "static"):
-            g = m.generate(input_ids=ids, max_new_tokens=30, engine=engine)
+            g = m.generate(input_ids=ids, max_new_tokens=30, engine=engine, tree="calibrated")
             assert g.ids == ref, (family, p, engine)
             taus.append(g.tau)
     assert max(taus) > 1.0  # some drafts from the subset were accepted
@@ -566,7 +626,7 @@ def test_draft_vocabulary_keeps_sampling_exact(tokenizer):
     N, counts, accepted = 2500, torch.zeros(V), 0
     dec = SpeculativeDecoder(m)
     for s in range(N):
-        g = dec.generate(ids, DecodeConfig(max_new_tokens=2, temperature=1.0, seed=s, eos=False))
+        g = dec.generate(ids, DecodeConfig(max_new_tokens=2, temperature=1.0, seed=s, eos=False, tree="chain"))
         counts[g.ids[1]] += 1
         accepted += g.accepted[0]
     assert accepted > N * 0.2
