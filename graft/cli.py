@@ -256,15 +256,24 @@ def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, shard_backbone, dev
 @click.option("--force", is_flag=True, help="Replace an existing non-empty --out folder.")
 @click.option("--format", "fmt", type=click.Choice(["graft", "vllm-medusa", "eagle3", "sglang-eagle3"]),
               default="graft", show_default=True,
-              help="graft: backbone, tokenizer, heads and draft tree for graft itself; vllm-medusa: medusa heads "
-                   "as vLLM's Medusa drafter loads them; eagle3: eagle heads in the speculators EAGLE-3 format that "
-                   "vLLM serves; sglang-eagle3: eagle heads as SGLang's Llama EAGLE-3 drafter loads them (for the "
-                   "serving formats, serve the backbone itself as the target model).")
+              help="graft: backbone, tokenizer, heads and draft tree for graft itself; eagle3: eagle heads in the "
+                   "speculators EAGLE-3 format (speculators 0.9, vLLM 0.34 load it); sglang-eagle3: eagle heads as "
+                   "SGLang's Llama EAGLE-3 drafter loads them (SGLang 0.5.23); vllm-medusa: medusa heads as vLLM "
+                   "0.30-0.32's Medusa drafter loads them (vLLM 0.33 and later have no Medusa). For the serving "
+                   "formats, serve the backbone itself as the target model. deepseek-mtp, blockwise and meta-mtp "
+                   "heads have no serving format.")
+@click.option("--verifier", default=None, metavar="HUB_ID|FOLDER",
+              help="--format eagle3: the target model the export names (speculators loads its embeddings and LM "
+                   "head from it; `vllm serve EXPORT` takes it as the model to serve, and accepts a hub id only). "
+                   "Default: the hub repository the backbone came from (smollm2-135m: "
+                   "HuggingFaceTB/SmolLM2-135M-Instruct, whose full-precision weights the alias's 4-bit GGUF "
+                   "approximates); required when the backbone came from a local file or folder.")
 @click.option("--keep-4bit", is_flag=True, help="Write the backbone 4-bit, as a folder trained with --load-in-4bit "
               "holds it (bitsandbytes' serialisation in safetensors; about a quarter of the size). Default: the "
               "backbone in full precision.")
 @VERIFY_OPTION
-def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, force, fmt, keep_4bit, no_verify):
+def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, force, fmt, verifier, keep_4bit,
+               no_verify):
     """Write a self-contained folder: backbone (HF safetensors), tokenizer, heads, decoding tree.
 
     AutoModelForCausalLM.from_pretrained(OUT) still loads the backbone alone;
@@ -273,7 +282,8 @@ def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, for
     from .export import export
 
     export(graft_dir, out, dtype=dtype, merge_lora=merge_lora, tree_size=tree_size, force=force,
-           max_shard_size=max_shard_size, verify_backbone=not no_verify, format=fmt, keep_4bit=keep_4bit)
+           max_shard_size=max_shard_size, verify_backbone=not no_verify, format=fmt, keep_4bit=keep_4bit,
+           verifier=verifier)
     click.echo(f"exported {graft_dir} -> {out}")
 
 

@@ -50,9 +50,26 @@ def _replace(tmp: str, out: str, parent: str) -> None:
         os.replace(tmp, out)
 
 
+def serving_verifier(source: str, given: str | None) -> str:
+    """The target model an eagle3 export names (`verifier.name_or_path`): `given` (a hub id, or a
+    local folder, written as an absolute path), else the hub repository the backbone came from.
+    vLLM's `vllm serve EXPORT` accepts only a hub id there, and speculators loads the target's
+    embeddings and LM head from it."""
+    from .backbone import ALIAS_HUB_IDS
+
+    if given:
+        return os.path.abspath(given) if os.path.exists(given) else given
+    if source in ALIAS_HUB_IDS:
+        return ALIAS_HUB_IDS[source]
+    if source == "." or os.path.exists(source) or source.startswith(("/", ".", "~")) or source.count("/") != 1:
+        raise GraftError(f"the backbone came from a local file or folder ({source}), and an eagle3 export names its "
+                         "target model: pass --verifier with the hub id it was made from (owner/name), or a folder")
+    return source
+
+
 def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False, tree_size: int = 0,
            force: bool = False, max_shard_size: str = "2GB", verify_backbone: bool = True,
-           format: str = "graft", keep_4bit: bool = False) -> None:
+           format: str = "graft", keep_4bit: bool = False, verifier: str | None = None) -> None:
     """Write a self-contained export of the graft folder `src` into `out` (see `graft export --help`).
 
     format "graft": the backbone, its tokenizer, the heads and the draft tree, which `graft.load`
@@ -75,6 +92,13 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
     if need and config.heads.family != need:
         raise GraftError(f"--format {format} takes {need} heads; {src} holds {config.heads.family} heads, which no "
                          "serving engine loads yet: use the default format")
+    if verifier and format != "eagle3":
+        raise GraftError("--verifier names the target model of an eagle3 export: pass it with --format eagle3 only")
+    if format == "vllm-medusa" and config.heads.draft_vocab:
+        raise GraftError("vLLM's Medusa drafter (vLLM 0.30-0.32; later releases have none) builds its LM heads over "
+                         "the whole vocabulary and cannot load a draft vocabulary's rows: export medusa heads grafted "
+                         "without --draft-vocab")
+    verifier_id = serving_verifier(config.backbone.source, verifier) if format == "eagle3" else None
     if format == "eagle3" and config.backbone.model_type not in ("llama", "qwen3"):
         raise GraftError(f"--format eagle3 is defined for Llama and Qwen3 backbones, not {config.backbone.model_type}")
     if format == "sglang-eagle3" and config.backbone.model_type != "llama":
@@ -118,8 +142,7 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
             if format == "vllm-medusa":
                 ckpt.save_vllm_medusa(tmp, heads, bb, dtype=bb.dtype)
             elif format == "eagle3":
-                source = config.backbone.source
-                ckpt.save_eagle3(tmp, heads, bb, bb.dtype, os.path.abspath(src) if source == "." else source)
+                ckpt.save_eagle3(tmp, heads, bb, bb.dtype, verifier_id)
             else:
                 ckpt.save_sglang_eagle3(tmp, heads, bb, bb.dtype)
             _replace(tmp, out, parent)

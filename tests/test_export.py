@@ -43,7 +43,7 @@ def vllm_medusa_logits(folder, normed):
     return out
 
 
-def grafted(tmp_path, tiny_dirs, family, fmt, scale, vocab, **kw):
+def grafted(tmp_path, tiny_dirs, family, fmt, scale, vocab, verifier=None, **kw):
     """Perturbed heads with an optional draft vocabulary, saved and exported as `fmt`; returns the
     graft folder's model (float32 heads) and the export's folder."""
     g = str(tmp_path / "g")
@@ -55,11 +55,11 @@ def grafted(tmp_path, tiny_dirs, family, fmt, scale, vocab, **kw):
         if vocab:
             m.heads.set_draft_vocab(torch.rand(m.backbone.vocab_size))
     m.save(g, force=True)
-    export(g, str(tmp_path / "x"), format=fmt)
+    export(g, str(tmp_path / "x"), format=fmt, verifier=verifier)
     return load(g, device="cpu", heads_dtype="float32"), tmp_path / "x"
 
 
-@pytest.mark.parametrize("shared,vocab", [(False, None), (True, None), (False, 20)])
+@pytest.mark.parametrize("shared,vocab", [(False, None), (True, None)])
 def test_vllm_medusa_export_reproduces_the_heads(shared, vocab, tiny_dirs, tmp_path):
     m, folder = grafted(tmp_path, tiny_dirs, "medusa", "vllm-medusa", 0.1, vocab, head_layers=2,
                         shared_lm_head=shared)
@@ -76,6 +76,12 @@ def test_vllm_medusa_export_reproduces_the_heads(shared, vocab, tiny_dirs, tmp_p
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_vllm_medusa_refuses_a_draft_vocabulary(tiny_dirs, tmp_path):
+    """vLLM's Medusa builds its LM heads over the whole vocabulary and asserts on the map's rows."""
+    with pytest.raises(GraftError, match="draft vocabulary"):
+        grafted(tmp_path, tiny_dirs, "medusa", "vllm-medusa", 0.1, 20)
+
+
 def test_serving_formats_refuse_other_families(tiny_dirs, tmp_path):
     g = str(tmp_path / "g")
     add_heads(tiny_dirs["llama"], heads="blockwise", num_heads=2, out=g, device="cpu")
@@ -85,7 +91,7 @@ def test_serving_formats_refuse_other_families(tiny_dirs, tmp_path):
         export(g, str(tmp_path / "v"), format="onnx")
 
 
-INTEROP = r'''
+INTEROP = r"""
 import sys
 import torch
 from safetensors.torch import load_file, save_file
@@ -96,12 +102,28 @@ x = load_file(inputs)
 from speculators.models.eagle3.config import Eagle3SpeculatorConfig
 config = Eagle3SpeculatorConfig.from_pretrained(folder)
 config.transformer_layer_config._attn_implementation = "eager"  # flex attention wants long sequences
+# the verifier's embeddings and LM head come from the hub id the export names (here a local hub cache)
 model = Eagle3DraftModel.from_pretrained(folder, config=config).float().eval()
 with torch.no_grad():
     drafts = model(hidden_states=x["hidden_states"], input_ids=x["input_ids"],
                    document_ids=torch.zeros_like(x["input_ids"]), ttt_steps=int(x["steps"]))
 save_file({f"step{k}": t.contiguous() for k, t in enumerate(drafts)}, out)
-'''
+"""
+
+HUB_ID = "graft-tests/tiny-llama"  # the verifier an export names, served from a hub cache made here
+
+
+def hub_cache(tmp_path, folder) -> str:
+    """A Hugging Face hub cache holding `folder` as HUB_ID's main revision, as a download leaves it."""
+    import shutil
+
+    root = tmp_path / "hub"
+    repo = root / ("models--" + HUB_ID.replace("/", "--"))
+    commit = "0" * 40
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return str(root)
 
 
 def interop_python():
@@ -115,29 +137,41 @@ def interop_python():
     return py
 
 
-@pytest.mark.parametrize("vocab", [None, 30])
-def test_eagle3_export_drafts_what_graft_drafts_in_speculators(vocab, tiny_dirs, tmp_path):
+@pytest.mark.parametrize("vocab,aux", [(None, None), (30, None), (None, [2, 0, 1]), (30, [2, 1])])
+def test_eagle3_export_drafts_what_graft_drafts_in_speculators(vocab, aux, tiny_dirs, tmp_path):
     """The `speculators` package (in its own environment: it pins other library versions) loads
-    graft's eagle3 export and, run as in its training-time test, drafts graft's tokens."""
+    graft's eagle3 export as written, its verifier by hub id (offline, from a hub cache), and
+    run as in its training-time test on the features in the engines' order (ascending layers),
+    drafts graft's tokens: with and without a draft vocabulary, for aux layers given out of
+    order and for two of them."""
+    import os
     import subprocess
 
     from safetensors.torch import save_file
 
     py = interop_python()
-    m, folder = grafted(tmp_path, tiny_dirs, "eagle", "eagle3", 0.05, vocab)
+    kw = {"aux_layers": aux} if aux else {}
+    m, folder = grafted(tmp_path, tiny_dirs, "eagle", "eagle3", 0.05, vocab, verifier=HUB_ID, **kw)
     bb, heads = m.backbone, m.heads
+    cfg = json.load(open(folder / "config.json"))
+    ids_written = cfg["eagle_aux_hidden_state_layer_ids"]
+    assert ids_written == sorted(heads.features) and cfg["speculators_config"]["verifier"]["name_or_path"] == HUB_ID
+    assert cfg["transformer_layer_config"]["num_aux_hidden_states"] == len(ids_written)
+    assert ("d2t" in load_file(folder / "model.safetensors")) == (vocab is not None)
     T = 12
     ids = torch.randint(4, 40, (1, T))
     with torch.no_grad():
         trunk, final = bb.forward(ids, torch.arange(T)[None], features=heads.features)
         hs = heads.hidden(bb, trunk, final, ids)
         want = [heads.draft_logits(bb, k, h)[0].argmax(-1) for k, h in enumerate(hs)]  # draft-vocabulary ids
+        served, _ = bb.forward(ids, torch.arange(T)[None], features=tuple(ids_written))  # the engines' order
     # speculators pairs the features at row i with the token at row i: graft's t_{i+1}
     nxt = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
-    save_file({"hidden_states": trunk.float().contiguous(), "input_ids": nxt.contiguous(), "steps": torch.tensor(3)},
+    save_file({"hidden_states": served.float().contiguous(), "input_ids": nxt.contiguous(), "steps": torch.tensor(3)},
               str(tmp_path / "in.safetensors"))
+    env = dict(os.environ, HF_HUB_CACHE=hub_cache(tmp_path, tiny_dirs["llama"]), HF_HUB_OFFLINE="1")
     r = subprocess.run([py, "-c", INTEROP, str(folder), str(tmp_path / "in.safetensors"),
-                        str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=600)
+                        str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     got = load_file(str(tmp_path / "out.safetensors"))
     for k in range(3):
@@ -145,13 +179,35 @@ def test_eagle3_export_drafts_what_graft_drafts_in_speculators(vocab, tiny_dirs,
         assert torch.equal(got[f"step{k}"][0, :rows], want[k][:rows]), k
 
 
+def test_eagle3_export_names_a_hub_id_as_its_verifier(tiny_dirs, tmp_path):
+    """vLLM takes the verifier as the model to serve and accepts a hub id only: the smollm2-135m
+    alias maps to its repository; a backbone from a local folder needs --verifier, in one line."""
+    from graft.export import serving_verifier
+
+    assert serving_verifier("smollm2-135m", None) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert serving_verifier("Qwen/Qwen3-0.6B", None) == "Qwen/Qwen3-0.6B"
+    assert serving_verifier("smollm2-135m", "me/my-model") == "me/my-model"
+    assert serving_verifier("x", str(tmp_path)) == str(tmp_path)  # a folder the user gives: absolute
+    with pytest.raises(GraftError, match="--verifier"):
+        grafted(tmp_path, tiny_dirs, "eagle", "eagle3", 0.0, None)
+    with pytest.raises(GraftError, match="--format eagle3 only"):
+        grafted(tmp_path / "b", tiny_dirs, "eagle", "sglang-eagle3", 0.0, None, verifier=HUB_ID, aux_layers=[1])
+
+
+def test_eagle3_export_refuses_repeated_aux_layers(tiny_dirs, tmp_path):
+    """The engines capture each layer once (vLLM keeps a set): a repeated aux layer cannot be served."""
+    with pytest.raises(GraftError, match="twice"):
+        grafted(tmp_path, tiny_dirs, "eagle", "eagle3", 0.0, None, verifier=HUB_ID, aux_layers=[1, 1, 2])
+
+
 def test_sglang_eagle3_export_fills_every_parameter_of_sglangs_drafter(tiny_dirs, tmp_path):
     """SGLang's LlamaForCausalLMEagle3.load_weights (sgl-project/sglang@03d5a77), replayed on the
     export's names: every parameter of its drafter is filled, with graft's tensors."""
-    m, folder = grafted(tmp_path, tiny_dirs, "eagle", "sglang-eagle3", 0.05, 30, aux_layers=[1, 2])
+    # the tiny llama has 2 layers, and SGLang captures the inputs of layers 1..L-1: one aux layer
+    m, folder = grafted(tmp_path, tiny_dirs, "eagle", "sglang-eagle3", 0.05, 30, aux_layers=[1])
     cfg = json.load(open(folder / "config.json"))
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["num_hidden_layers"] == 1
-    assert cfg["draft_vocab_size"] == 30 and cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1]
+    assert cfg["draft_vocab_size"] == 30 and cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0]
     params = {"model.embed_tokens.weight", "model.fc.weight", "model.midlayer.self_attn.qkv_proj.weight",
               "model.midlayer.self_attn.o_proj.weight", "model.midlayer.mlp.gate_up_proj.weight",
               "model.midlayer.mlp.down_proj.weight", "model.midlayer.input_layernorm.weight",
@@ -178,4 +234,6 @@ def test_sglang_eagle3_export_fills_every_parameter_of_sglangs_drafter(tiny_dirs
     torch.testing.assert_close(w["lm_head.weight"], m.backbone.lm_head.weight[heads.draft_ids])
     assert torch.equal(w["d2t"] + torch.arange(30), heads.draft_ids)  # SGLang's hot token ids
     with pytest.raises(GraftError, match="embeddings"):
-        grafted(tmp_path / "b", tiny_dirs, "eagle", "sglang-eagle3", 0.0, None, aux_layers=[0, 2])
+        grafted(tmp_path / "b", tiny_dirs, "eagle", "sglang-eagle3", 0.0, None, aux_layers=[0, 1])
+    with pytest.raises(GraftError, match="never the last layer"):  # SGLang never captures layer L's output
+        grafted(tmp_path / "c", tiny_dirs, "eagle", "sglang-eagle3", 0.0, None, aux_layers=[1, 2])
