@@ -13,6 +13,7 @@ import shutil
 import tempfile
 
 import torch
+from safetensors import SafetensorError
 
 from .config import HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE, BackboneIdentity, GraftError
 from .modeling import LAYER_FNS, SUPPORTED, KVCache, fuse_projections, group_rows, norm, signed_sin
@@ -216,8 +217,10 @@ def load_backbone(model: str = DEFAULT_MODEL, *, dtype: str | None = "auto", dev
         tkw = {k: v for k, v in kw.items() if k in ("gguf_file", "revision")}
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **tkw) \
             if with_tokenizer else None
-    except (OSError, ValueError) as e:
-        raise GraftError(f"could not load the model at {loc}: {str(e).splitlines()[0]}")
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a corrupt, truncated or foreign weight file
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise GraftError(f"could not load the model at {loc}: {first}; restore or re-create its weight files") \
+            from None
     if not load_in_4bit:
         hf.to(dev)
     identity = BackboneIdentity(

@@ -13,7 +13,8 @@ from collections import defaultdict
 
 import torch
 
-from .config import GraftError, write_json
+from . import files
+from .config import GraftError, atomic_write_bytes
 from .data import read_jsonl
 
 
@@ -74,10 +75,12 @@ BASELINES = {"eager": {}, "static": {"cache_implementation": "static"}, "lookup"
 def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, turns="first", max_new_tokens=256,
           temperature=0.0, chat=True, baselines=("eager", "static", "nodraft"), engine="auto", tree="auto",
           tree_size=0, json_path=None, answers_path=None, plot_path=None, device="auto", dtype=None, progress=True,
-          verify_backbone=True, decode_dtype="auto") -> dict:
+          verify_backbone=True, decode_dtype="auto", force=False) -> dict:
     """Run every prompt through each decoder; returns the report (also written to json_path).
     `answers_path` gets Spec-Bench answer records (graft's own answers, per turn: the text, new
-    tokens, wall time, decoding steps and accepted lengths), which Spec-Bench's scripts read."""
+    tokens, wall time, decoding steps and accepted lengths), which Spec-Bench's scripts read.
+    An output path that holds a file graft did not write is refused before anything runs, unless
+    `force` (graft.files)."""
     from tqdm.auto import tqdm
 
     from .data import encode_chat
@@ -93,6 +96,13 @@ def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, turns=
 
         if importlib.util.find_spec("matplotlib") is None:
             raise GraftError("--plot needs matplotlib: run `pip install 'graft[plot]'`")
+    outputs = [(p, what, ours) for p, what, ours in ((json_path, "--json", files.is_bench_report),
+                                                     (answers_path, "--answers", files.is_answers),
+                                                     (plot_path, "--plot", files.is_plot)) if p]
+    if len({os.path.realpath(p) for p, _, _ in outputs} | {os.path.realpath(prompts)}) < len(outputs) + 1:
+        raise GraftError("--json, --plot, --answers and --prompts must be different files: choose other paths")
+    for path, what, ours in outputs:  # before the slow part
+        files.check_output_file(path, what, force, ours)
     rows = read_prompts(prompts, limit, per_category, turns)
     model = load(graft_dir, device=device, dtype=dtype, verify_backbone=verify_backbone, decode_dtype=decode_dtype)
     bb, hf, tok = model.backbone, model.backbone.hf, model.tokenizer
@@ -156,9 +166,8 @@ def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, turns=
             c["accept_lengths"].append(g.step_lengths)
         answers.append(ans)
     if answers_path:
-        from .config import atomic_write_bytes
-
-        atomic_write_bytes(answers_path, "".join(json.dumps(a) + "\n" for a in answers).encode())
+        files.write_output_file(answers_path, "".join(json.dumps(a) + "\n" for a in answers).encode(), "--answers",
+                                force, files.is_answers)
     report = summarize(per, baselines)
     report.update({"graft_dir": graft_dir, "prompts": prompts, "n_prompts": len(per), "max_new_tokens": max_new_tokens,
                    "temperature": temperature, "device": device_name(dev),
@@ -168,8 +177,10 @@ def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, turns=
                    "training_minutes": (model.config.training or {}).get("minutes_this_run"),
                    "notes": notes, "per_prompt": per})
     if json_path:
-        write_json(json_path, report)
+        files.write_output_file(json_path, (json.dumps(report, indent=2) + "\n").encode(), "--json", force,
+                                files.is_bench_report)
     if plot_path:
+        files.check_output_file(plot_path, "--plot", force, files.is_plot)
         plot(report, plot_path)
     return report
 
@@ -277,7 +288,9 @@ def plot(report: dict, path: str) -> None:
     b.set_xlabel(f"speedup over {base}")
     b.set_title("speedup by category")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata=dict([files.PLOT_TAG]))
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())

@@ -7,6 +7,7 @@ file and renamed into place; nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from contextlib import contextmanager
@@ -29,6 +30,9 @@ LOCK_NAME = ".graft.lock"
 
 
 def prepare_out_dir(path: str, force: bool, what: str = "--out") -> None:
+    from .files import refuse_link
+
+    refuse_link(path, what)
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise GraftError(f"{what} {path} exists and is a file: choose another path")
@@ -55,10 +59,14 @@ def load_config(path: str) -> GraftConfig:
         raise GraftError(f"{path} does not exist: give a folder made by `graft add-heads` or `graft export`")
     if not is_graft_dir(path):
         raise GraftError(f"{path} has no {CONFIG_NAME}: give a folder made by `graft add-heads` or `graft export`")
-    d = read_json(os.path.join(path, CONFIG_NAME), "recreate it with `graft add-heads`")
+    file = os.path.join(path, CONFIG_NAME)
+    d = read_json(file, "recreate it with `graft add-heads`")
     if not isinstance(d, dict):
-        raise GraftError(f"{CONFIG_NAME} in {path} is not a graft config: recreate it with `graft add-heads`")
-    return GraftConfig.from_dict(d)
+        raise GraftError(f"{file} is not a graft config: recreate it with `graft add-heads`")
+    try:
+        return GraftConfig.from_dict(d)
+    except GraftError as e:
+        raise GraftError(f"{file}: {e}") from None
 
 
 def save_tensors(file: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -90,6 +98,9 @@ def save_heads(path: str, heads, config: GraftConfig) -> None:
     save_tensors(os.path.join(path, HEADS_NAME), heads.storage_state(), meta)
 
 
+STORED = (torch.float32, torch.bfloat16, torch.float16)  # the dtypes graft stores head tensors in
+
+
 def load_heads_into(path: str, heads, config: GraftConfig) -> None:
     """Load strictly: same family, same tensor names and shapes, or a one-line error."""
     file = os.path.join(path, HEADS_NAME)
@@ -107,8 +118,14 @@ def load_heads_into(path: str, heads, config: GraftConfig) -> None:
         if v.shape != own[k].shape:
             raise GraftError(f"{file}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)} "
                              f"(heads made for another backbone?): {fix}")
+        if v.is_floating_point() != own[k].is_floating_point() or (
+                v.dtype not in STORED if v.is_floating_point() else v.dtype != own[k].dtype):
+            want = "a float32, bfloat16 or float16 tensor" if own[k].is_floating_point() else f"{own[k].dtype} ids"
+            raise GraftError(f"{file}: tensor {k} is {v.dtype}, expected {want}: {fix}")
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise GraftError(f"{file}: tensor {k} holds NaN or inf: {fix}")
+        if not v.is_floating_point() and v.numel() and (v.min() < 0 or v.max() >= config.backbone.vocab_size):
+            raise GraftError(f"{file}: tensor {k} holds token ids outside the vocabulary: {fix}")
     heads.load_state_dict(tensors, strict=True)
 
 
@@ -212,10 +229,12 @@ def clear_training_state(path: str) -> None:
 
 
 @contextmanager
-def folder_lock(path: str, what: str):
+def folder_lock(path: str, what: str, reading: bool = False):
     """One writer per graft folder: a lock file with the holder's PID. A lock whose process is
-    gone is stale and taken over."""
+    gone is stale and taken over. `reading`: the caller only reads the folder, so a folder that
+    cannot be written (read-only, not ours) needs no lock: nobody can be writing it either."""
     file = os.path.join(path, LOCK_NAME)
+    fd = None
     for _ in range(2):
         try:
             fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -228,8 +247,14 @@ def folder_lock(path: str, what: str):
             if pid and pid != os.getpid() and _alive(pid):
                 raise GraftError(f"{path} is in use by another graft process (PID {pid}): wait for it to finish, "
                                  f"or stop it, before {what}")
-            os.unlink(file)  # stale
-    else:
+            _unlink(file)  # stale
+        except OSError as e:  # a read-only folder, one that is not ours, a full disk
+            if reading and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                yield
+                return
+            raise GraftError(f"cannot write in {path} ({e.strerror or e}) before {what}: check its permissions and "
+                             "the disk") from None
+    if fd is None:
         raise GraftError(f"could not lock {path}: remove {file} if no graft process uses the folder")
     try:
         os.write(fd, str(os.getpid()).encode())
@@ -240,6 +265,16 @@ def folder_lock(path: str, what: str):
             os.unlink(file)
         except OSError:
             pass
+
+
+def _unlink(file: str) -> None:
+    try:
+        os.unlink(file)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise GraftError(f"cannot remove the stale lock {file} ({e.strerror or e}): check the folder's permissions") \
+            from None
 
 
 def _alive(pid: int) -> bool:

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .config import HEAD_FAMILIES, GraftError
+from .config import HEAD_FAMILIES, MAX_HEADS, GraftError
 
 # graft.engine.ENGINES, written out so that `graft --help` need not import torch
 # Option choices, defined once here from the library's own lists (kept free of heavy imports).
@@ -44,7 +44,7 @@ DECODE_DTYPE_OPTION = click.option(
 
 
 def tree_options(f):
-    f = click.option("--tree-size", type=int, default=0,
+    f = click.option("--tree-size", type=click.IntRange(min=0), default=0,
                      help="Draft-tree nodes besides the root (overrides --tree auto).")(f)
     return click.option("--tree", type=click.Choice(TREE_CHOICES), default="auto",
                         show_default=True,
@@ -108,9 +108,9 @@ def main():
               help="Head family: blockwise (Stern 2018), medusa (Cai 2024), meta-mtp (Gloeckle 2024), "
                    "deepseek-mtp (DeepSeek-V3 chain), eagle (EAGLE-3: one draft layer over fused features, "
                    "drafts best).")
-@click.option("--num-heads", "-k", type=int, default=4, show_default=True,
+@click.option("--num-heads", "-k", type=click.IntRange(1, MAX_HEADS), default=4, show_default=True,
               help="K, how many tokens beyond the next one are drafted (1..8); eagle: 6 is a good start.")
-@click.option("--head-layers", type=int, default=1, show_default=True,
+@click.option("--head-layers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Residual blocks per medusa head; transformer layers per meta-mtp head / deepseek-mtp module.")
 @click.option("--shared-lm-head", is_flag=True, help="medusa: reuse the backbone's unembedding instead of a "
               "trainable copy per head (far fewer parameters, lower acceptance).")
@@ -123,14 +123,14 @@ def main():
 @click.option("--aux-layers", default=None, metavar="I,J,K",
               help="eagle: backbone layers whose inputs are fused into the draft layer (default: 2, L/2, L-3 "
                    "of L layers, as EAGLE-3).")
-@click.option("--draft-vocab", type=int, default=None, metavar="N",
+@click.option("--draft-vocab", type=click.IntRange(min=1), default=None, metavar="N",
               help="Drafts score only the N most frequent tokens of the training data (FR-Spec; set when `graft "
                    "train` starts): cheaper drafting and faster training, and the output does not change. Drafts "
                    "can never propose the other tokens: `graft train` reports the share of held-out tokens the N "
                    "cover (8192 of SmolLM2's 49,152: about 95%).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder to write.")
 @click.option("--force", is_flag=True, help="Write into an existing non-empty --out folder.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @backbone_options
 def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, lm_head_dtype, init, aux_layers, draft_vocab,
                   out, force, seed, dtype, load_in_4bit, device, trust_remote_code):
@@ -159,11 +159,11 @@ def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, lm_head
 @click.option("--prompts", required=True, help="JSONL/JSON/Parquet/CSV/text file with `prompt` (or `messages`, "
               "`text`) records, or a hub dataset name where reachable.")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="JSONL file to write (chat records).")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy answers.")
-@click.option("--num-samples", type=int, default=None, help="Use only the first N prompts.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy answers.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Start --out over when it holds something else than this run's "
               "records (without it such a file is never touched).")
 @backbone_options
@@ -191,24 +191,28 @@ def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_sampl
 @click.option("--data", required=True, help="JSONL/JSON/Parquet/CSV/text file or folder with `messages`, "
               "`prompt`+`response` or `text` records (e.g. from `graft distill-data`), or a hub dataset name.")
 @click.option("--config", "recipe", type=click.Path(dir_okay=False), help="YAML recipe; options given here win.")
-@click.option("--max-steps", type=int, help="Optimizer steps (default: --epochs over the data).")
-@click.option("--max-minutes", type=float, help="Stop (and checkpoint) after this much wall time; the "
+@click.option("--max-steps", type=click.IntRange(min=1), help="Optimizer steps (default: --epochs over the data).")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True),
+              help="Stop (and checkpoint) after this much wall time; the "
               "cosine learning-rate decay then ends when the time does.")
-@click.option("--epochs", type=float, help="Passes over the data. [default: 1]")
-@click.option("--seq-len", type=int, help="Tokens per packed sequence. [default: 512]")
-@click.option("--batch-size", type=int, help="Sequences per micro-batch. [default: 8]")
-@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step. [default: 1]")
-@click.option("--lr", type=float, help="Peak AdamW learning rate. [default: 1e-3]")
-@click.option("--warmup", type=int, help="Linear warmup steps, then cosine decay. [default: 50]")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Passes over the data. [default: 1]")
+@click.option("--seq-len", type=click.IntRange(min=3), help="Tokens per packed sequence. [default: 512]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per micro-batch. [default: 8]")
+@click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per optimizer step. [default: 1]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak AdamW learning rate. [default: 1e-3]")
+@click.option("--warmup", type=click.IntRange(min=0), help="Linear warmup steps, then cosine decay. [default: 50]")
 @click.option("--loss", type=click.Choice(["kl", "ce"]), help="kl: match the backbone's distributions "
               "(self-distillation); ce: its actual tokens. [default: kl]")
-@click.option("--head-decay", type=float, help="Head k's loss weight is D^(k-1). [default: 0.8]")
-@click.option("--eval-every", type=int, help="Evaluate on the held-out slice every N steps. [default: 100]")
-@click.option("--save-every", type=int, help="Checkpoint every N steps. [default: 200]")
-@click.option("--seed", type=int, help="[default: 0]")
+@click.option("--head-decay", type=click.FloatRange(0, 1, min_open=True),
+              help="Head k's loss weight is D^(k-1). [default: 0.8]")
+@click.option("--eval-every", type=click.IntRange(min=1),
+              help="Evaluate on the held-out slice every N steps. [default: 100]")
+@click.option("--save-every", type=click.IntRange(min=1), help="Checkpoint every N steps. [default: 200]")
+@click.option("--seed", type=click.IntRange(min=0), help="[default: 0]")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in GRAFT_DIR exactly (same data order, "
               "optimizer, schedule and random state); options given now replace the run's own.")
-@click.option("--lora-r", type=int, help="Also train LoRA adapters of rank R on the backbone (Medusa-2 style, needs "
+@click.option("--lora-r", type=click.IntRange(min=0),
+              help="Also train LoRA adapters of rank R on the backbone (Medusa-2 style, needs "
               "peft). The backbone then CHANGES: decoding is lossless with respect to the tuned backbone, "
               "not the original.")
 @click.option("--load-in-4bit", is_flag=True, help="Train against the backbone quantized to 4-bit NF4 "
@@ -250,7 +254,8 @@ def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, shard_backbone, dev
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
 @dtype_option("Backbone dtype on disk; auto keeps the training dtype.")
 @click.option("--merge-lora", is_flag=True, help="Merge LoRA adapters trained with --lora-r into the backbone.")
-@click.option("--tree-size", type=int, default=0, help="Nodes in the calibrated draft tree (0: 24 on CPU, 64 on "
+@click.option("--tree-size", type=click.IntRange(min=0),
+              default=0, help="Nodes in the calibrated draft tree (0: 24 on CPU, 64 on "
               "GPU).")
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing non-empty --out folder.")
@@ -291,10 +296,10 @@ def export_cmd(graft_dir, out, dtype, merge_lora, tree_size, max_shard_size, for
 @click.argument("graft_dir", type=click.Path())
 @click.option("--prompt", "-p", required=True, help="The prompt ('-' reads standard input).")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the tokenizer's chat template.")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=None)
 @tree_options
 @click.option("--stop", multiple=True, help="Stop once the text contains this string (repeatable).")
 @click.option("--no-draft", is_flag=True, help="Plain decoding through graft's engine (for comparison).")
@@ -358,11 +363,11 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
 @click.option("--answers", "answers_path", type=click.Path(dir_okay=False),
               help="Write graft's answers as Spec-Bench answer records (text, new tokens, wall time, accepted "
                    "lengths per step), for Spec-Bench's own speed and equality scripts.")
-@click.option("--limit", type=int, default=None, help="Use the first N prompts.")
-@click.option("--per-category", type=int, default=None, metavar="N",
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N prompts.")
+@click.option("--per-category", type=click.IntRange(min=1), default=None, metavar="N",
               help="Use the first N prompts of each category (a slice that keeps every category).")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--chat/--no-chat", default=True, show_default=True)
 @click.option("--baselines", default="eager,static,nodraft", show_default=True,
               help="Comma list of baselines: eager (transformers generate), static (static cache + "
@@ -372,11 +377,13 @@ def generate_cmd(graft_dir, prompt, chat, max_new_tokens, temperature, top_p, se
 @tree_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot here (matplotlib).")
+@click.option("--force", is_flag=True, help="Replace --json, --plot or --answers files that graft did not write (its "
+              "own reports, plots and answers are replaced without it).")
 @click.option("--device", default="auto", show_default=True)
 @dtype_option()
 @VERIFY_OPTION
 def bench_cmd(graft_dir, prompts, turns, answers_path, limit, per_category, max_new_tokens, temperature, chat,
-              baselines, engine, decode_dtype, tree, tree_size, json_path, plot_path, device, dtype, no_verify):
+              baselines, engine, decode_dtype, tree, tree_size, json_path, plot_path, force, device, dtype, no_verify):
     """Measure acceptance and speedup against plain decoding of the same backbone."""
     from .bench import bench, print_table
 
@@ -385,7 +392,7 @@ def bench_cmd(graft_dir, prompts, turns, answers_path, limit, per_category, max_
                    temperature=temperature, chat=chat, baselines=[b for b in baselines.split(",") if b],
                    engine=engine, tree=tree, tree_size=tree_size, json_path=json_path, plot_path=plot_path,
                    device=device, dtype=None if dtype == "auto" else dtype, verify_backbone=not no_verify,
-                   decode_dtype=decode_dtype)
+                   decode_dtype=decode_dtype, force=force)
     print_table(report)
 
 

@@ -27,10 +27,10 @@ class WriteError(GraftError):
     """A file could not be written (a full disk, a read-only folder); nothing half-written stays."""
 
 
-def check_types(obj) -> None:
+def check_types(obj, prefix: str = "--") -> None:
     """Each field of a config dataclass against its annotation (int, float, str, bool, optional),
-    so that a recipe's `lr: fast` or `max_steps: 1.5` is one line naming the option. Floats must
-    be finite."""
+    so that a recipe's `lr: fast` or `max_steps: 1.5` is one line naming the option (`prefix`:
+    "--" for options, "backbone." for graft.json's fields). Floats must be finite."""
     import math
 
     for f in dataclasses.fields(obj):
@@ -39,7 +39,7 @@ def check_types(obj) -> None:
         kind = next((k for k in ("bool", "int", "float", "str") if k in ann.replace("None", "")), None)
         if kind is None or (opt and v is None):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = prefix + (f.name.replace("_", "-") if prefix == "--" else f.name)
         if kind == "bool":
             ok = isinstance(v, bool)
         elif kind == "int":
@@ -129,6 +129,18 @@ class BackboneIdentity:
     dtype: str = "float32"
     load_in_4bit: bool = False
 
+    def __post_init__(self):
+        check_types(self, "backbone.")
+        for k in ("hidden_size", "vocab_size", "num_layers"):
+            if getattr(self, k) < 1:
+                raise GraftError(f"backbone.{k} must be a positive integer, got {getattr(self, k)}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise GraftError(f"backbone.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not self.source or not self.model_type:
+            raise GraftError("backbone.source and backbone.model_type must not be empty")
+        if self.sha256 is not None and (len(self.sha256) != 64 or not all(c in "0123456789abcdef" for c in self.sha256)):
+            raise GraftError(f"backbone.sha256 must be 64 hexadecimal digits, got {self.sha256!r}")
+
     def same_model(self, other: "BackboneIdentity", weights: bool = True) -> bool:
         keys = ("model_type", "hidden_size", "vocab_size", "num_layers")
         if any(getattr(self, k) != getattr(other, k) for k in keys):
@@ -211,17 +223,69 @@ class GraftConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GraftConfig":
+        """graft.json's content, every field checked (types, choices, ranges, the tree's shape);
+        anything else is a GraftError naming the field."""
         try:
-            return cls(
+            for part in ("backbone", "heads"):
+                if not isinstance(d.get(part), dict):
+                    raise GraftError(f"not a graft config: `{part}` must be an object, got {type(d.get(part)).__name__}"
+                                     "; recreate it with `graft add-heads`")
+            config = cls(
                 backbone=BackboneIdentity(**d["backbone"]),
                 heads=HeadSpec(**d["heads"]),
-                graft_version=d.get("graft_version", "?"),
+                graft_version=str(d.get("graft_version", "?")),
                 training=d.get("training"),
                 tree=d.get("tree"),
                 lora=d.get("lora"),
             )
+            config.validate()
+            return config
         except (KeyError, TypeError) as e:
             raise GraftError(f"graft.json is not a graft config ({e}): recreate it with `graft add-heads`")
+
+    def validate(self) -> None:
+        """The free-form parts: training's per-rank accuracy (which sizes draft trees), the
+        calibrated tree, the LoRA spec."""
+        K = self.heads.num_heads
+        if self.training is not None:
+            if not isinstance(self.training, dict):
+                raise GraftError("`training` must be an object")
+            acc = self.training.get("rank_accuracy")
+            if acc is not None and (not isinstance(acc, list) or len(acc) != K or not all(
+                    isinstance(row, list) and row and all(_prob(x) for x in row) for row in acc)):
+                raise GraftError(f"`training.rank_accuracy` must be {K} lists of chances in [0, 1]")
+            minutes = self.training.get("minutes_this_run")
+            if minutes is not None and not _number(minutes):
+                raise GraftError("`training.minutes_this_run` must be a number")
+        if self.tree is not None:
+            paths = self.tree
+            if not isinstance(paths, list) or len(paths) > 4096 or not all(
+                    isinstance(p, list) and 1 <= len(p) <= K and all(_count(r) for r in p) for p in paths):
+                raise GraftError(f"`tree` must be a list of draft paths, each 1..{K} ranks (integers >= 0)")
+            have = {tuple(p) for p in paths}
+            if any(len(p) > 1 and tuple(p[:-1]) not in have for p in paths):
+                raise GraftError("`tree` is not prefix-closed: every path's parent path must be in it")
+        if self.lora is not None:
+            lo = self.lora
+            if not (isinstance(lo, dict) and _count(lo.get("r")) and lo["r"] >= 1 and _number(lo.get("alpha"))
+                    and isinstance(lo.get("target_modules"), list)
+                    and all(isinstance(t, str) for t in lo["target_modules"])):
+                raise GraftError("`lora` must hold r (a positive integer), alpha (a number) and target_modules "
+                                 "(names)")
+
+
+def _number(x) -> bool:
+    import math
+
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _prob(x) -> bool:
+    return _number(x) and 0 <= x <= 1
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

@@ -202,6 +202,9 @@ def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperatu
     if num_samples is not None:
         ds = ds.select(range(min(num_samples, len(ds))))
     convs = [prompt_of(r) for r in ds]
+    from .files import refuse_link
+
+    refuse_link(out, "--out")
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.exists(parent) and not os.path.isdir(parent) or not os.path.isdir(parent) and _file_above(parent):
         raise GraftError(f"--out {out} lies under a file, not a folder: choose another path")

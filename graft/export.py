@@ -15,8 +15,11 @@ import time
 
 import torch
 
+from safetensors import SafetensorError
+
 from . import checkpoint as ckpt
-from .config import GraftConfig, GraftError, current_umask
+from . import files
+from .config import GraftConfig, GraftError, WriteError, current_umask
 
 TMP_PREFIX, OLD_TAG = ".graft-export-", ".old-graft-export-"
 
@@ -27,13 +30,28 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def _clean_leftovers(parent: str) -> None:
-    """Temporary folders of exports that died more than an hour ago (a live one is younger)."""
+    """Temporary folders of exports that died: their process (its PID is in the name) is gone, or,
+    for names without one, more than an hour ago."""
     for d in glob.glob(os.path.join(parent, TMP_PREFIX + "*")) + glob.glob(os.path.join(parent, "*" + OLD_TAG + "*")):
+        tail = os.path.basename(d).split(TMP_PREFIX, 1)[-1]
+        pid = int(tail.split("-", 1)[0]) if tail.split("-", 1)[0].isdigit() else None
         try:
-            if time.time() - os.path.getmtime(d) > 3600:
+            if os.path.islink(d):
+                continue
+            if (pid is not None and pid != os.getpid() and not ckpt._alive(pid)) or \
+                    time.time() - os.path.getmtime(d) > 3600:
                 shutil.rmtree(d, ignore_errors=True)
         except OSError:
             pass
+
+
+def _readable(folder: str) -> None:
+    """Files as readable as any the user makes (libraries write some through private temporaries)."""
+    mode = 0o666 & ~current_umask()
+    for name in os.listdir(folder):
+        f = os.path.join(folder, name)
+        if os.path.isfile(f) and not os.path.islink(f):
+            os.chmod(f, mode)
 
 
 FORMATS = ("graft", "vllm-medusa", "eagle3", "sglang-eagle3")
@@ -119,6 +137,7 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
                          "--keep-4bit")
     if keep_4bit and dtype != "auto":
         raise GraftError("--keep-4bit keeps the backbone's 4-bit weights and their compute dtype: leave --dtype auto")
+    files.refuse_link(out, "--out")
     if _inside(src, out):
         raise GraftError(f"--out {out} is or contains the graft folder {src}: choose a new folder")
     if os.path.exists(out) and (not os.path.isdir(out) or (os.listdir(out) and not force)):
@@ -128,12 +147,12 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
     try:
         os.makedirs(parent, exist_ok=True)
         _clean_leftovers(parent)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=TMP_PREFIX)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f"{TMP_PREFIX}{os.getpid()}-")
     except OSError as e:
         raise GraftError(f"cannot write beside {out} ({e.strerror}): choose a writable folder")
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; an export is as readable as any folder
     try:
-        with ckpt.folder_lock(src, "exporting it"):
+        with ckpt.folder_lock(src, "exporting it", reading=True):
             # A full-precision backbone unless --keep-4bit: a 4-bit training backbone is reloaded unquantized.
             model = load(src, device="auto" if keep_4bit else "cpu", dtype=target, load_in_4bit=keep_4bit,
                          heads_dtype="float32", verify_backbone=verify_backbone)
@@ -145,6 +164,7 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
                 ckpt.save_eagle3(tmp, heads, bb, bb.dtype, verifier_id)
             else:
                 ckpt.save_sglang_eagle3(tmp, heads, bb, bb.dtype)
+            _readable(tmp)
             _replace(tmp, out, parent)
             return
         hf = bb.hf
@@ -166,8 +186,11 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
                           lora=None)
         ckpt.save_heads(tmp, model.heads, new)
         ckpt.save_config(tmp, new)
+        _readable(tmp)
         _replace(tmp, out, parent)
-    except OSError as e:
-        raise GraftError(f"writing the export to {out} failed ({e.strerror or e}): check the disk and permissions")
+    except (OSError, SafetensorError) as e:  # a full disk reaches safetensors' writer as its own error
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+        raise WriteError(f"writing the export to {out} failed ({why}): free some space or check the permissions; "
+                         "nothing was replaced")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
