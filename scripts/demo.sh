@@ -29,7 +29,7 @@ echo "== 5. generate (greedy; stdout is the text, --stats goes to stderr)"
 graft generate "$D/export" --prompt "Why do we have day and night?" --max-new-tokens 64 --stats
 echo "== 6. bench against plain decoding on prompts the heads never saw"
 graft bench "$D/export" --prompts scripts/data/bench_prompts.jsonl --max-new-tokens "$BENCH_NEW" \
-  --baselines eager,nodraft --json "$D/bench.json" --plot "$D/bench.png"
+  --baselines eager,nodraft --json "$D/bench.json" --plot "$D/bench.png" --force
 "$PY" - "$D/bench.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU check: run it on a GPU before a change to the engine lands. One command, phases in order:
+#   1. tests/test_cuda.py: float32 identity of the graph and compiled engines, every family
+#   2. per family (eagle x6, deepseek-mtp x4, blockwise/medusa/meta-mtp x4): heads grafted and
+#      trained $MIN minutes on $DATA, then a bf16 soak over the whole $BENCH (graph engine,
+#      --tree auto; chained families --tree dynamic too) and over prompts long enough to reach
+#      the context window's last position: no fault may happen
+#   3. per family, float32, the first $F32_PER prompts of each category: graft's output must be
+#      identical to transformers' greedy `generate` (`identical` in the bench report)
+#   4. compute-sanitizer memcheck of a short generation, every family x {static, graph}: 0 errors
+# A table goes to stdout and $W/check.md (for docs/benchmarks.md); logs and reports under $W.
+#
+#   bash benchmarks/gpu_check.sh MODEL DATA BENCH [WORKDIR]
+#
+# It takes about ($MIN + 4) minutes per family. On a lent machine whose calls end after 10 minutes,
+# start it in the background (setsid nohup bash benchmarks/gpu_check.sh ... &) and poll $W/check.md.
+set -uo pipefail  # no -e: a failed phase is a row of the table, not the end of the check
+MODEL=$1; DATA=$2; BENCH=$3; W=${4:-/tmp/gpu-check}
+MIN=${MIN:-3}; F32_PER=${F32_PER:-4}; FAMILIES=(${FAMILIES:-eagle deepseek-mtp blockwise medusa meta-mtp})
+declare -A K=([eagle]=6)  # draft depth per family; 4 where unset
+export PYTHONUNBUFFERED=1 GRAFT_CACHE=$W/cache
+mkdir -p $W/logs
+g() { python3 -m graft "$@"; }
+row() { echo "| $1 | $2 | $3 |" | tee -a $W/check.md; }
+verdict() {  # log rc: the last meaningful line, or the fault
+  local log=$1 rc=$2
+  if [ "$rc" = 0 ]; then tr '\r' '\n' < $log | grep -E "^tau|ERROR SUMMARY|passed|failed" | tail -1
+  else echo "**rc=$rc**: $(tr '\r' '\n' < $log | grep -E "Error|error|fault|failure" | tail -1 | cut -c1-160)"; fi
+}
+: > $W/check.md
+row "check" "family" "result"
+row "---" "---" "---"
+python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/test_cuda.py > $W/logs/cuda-tests.log 2>&1
+row "tests/test_cuda.py" "all" "$(verdict $W/logs/cuda-tests.log $?)"
+# long prompts: the bench prompts joined, cut 40-600 tokens short of the context window, no chat template
+python3 - "$MODEL" "$BENCH" "$W/long.jsonl" <<'PY'
+import json, sys
+from graft.backbone import load_backbone
+bb = load_backbone(sys.argv[1], device="cpu")
+tok, ctx = bb.tokenizer, bb.max_positions or 2048
+text = " ".join(json.loads(l)["prompt"] for l in open(sys.argv[2]))
+ids = tok(text)["input_ids"]
+with open(sys.argv[3], "w") as f:
+    for short in (40, 150, 300, 600):
+        f.write(json.dumps({"prompt": tok.decode(ids[:ctx - short]), "category": f"ctx-{short}"}) + "\n")
+PY
+for fam in "${FAMILIES[@]}"; do
+  R=$W/$fam
+  g add-heads $MODEL --heads $fam --num-heads ${K[$fam]:-4} --out $R --force > $W/logs/$fam-add.log 2>&1
+  g train $R --data $DATA --config recipes/$fam.yaml --max-minutes $MIN > $W/logs/$fam-train.log 2>&1
+  row "train $MIN min" "$fam" "$(tr '\r' '\n' < $W/logs/$fam-train.log | grep '^done' | cut -c1-120)"
+  trees=(auto); [[ $fam == eagle || $fam == deepseek-mtp ]] && trees+=(dynamic)
+  for tree in "${trees[@]}"; do
+    g bench $R --prompts $BENCH --max-new-tokens 256 --baselines "" --tree $tree --json $W/$fam-soak-$tree.json \
+      > $W/logs/$fam-soak-$tree.log 2>&1
+    row "bf16 soak, all of the bench, --tree $tree" "$fam" "$(verdict $W/logs/$fam-soak-$tree.log $?)"
+  done
+  g bench $R --prompts $W/long.jsonl --no-chat --max-new-tokens 1000 --baselines "" --json $W/$fam-long.json \
+    > $W/logs/$fam-long.log 2>&1
+  row "bf16, prompts up to the context window's end" "$fam" "$(verdict $W/logs/$fam-long.log $?)"
+  g bench $R --prompts $BENCH --per-category $F32_PER --max-new-tokens 128 --baselines eager,nodraft --dtype float32 \
+    --json $W/$fam-f32.json > $W/logs/$fam-f32.log 2>&1
+  rc=$?
+  same=$(python3 -c "import json; p=json.load(open('$W/$fam-f32.json'))['per_prompt']; \
+print(f\"{sum(x['identical'] for x in p)}/{len(p)} identical to transformers' generate\")" 2>/dev/null)
+  row "float32 identity" "$fam" "${same:-$(verdict $W/logs/$fam-f32.log $rc)}"
+  for engine in static graph; do
+    compute-sanitizer --tool memcheck --print-limit 10 python3 -m graft generate $R --prompt "Write a short email." \
+      --max-new-tokens 16 --engine $engine > $W/logs/$fam-memcheck-$engine.log 2>&1
+    row "memcheck, $engine engine" "$fam" "$(verdict $W/logs/$fam-memcheck-$engine.log $?)"
+  done
+done
+echo "card: $(nvidia-smi -L | head -1); $(python3 -c 'import torch; print("torch", torch.__version__)'); $(date -u +%F)" \
+  | tee -a $W/check.md
