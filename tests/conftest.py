@@ -41,6 +41,14 @@ def make_hf(model_type: str, vocab: int, seed: int = 0):
     if model_type == "gpt2":
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
         model = tf.GPT2LMHeadModel(cfg)
+    elif model_type == "gemma3":
+        # a local layer with an 8-position window before a global one, as Gemma 3's pattern (5:1) in small;
+        # tied embeddings, scaled by sqrt(d) on input, as the real ones
+        cfg = tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16,
+                                  **common)
+        model = tf.Gemma3ForCausalLM(cfg)
     else:
         cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
                "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}
@@ -64,7 +72,7 @@ def tokenizer():
 def tiny_dirs(tmp_path_factory, tokenizer):
     """model_type -> a saved HF folder (config, safetensors, tokenizer)."""
     out = {}
-    for mt in ("llama", "gpt2", "qwen3", "mistral", "qwen2"):
+    for mt in ("llama", "gpt2", "qwen3", "mistral", "qwen2", "gemma3"):
         d = tmp_path_factory.mktemp(f"tiny-{mt}")
         make_hf(mt, len(tokenizer)).save_pretrained(d)
         tokenizer.save_pretrained(d)

@@ -7,7 +7,7 @@ from graft.modeling import signed_sin
 
 from conftest import tiny_backbone
 
-ARCHS = ["llama", "gpt2", "qwen3", "mistral", "qwen2"]
+ARCHS = ["llama", "gpt2", "qwen3", "mistral", "qwen2", "gemma3"]
 
 
 @pytest.mark.parametrize("mt", ARCHS)
@@ -21,7 +21,7 @@ def test_functional_forward_matches_transformers(mt, tokenizer):
     assert trunk.shape == final.shape == (2, 12, 64)
 
 
-@pytest.mark.parametrize("mt", ["llama", "gpt2"])
+@pytest.mark.parametrize("mt", ["llama", "gpt2", "gemma3"])
 def test_cached_forward_matches_full(mt, tokenizer):
     from graft.modeling import additive_mask, causal_allowed
 
@@ -63,7 +63,7 @@ def test_attention_output_in_any_memory_layout(mt, tokenizer, monkeypatch):
     torch.testing.assert_close(run(), ref, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("mt", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("mt", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_fused_projections_give_the_same_layer_outputs(mt, tokenizer):
     """q, k, v (with Qwen2's biases) and the MLP's gate and up as one matmul each: the same
     forward, no memory added, and the modules' own path again once their weights change."""
@@ -120,6 +120,29 @@ def test_rope_table_gives_the_modules_angles(mt, tokenizer):
     assert bb._rope_table(h) is None
     module = bb.rope(h, pos)
     assert torch.equal(module[0], cos) and torch.equal(module[1], signed_sin(sin))
+
+
+def test_gemma3_local_layers_see_their_window(tokenizer):
+    """Gemma 3's local layers attend to the last `sliding_window` positions only, with a rotary
+    base of their own: past the window (training's causal forward and a cached one) graft's
+    logits are transformers', and they differ from a forward that ignores the window."""
+    from graft.modeling import additive_mask, causal_allowed
+
+    bb = tiny_backbone("gemma3", tokenizer)
+    assert bb.window == 8 and bb.layer_types == ["full_attention", "sliding_attention"]
+    ids = torch.randint(4, len(tokenizer), (1, 30))
+    ref = bb.hf(ids).logits
+    torch.testing.assert_close(bb.logits(bb.forward(ids, torch.arange(30)[None])[1]), ref, atol=1e-5, rtol=1e-5)
+    cache = bb.new_cache(48)
+    _, a = bb.forward(ids[:, :20], torch.arange(20)[None], cache, 0, additive_mask(causal_allowed(20, 0, "cpu"), bb.dtype))
+    _, b = bb.forward(ids[:, 20:], torch.arange(20, 30)[None], cache, 20,
+                      additive_mask(causal_allowed(10, 20, "cpu"), bb.dtype))
+    torch.testing.assert_close(bb.logits(torch.cat([a, b], 1)), ref, atol=1e-5, rtol=1e-5)
+    bb.window = None
+    assert not torch.allclose(bb.logits(bb.forward(ids, torch.arange(30)[None])[1]), ref, atol=1e-3)
+    local, glob = bb.rope(torch.zeros(1, 3, 64), torch.tensor([[0, 5, 40]]))["sliding_attention"], \
+        bb.rope(torch.zeros(1, 3, 64), torch.tensor([[0, 5, 40]]))["full_attention"]
+    assert not torch.allclose(local[0], glob[0])  # two rotary bases
 
 
 def test_signed_sin_rotates_as_transformers():

@@ -2,6 +2,7 @@
 import json
 import os
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -63,11 +64,12 @@ def test_add_heads_bad_inputs(tiny_dirs, tmp_path):
     run("add-heads", tiny_dirs["llama"], "--out", full, "--force", "--device", "cpu")
 
 
-def test_export_generate_matches_plain_greedy(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("mt", ["llama", "gemma3"])
+def test_export_generate_matches_plain_greedy(mt, tiny_dirs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     g, e = tmp_path / "g", tmp_path / "e"
-    run("add-heads", tiny_dirs["llama"], "--heads", "medusa", "-k", "2", "--out", g, "--device", "cpu")
+    run("add-heads", tiny_dirs[mt], "--heads", "medusa", "-k", "2", "--out", g, "--device", "cpu")
     run("export", g, "--out", e)
     one_line_error(run("export", g, "--out", e, ok=False), "not empty")
     run("export", g, "--out", e, "--force")
@@ -78,11 +80,16 @@ def test_export_generate_matches_plain_greedy(tiny_dirs, tmp_path):
                                   tokenize=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=0)[0, len(ids):]
+    r = run("generate", e, "--prompt", "the quick", "--max-new-tokens", "20", "--stats", "--device", "cpu",
+            "--tree", "calibrated")
+    assert r.stdout.strip() == tok.decode(ref, skip_special_tokens=True).strip()
+    assert "tokens/step" in r.output and "draft tree: 24 nodes (calibrated)" in r.output
+    r = run("generate", e, "--prompt", "the quick", "--max-new-tokens", "20", "--engine", "static", "--device", "cpu",
+            "--tree", "calibrated")
+    assert r.stdout.strip() == tok.decode(ref, skip_special_tokens=True).strip()
     r = run("generate", e, "--prompt", "the quick", "--max-new-tokens", "20", "--stats", "--device", "cpu")
     assert r.stdout.strip() == tok.decode(ref, skip_special_tokens=True).strip()
-    assert "tokens/step" in r.output
-    r = run("generate", e, "--prompt", "the quick", "--max-new-tokens", "20", "--engine", "static", "--device", "cpu")
-    assert r.stdout.strip() == tok.decode(ref, skip_special_tokens=True).strip()
+    assert "draft tree: 0 nodes (untrained heads" in r.output
     one_line_error(run("generate", e, "--prompt", "x", "--engine", "graph", "--device", "cpu", ok=False), "CUDA")
     bound_error(run("generate", e, "--prompt", "x", "--temperature", "-1", ok=False), "x>=0")
     one_line_error(run("generate", tmp_path, "--prompt", "x", ok=False), "graft.json")

@@ -10,7 +10,7 @@ from conftest import tiny_backbone
 PARALLEL_IDENTITY = ["blockwise", "medusa", "meta-mtp"]
 
 
-@pytest.mark.parametrize("mt", ["llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize("mt", ["llama", "gpt2", "qwen3", "gemma3"])
 @pytest.mark.parametrize("family", HEAD_FAMILIES)
 def test_shapes(family, mt, tokenizer):
     bb = tiny_backbone(mt, tokenizer)

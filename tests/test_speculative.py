@@ -52,7 +52,7 @@ def perturb(model, scale):
             p.add_(torch.randn_like(p) * scale)
 
 
-@pytest.mark.parametrize("mt", ["llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize("mt", ["llama", "gpt2", "qwen3", "gemma3"])
 @pytest.mark.parametrize("family", HEAD_FAMILIES)
 def test_greedy_identical_untrained_and_random(family, mt, tokenizer):
     torch.manual_seed(0)
