@@ -138,6 +138,10 @@ class Step:
             return
         if self.graphs.get("commit") is not None:
             self.graphs["commit"].replay()
+            # what the captured commit set in Python (deepseek-mtp's owed commits, which refer to
+            # this step's inputs), restored: a replay runs no Python, and sampling drafts outside
+            # the graph, after the prefill's exact commit reset it
+            self.state.update(self.commit_state)
         elif self.mode == "eager":
             n_prev, path, new, _, _ = self.args
             idx = device_ids(path + new, self.cache.k.device)
@@ -252,4 +256,6 @@ class Step:
                 with torch.cuda.graph(g, stream=stream, capture_error_mode="thread_local"):
                     commit()
                 self.graphs["commit"] = g
+                self.commit_state = {k: v for k, v in self.state.items() if not torch.is_tensor(v)
+                                     and not isinstance(v, KVCache)}
         torch.cuda.current_stream().wait_stream(stream)

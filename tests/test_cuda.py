@@ -60,3 +60,22 @@ def test_compiled_engine_is_lossless(family, tokenizer):
         ids = tokenizer(p)["input_ids"]
         g = m.generate(input_ids=ids, max_new_tokens=30, engine="compiled", tree="calibrated")
         assert g.ids == plain_greedy(bb, ids, 30), (family, p)
+
+
+@pytest.mark.parametrize("family", ["deepseek-mtp", "eagle"])
+def test_graph_engine_samples_as_static(family, tokenizer):
+    """Sampling drafts outside the captured step: the Python state a captured commit sets
+    (deepseek-mtp's owed commits) must be there after each replay, or the drafts (not the
+    output's law) change. Seeded, float32: the same tokens as the static engine."""
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    bb.hf.to("cuda")
+    m = add_heads(bb, heads=family, num_heads=3)
+    with torch.no_grad():
+        for p in m.heads.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    for seed, p in enumerate(PROMPTS):
+        ids = tokenizer(p)["input_ids"]
+        runs = [m.generate(input_ids=ids, max_new_tokens=30, temperature=0.8, seed=seed, engine=e, tree="chain")
+                for e in ("static", "graph")]
+        assert runs[0].ids == runs[1].ids and runs[0].accepted == runs[1].accepted, (family, p)
