@@ -112,7 +112,8 @@ def _assembled(package: str, fname: str) -> str:
     name = package.replace("_", "-")
     mod = importlib.import_module(package)
     if not hasattr(mod, "assemble"):
-        raise GraftError(f"the package {name} holds no {fname}: reinstall it with `pip install --force-reinstall {name}`")
+        raise GraftError(f"the package {name} holds no {fname}: reinstall it with "
+                         f"`pip install --force-reinstall {name}`")
     target = os.path.join(cache_dir(), "models", fname)
     try:
         return str(mod.assemble(target))

@@ -422,7 +422,8 @@ def save_sglang_eagle3(path: str, heads, bb, dtype) -> None:
                          "one: graft the heads with --aux-layers of 1 or more")
     if max(heads.features) >= L:
         raise GraftError(f"SGLang captures the inputs of layers 1..{L - 1} as EAGLE-3 features, never the last layer's "
-                         f"output (aux layer {L}): graft the heads with --aux-layers below {L}, or export --format eagle3")
+                         f"output (aux layer {L}): graft the heads with --aux-layers below {L}, or export "
+                         "--format eagle3")
     V = bb.vocab_size
     ids = _save_eagle3_tensors(path, heads, bb, dtype, "midlayer", mapping=True)
     aux = eagle3_features(heads)[0]

@@ -138,7 +138,8 @@ class BackboneIdentity:
             raise GraftError(f"backbone.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not self.source or not self.model_type:
             raise GraftError("backbone.source and backbone.model_type must not be empty")
-        if self.sha256 is not None and (len(self.sha256) != 64 or not all(c in "0123456789abcdef" for c in self.sha256)):
+        hexdigits = "0123456789abcdef"
+        if self.sha256 is not None and (len(self.sha256) != 64 or not all(c in hexdigits for c in self.sha256)):
             raise GraftError(f"backbone.sha256 must be 64 hexadecimal digits, got {self.sha256!r}")
 
     def same_model(self, other: "BackboneIdentity", weights: bool = True) -> bool:

@@ -227,20 +227,17 @@ def _fused(owner, x: torch.Tensor):
     return F.linear(x, f.weight, f.bias).split(f.sizes, dim=-1)
 
 
-def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None, kv_only=False):
-    """One Llama-family decoder layer (Llama, Mistral, Qwen2, Qwen3). h: (B, T, d), the residual
-    stream; x: the attention's input if not the normalised h (EAGLE-3's wider draft layer).
-    kv_only: write the keys and values to the cache and stop there (returns None), for a layer
-    whose output nothing reads."""
-    attn = layer.self_attn
-    B, T, _ = h.shape
-    if x is None:
-        x = norm(layer.input_layernorm, h)
+def _attend(attn, x, rope, cache, cache_layer, start, mask, kv_only):
+    """The attention of a Llama-family or Gemma 3 layer on its input x (B, T, d): q, k and v in
+    one matmul, per-head query and key norms where the layer has them (Qwen3, Gemma 3), one
+    rotary pass, the cache, attention. Returns the output projection's result, or None with
+    kv_only (keys and values written, nothing else computed)."""
+    B, T, _ = x.shape
     hd = attn.head_dim
     qkv = _fused(attn, x) or (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
     q, k, v = (t.view(B, T, -1, hd) for t in qkv)
     v = v.transpose(1, 2)
-    if hasattr(attn, "q_norm"):  # Qwen3 normalises queries and keys per head
+    if hasattr(attn, "q_norm"):
         q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
     cos, sin = rope  # sin: signed_sin
@@ -255,14 +252,27 @@ def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x
         k, v = cache.update(cache_layer, start, k, v)
         if kv_only:
             return None
-    o = _sdpa(q, k, v, mask, attn.scaling, causal=mask is None and cache is None)
-    h = h + attn.o_proj(o)
-    x = norm(layer.post_attention_layernorm, h)
-    mlp = layer.mlp
+    return attn.o_proj(_sdpa(q, k, v, mask, attn.scaling, causal=mask is None and cache is None))
+
+
+def _mlp(mlp, x):
+    """A gated MLP, its gate and up projections in one matmul where they are fused."""
     gate_up = _fused(mlp, x)
-    if gate_up is None:
-        return h + mlp(x)
-    return h + mlp.down_proj(mlp.act_fn(gate_up[0]) * gate_up[1])
+    return mlp(x) if gate_up is None else mlp.down_proj(mlp.act_fn(gate_up[0]) * gate_up[1])
+
+
+def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None, kv_only=False):
+    """One Llama-family decoder layer (Llama, Mistral, Qwen2, Qwen3). h: (B, T, d), the residual
+    stream; x: the attention's input if not the normalised h (EAGLE-3's wider draft layer).
+    kv_only: write the keys and values to the cache and stop there (returns None), for a layer
+    whose output nothing reads."""
+    if x is None:
+        x = norm(layer.input_layernorm, h)
+    a = _attend(layer.self_attn, x, rope, cache, cache_layer, start, mask, kv_only)
+    if a is None:
+        return None
+    h = h + a
+    return h + _mlp(layer.mlp, norm(layer.post_attention_layernorm, h))
 
 
 def gpt2_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None, kv_only=False):
@@ -299,41 +309,23 @@ def gemma3_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, 
     `rope` and `mask` may be dicts by layer type (the backbone's forward: local layers rotate
     with their own base and see a sliding window), or one value that every layer takes (the
     heads' own layers). x and kv_only: as in llama_layer."""
-    attn = layer.self_attn
     kind = layer_type(layer)
     rope = rope[kind] if isinstance(rope, dict) else rope
     mask = mask[kind] if isinstance(mask, dict) else mask
-    B, T, _ = h.shape
     if x is None:
         x = norm(layer.input_layernorm, h)
-    hd = attn.head_dim
-    qkv = _fused(attn, x) or (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
-    q, k, v = (t.view(B, T, -1, hd) for t in qkv)
-    q, k = norm(attn.q_norm, q).transpose(1, 2), norm(attn.k_norm, k).transpose(1, 2)
-    v = v.transpose(1, 2)
-    cos, sin = (t.unsqueeze(1) for t in rope)
-    H = q.shape[1]
-    qk = torch.cat([q, k], dim=1)
-    qk = qk * cos + _swap_halves(qk) * sin
-    q, k = qk[:, :H], qk[:, H:]
-    if cache is not None:
-        k, v = cache.update(cache_layer, start, k, v)
-        if kv_only:
-            return None
-    o = _sdpa(q, k, v, mask, attn.scaling, causal=mask is None and cache is None)
-    h = h + norm(layer.post_attention_layernorm, attn.o_proj(o))
-    mlp = layer.mlp
-    y = norm(layer.pre_feedforward_layernorm, h)
-    gate_up = _fused(mlp, y)
-    y = mlp(y) if gate_up is None else mlp.down_proj(mlp.act_fn(gate_up[0]) * gate_up[1])
-    return h + norm(layer.post_feedforward_layernorm, y)
+    a = _attend(layer.self_attn, x, rope, cache, cache_layer, start, mask, kv_only)
+    if a is None:
+        return None
+    h = h + norm(layer.post_attention_layernorm, a)
+    return h + norm(layer.post_feedforward_layernorm, _mlp(layer.mlp, norm(layer.pre_feedforward_layernorm, h)))
 
 
 def window_mask(mask, positions: torch.Tensor, slots: int, window: int, dtype) -> torch.Tensor:
     """A local layer's mask: `mask` (None: causal over `slots` keys at positions 0..slots-1, as
-    booleans), and the keys at least `window` positions behind each query hidden. A key's slot stands for its
-    position: the committed prefix sits at slot = position, and tree nodes, which sit past it,
-    are all within the window of every node (a tree is never as deep as a window)."""
+    booleans), and the keys at least `window` positions behind each query hidden. A key's slot
+    stands for its position: the committed prefix sits at slot = position, and tree nodes, which
+    sit past it, are all within the window of every node (a tree is never as deep as a window)."""
     q = positions[0][:, None]
     cols = torch.arange(slots, device=positions.device)[None, :]
     allowed = cols > q - window

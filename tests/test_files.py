@@ -31,7 +31,8 @@ def made(tiny_dirs, tmp_path_factory):
     """A graft folder, its export and a prompts file."""
     d = tmp_path_factory.mktemp("made")
     g, e = d / "g", d / "e"
-    assert run("add-heads", tiny_dirs["llama"], "--heads", "medusa", "-k", "2", "--out", g, "--device", "cpu").exit_code == 0
+    r = run("add-heads", tiny_dirs["llama"], "--heads", "medusa", "-k", "2", "--out", g, "--device", "cpu")
+    assert r.exit_code == 0, r.output
     assert run("export", g, "--out", e).exit_code == 0
     prompts = d / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "the quick", "category": "a"}) + "\n")
@@ -254,7 +255,8 @@ def test_numeric_options_are_bounded_where_they_are_parsed(cmd, option, value, t
     """A count or a bound out of range is click's usage error (exit 2) naming the range, before
     anything loads; the range is in --help."""
     args = {"distill-data": ["x", "--prompts", "p", "--out", tmp_path / "o"], "train": ["g", "--data", "d"],
-            "generate": ["g", "--prompt", "x"], "bench": ["g", "--prompts", "p"], "export": ["g", "--out", tmp_path / "o"],
+            "generate": ["g", "--prompt", "x"], "bench": ["g", "--prompts", "p"],
+            "export": ["g", "--out", tmp_path / "o"],
             "add-heads": ["x", "--out", tmp_path / "o"]}[cmd]
     r = run(cmd, *args, option, value)
     assert r.exit_code == 2 and "Traceback" not in r.output and "range" in r.output and option in r.output, r.output
