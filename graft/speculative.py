@@ -41,7 +41,7 @@ class DecodeConfig:
         (graft.fit: the size that maximises expected tokens per millisecond, a chain, or no
         drafting where none pays; untrained heads never draft); "calibrated" the tree in
         graft.json; "chain" one path; "dynamic" (eagle, deepseek-mtp) a tree the heads shape at
-        every step by cumulative draft probability (EAGLE-2). Sampling always drafts a chain.
+        every step by cumulative draft probability (EAGLE-2). Sampling drafts a chain (trained heads).
     tree_size: nodes in the draft tree besides the root (0: as `tree` says); overrides "auto".
     draft: False runs graft's own loop without drafting (one token per forward): a baseline.
     stop: strings that end generation once the generated text contains one.
