@@ -490,9 +490,8 @@ class Backbone:
                                 self.dtype)
             mask = {GLOBAL: mask, LOCAL: local}
         if rep > 1:  # once here, not in every layer
-            mask = {k: group_rows(m, rep) if m is not None and m.shape[-2] > 1 else m for k, m in mask.items()} \
-                if isinstance(mask, dict) else (group_rows(mask, rep) if mask is not None and mask.shape[-2] > 1
-                                                 else mask)
+            grouped = lambda m: group_rows(m, rep) if m is not None and m.shape[-2] > 1 else m  # noqa: E731
+            mask = {k: grouped(m) for k, m in mask.items()} if isinstance(mask, dict) else grouped(mask)
         trunk, taken = h, {}
         for i, layer in enumerate(self.layers):
             trunk = h

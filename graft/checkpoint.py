@@ -348,15 +348,17 @@ def eagle3_features(heads) -> tuple[list[int], torch.Tensor]:
     return [ids[j] for j in order], torch.cat([w[:, j * d:(j + 1) * d] for j in order], dim=1)
 
 
-def _save_eagle3_tensors(path: str, heads, bb, dtype, layer: str, mapping: bool) -> torch.Tensor:
+def _save_eagle3_tensors(path: str, heads, bb, dtype, layer: str, mapping: bool) -> tuple[torch.Tensor, list]:
     """The EAGLE-3 tensors both serving layouts share, the draft layer named `layer`: `fc` (its
     columns in ascending aux-layer order, `eagle3_features`), the layer with its `hidden_norm`,
     `norm`, `embed_tokens`, the LM head's rows for the draft vocabulary and, with a draft
     vocabulary or where `mapping` asks for them anyway, the maps `d2t` (draft id i is target
-    id i + d2t[i]) and `t2d`. Returns the draft vocabulary's target ids (all of them without one)."""
+    id i + d2t[i]) and `t2d`. Returns the draft vocabulary's target ids (all of them without one)
+    and the aux layers in the order written."""
     V = bb.vocab_size
     ids = torch.arange(V) if heads.draft_ids is None else heads.draft_ids.detach().cpu()
-    tensors = {"fc.weight": eagle3_features(heads)[1], f"{layer}.hidden_norm.weight": heads.hidden_norm.weight,
+    aux, fc = eagle3_features(heads)
+    tensors = {"fc.weight": fc, f"{layer}.hidden_norm.weight": heads.hidden_norm.weight,
                "norm.weight": bb.norm.weight, "lm_head.weight": bb.lm_head.weight.detach().cpu()[ids],
                "embed_tokens.weight": bb.embed_tokens.weight}
     tensors.update({f"{layer}.{k}": v for k, v in heads.layer.state_dict().items()})
@@ -365,7 +367,7 @@ def _save_eagle3_tensors(path: str, heads, bb, dtype, layer: str, mapping: bool)
         tensors["d2t"] = ids - torch.arange(ids.numel())
         tensors["t2d"] = torch.zeros(V, dtype=torch.bool).index_fill_(0, ids, True)
     save_tensors(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
-    return ids
+    return ids, aux
 
 
 SPECULATORS_CHECKED = "speculators 0.9.0 (models/eagle3: config.py, core.py, model_definitions.py)"
@@ -380,8 +382,7 @@ def save_eagle3(path: str, heads, bb, dtype, verifier: str) -> None:
     parameter to load them into). `num_aux_hidden_states` in the layer config sizes vLLM's
     `fc` (it reads the count there, else assumes 3)."""
     V = bb.vocab_size
-    ids = _save_eagle3_tensors(path, heads, bb, dtype, "layers.0", mapping=False)
-    aux = eagle3_features(heads)[0]
+    ids, aux = _save_eagle3_tensors(path, heads, bb, dtype, "layers.0", mapping=False)
     layer = bb.config.to_diff_dict() if hasattr(bb.config, "to_diff_dict") else bb.config.to_dict()
     layer = {k: v for k, v in layer.items() if k not in ("architectures", "quantization_config", "_name_or_path")}
     layer.update({"model_type": bb.model_type, "num_hidden_layers": 1, "vocab_size": V,
@@ -425,8 +426,7 @@ def save_sglang_eagle3(path: str, heads, bb, dtype) -> None:
                          f"output (aux layer {L}): graft the heads with --aux-layers below {L}, or export "
                          "--format eagle3")
     V = bb.vocab_size
-    ids = _save_eagle3_tensors(path, heads, bb, dtype, "midlayer", mapping=True)
-    aux = eagle3_features(heads)[0]
+    ids, aux = _save_eagle3_tensors(path, heads, bb, dtype, "midlayer", mapping=True)
     config = bb.config.to_diff_dict() if hasattr(bb.config, "to_diff_dict") else bb.config.to_dict()
     config = {k: v for k, v in config.items() if k not in ("quantization_config", "_name_or_path")}
     config.update({"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "num_hidden_layers": 1,

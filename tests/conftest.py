@@ -95,3 +95,14 @@ def tiny_backbone(model_type: str, tokenizer, dtype=torch.float32):
     from graft.backbone import Backbone
 
     return Backbone.from_hf(make_hf(model_type, len(tokenizer)).to(dtype), tokenizer)
+
+
+def packaged_backbone(alias: str):
+    """A built-in model (its package installed by scripts/setup.sh), float32 on the CPU, without
+    transformers' progress bars."""
+    import transformers
+
+    from graft.backbone import load_backbone
+
+    transformers.utils.logging.disable_progress_bar()
+    return load_backbone(alias, device="cpu", dtype="float32")

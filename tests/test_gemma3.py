@@ -4,9 +4,10 @@ Its local layers see a 512-position window and rotate with a base of their own."
 import pytest
 import torch
 
-from graft.backbone import load_backbone
 from graft.config import HEAD_FAMILIES
 from graft.model import add_heads
+
+from conftest import packaged_backbone
 
 pytestmark = pytest.mark.slow
 
@@ -15,10 +16,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 
 @pytest.fixture(scope="module")
 def gemma():
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    return load_backbone("gemma3-270m", device="cpu", dtype="float32")
+    return packaged_backbone("gemma3-270m")
 
 
 def test_identity_and_pattern(gemma):

@@ -10,6 +10,8 @@ from graft.cli import main
 from graft.config import HEAD_FAMILIES
 from graft.model import add_heads, encode_prompt
 
+from conftest import packaged_backbone
+
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves."]
@@ -17,10 +19,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.
 
 @pytest.fixture(scope="module")
 def smol():
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    return load_backbone("smollm2-135m", device="cpu", dtype="float32")
+    return packaged_backbone("smollm2-135m")
 
 
 def test_identity(smol):
