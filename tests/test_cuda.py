@@ -26,7 +26,7 @@ def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GRAFT_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("mt", ["llama", "gpt2"])
+@pytest.mark.parametrize("mt", ["llama", "gpt2", "gemma3"])
 @pytest.mark.parametrize("family", HEAD_FAMILIES)
 def test_graph_engine_is_lossless(family, mt, tokenizer):
     torch.manual_seed(0)
