@@ -16,7 +16,7 @@ import sys
 import torch
 
 from graft.backbone import load_backbone
-from graft.config import HEAD_FAMILIES
+from graft.registry import FAMILIES
 from graft.model import add_heads, encode_prompt
 from graft.speculative import DecodeConfig, SpeculativeDecoder
 
@@ -30,7 +30,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
     p.add_argument("--engines", default="eager,static,graph")
-    p.add_argument("--families", default=",".join(HEAD_FAMILIES))
+    p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--new", type=int, default=64)
     a = p.parse_args(argv)
     engines = a.engines.split(",")

@@ -8,13 +8,12 @@ import sys
 
 import click
 
-from .config import HEAD_FAMILIES, MAX_HEADS, GraftError
+from .config import MAX_HEADS, GraftError
+from .registry import ENGINES, FAMILIES, FORMATS, TREES
 
-# graft.engine.ENGINES, written out so that `graft --help` need not import torch
-# Option choices, defined once here from the library's own lists (kept free of heavy imports).
+# Option choices: the registries' (graft.registry), and the dtypes written out so that `graft --help` need not
+# import torch (tests/test_cli.py checks them against graft.backbone's)
 DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]  # graft.backbone.DTYPES, plus auto
-ENGINE_CHOICES = ["auto", "eager", "static", "graph", "compiled"]  # graft.engine.ENGINES
-TREE_CHOICES = ["auto", "calibrated", "chain", "dynamic"]  # graft.speculative.TREE_CHOICES
 DECODE_DTYPE_CHOICES = ["auto", "4bit", "float32", "bfloat16", "float16"]  # graft.backbone.DECODE_DTYPES
 
 
@@ -28,7 +27,7 @@ VERIFY_OPTION = click.option(
          "files); its shape is still checked.")
 
 ENGINE_OPTION = click.option(
-    "--engine", type=click.Choice(ENGINE_CHOICES), default="auto",
+    "--engine", type=click.Choice(ENGINES), default="auto",
     show_default=True,
     help="How the verification step runs: graph replays a captured CUDA graph (auto on CUDA); compiled also "
          "fuses kernels with torch.compile first (a minute or more of warm-up); static "
@@ -46,7 +45,7 @@ DECODE_DTYPE_OPTION = click.option(
 def tree_options(f):
     f = click.option("--tree-size", type=click.IntRange(min=0), default=0,
                      help="Draft-tree nodes besides the root (overrides --tree auto).")(f)
-    return click.option("--tree", type=click.Choice(TREE_CHOICES), default="auto",
+    return click.option("--tree", type=click.Choice(TREES), default="auto",
                         show_default=True,
                         help="Greedy drafting: auto sizes the tree from the step cost measured once on this GPU "
                              "or CPU (a chain, or no drafting where no tree pays; heads that never trained do "
@@ -107,7 +106,7 @@ def main():
 @main.command("add-heads", help="Graft fresh MTP heads onto a frozen MODEL and write OUT/graft.json + "
               "OUT/heads.safetensors, then print a summary.\n\n" + MODEL_HELP)
 @click.argument("model", default="smollm2-135m")
-@click.option("--heads", "family", type=click.Choice(HEAD_FAMILIES), default="medusa", show_default=True,
+@click.option("--heads", "family", type=click.Choice(list(FAMILIES)), default="medusa", show_default=True,
               help="Head family: blockwise (Stern 2018), medusa (Cai 2024), meta-mtp (Gloeckle 2024), "
                    "deepseek-mtp (DeepSeek-V3 chain), eagle (EAGLE-3: one draft layer over fused features, "
                    "drafts best).")
@@ -262,7 +261,7 @@ def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, shard_backbone, dev
               "GPU).")
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing non-empty --out folder.")
-@click.option("--format", "fmt", type=click.Choice(["graft", "vllm-medusa", "eagle3", "sglang-eagle3"]),
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               default="graft", show_default=True,
               help="graft: backbone, tokenizer, heads and draft tree for graft itself; eagle3: eagle heads in the "
                    "speculators EAGLE-3 format (speculators 0.9, vLLM 0.34 load it); sglang-eagle3: eagle heads as "

@@ -25,8 +25,6 @@ from .config import GraftError
 from .modeling import KVCache, additive_mask, attention_backends, device_ids
 from .tree import ancestors
 
-ENGINES = ("auto", "eager", "static", "graph", "compiled")
-
 
 class StepBoundsError(GraftError):
     """A step's inputs would index outside its cache, tree or vocabulary (`Step.check`)."""

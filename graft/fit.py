@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from .config import write_json
+from .config import cache_dir, write_json
 from .tree import Tree, build_tree, chain, expected_tokens
 
 SIZES = {"cuda": (4, 8, 16, 32, 64, 128), "cpu": (2, 4, 8, 16, 32)}  # trees of N nodes besides the root
@@ -33,17 +33,14 @@ STEP_VERSION = 3  # raised when graft's step changes what it costs, so that cach
 
 
 def cache_path() -> str:
-    from .config import cache_dir
-
     return os.path.join(cache_dir(), "step-cost.json")
 
 
 def _key(dec, engine: str) -> str:
-    from .bench import device_name
-
     bb, spec = dec.bb, dec.model.config.heads
     ident = bb.identity
-    where = device_name(bb.device) if bb.device.type == "cuda" else f"{_cpu_name()} x{torch.get_num_threads()}"
+    where = (torch.cuda.get_device_name(bb.device) if bb.device.type == "cuda"
+             else f"{_cpu_name()} x{torch.get_num_threads()}")
     return "|".join([f"{ident.model_type} d{ident.hidden_size} L{ident.num_layers} V{ident.vocab_size}",
                      json.dumps(spec.__dict__, sort_keys=True), where,
                      str(bb.dtype).removeprefix("torch.") + (" 4-bit" if bb.quantized else ""), engine,
@@ -73,34 +70,6 @@ def _load() -> dict:
         return {}  # no cache yet, or an unreadable one: measure again
 
 
-def measure(dec, engine: str, trees: list) -> dict:
-    """ms per decoding step for each tree (None: no drafting), on a random prompt."""
-    from .speculative import DecodeConfig
-
-    kind = _kind(dec)
-    context, new = CONTEXT[kind], NEW[kind]
-    g = torch.Generator().manual_seed(0)
-    scratch = max((dec.heads.scratch(t) for t in trees if t), default=0)  # the drafts' cache room
-    room = (dec.bb.max_positions or 2 * context) - new - 2 * scratch - 1
-    ids = torch.randint(0, dec.bb.vocab_size, (max(min(context, room), 16),), generator=g).tolist()
-    cfg = DecodeConfig(max_new_tokens=new, eos=False, engine=engine)
-    out = {}
-    kept = dec._pool.pop(engine, None)  # the decoder's own cache and captured steps, back afterwards
-    try:
-        for tree in trees:
-            # each tree with a cache of the size it decodes with: attention reads the whole cache,
-            # so a cache grown for the largest tree would slow every later step, drafted or not
-            dec._pool.pop(engine, None)
-            dec._generate(ids, cfg, tree=tree)  # warm-up: cache, captured step, first-call costs
-            gen = dec._generate(ids, cfg, tree=tree)
-            out[_shape(tree)] = gen.decode_s / max(gen.steps, 1) * 1e3
-    finally:
-        dec._pool.pop(engine, None)
-        if kept is not None:
-            dec._pool[engine] = kept
-    return out
-
-
 def _kind(dec) -> str:
     return "cuda" if dec.bb.device.type == "cuda" else "cpu"
 
@@ -110,7 +79,9 @@ def _shape(tree) -> str:
 
 
 def fit_tree(dec, engine: str) -> tuple[Tree | None, str]:
-    """The tree with the most expected tokens per millisecond, or None where none pays."""
+    """The tree with the most expected tokens per millisecond, or None where none pays. `dec` is
+    the decoder (graft.speculative.SpeculativeDecoder): its heads' accuracy, its memo of fitted
+    trees (`fitted`) and its step-cost seam (`step_costs`)."""
     memo = dec.fitted
     if engine in memo:
         return memo[engine]
@@ -121,7 +92,8 @@ def fit_tree(dec, engine: str) -> tuple[Tree | None, str]:
     costs = dict(table.get(key, {}))
     todo = [t for t in [None] + candidates if _shape(t) not in costs]
     if todo:
-        costs.update(measure(dec, engine, todo))
+        kind = _kind(dec)
+        costs.update({_shape(t): ms for t, ms in zip(todo, dec.step_costs(engine, todo, CONTEXT[kind], NEW[kind]))})
         table = _load()  # another process may have written meanwhile
         table[key] = costs
         try:

@@ -10,7 +10,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .backbone import DTYPES, Backbone, decode_weights, load_backbone
 from .config import GraftConfig, GraftError, HeadSpec
-from .heads import build_heads
+from .heads import build_heads, check_spec
 
 
 @dataclass
@@ -112,6 +112,7 @@ def add_heads(model: str | Backbone = "smollm2-135m", heads: str = "medusa", num
     """
     spec = HeadSpec(family=heads, num_heads=num_heads, head_layers=head_layers, shared_lm_head=shared_lm_head,
                     lm_head_dtype=lm_head_dtype, init=init, aux_layers=aux_layers, draft_vocab=draft_vocab)
+    check_spec(spec)
     if out is not None:
         ckpt.prepare_out_dir(out, force)  # refuse before the slow load
     bb = model if isinstance(model, Backbone) else load_backbone(
@@ -140,6 +141,7 @@ def load(path: str, *, device: str = "auto", dtype: str | None = None, backbone:
         GraftError: not a graft folder, corrupt files, or heads made for another backbone.
     """
     config = ckpt.load_config(path)
+    check_spec(config.heads)  # before the backbone's slow load
     ident = config.backbone
     if backbone is None:
         source = ident.source

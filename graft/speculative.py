@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import GraftError
-from .engine import ENGINES, Step, resolve_engine, room
+from .engine import Step, resolve_engine, room
+from .fit import fit_tree
+from .registry import ENGINES, TREES
 from .modeling import additive_mask, attention_backends, causal_allowed, fuse_projections
-from .tree import DynamicTree, Tree, build_tree, chain, default_accuracies
+from .tree import DynamicTree, Tree, accept, build_tree, chain, default_accuracies
 
-
-TREE_CHOICES = ("auto", "calibrated", "chain", "dynamic")
 
 
 @dataclass
@@ -69,8 +69,8 @@ class DecodeConfig:
             raise GraftError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise GraftError("--max-new-tokens must be at least 1")
-        if self.tree not in TREE_CHOICES:
-            raise GraftError(f"--tree must be one of {', '.join(TREE_CHOICES)}, got {self.tree!r}")
+        if self.tree not in TREES:
+            raise GraftError(f"--tree must be one of {', '.join(TREES)}, got {self.tree!r}")
         if self.engine not in ENGINES:
             raise GraftError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.tree_size < 0:
@@ -176,7 +176,7 @@ class SpeculativeDecoder:
         if cfg.temperature > 0 or cfg.tree == "chain":
             return Tree(chain(K)), "chain"
         if cfg.tree == "dynamic":
-            if not hasattr(self.heads, "draft_dynamic"):
+            if not self.heads.dynamic_trees:
                 raise GraftError(f"--tree dynamic is drafted by chained heads (eagle, deepseek-mtp); "
                                  f"{self.heads.family} heads draft the calibrated tree: use --tree auto")
             width = 8  # candidates per expanded node (EAGLE-2's top-k)
@@ -185,12 +185,35 @@ class SpeculativeDecoder:
         if cfg.tree_size:
             return Tree(build_tree(self.accuracies(), cfg.tree_size)), "--tree-size"
         if cfg.tree == "auto":
-            from .fit import fit_tree
-
             return fit_tree(self, engine)
         if self.model.config.tree:
             return Tree(self.model.config.tree), "calibrated"
         return Tree(build_tree(self.accuracies(), 24)), "calibrated (24 nodes)"
+
+    def step_costs(self, engine: str, trees: list, context: int, new: int) -> list[float]:
+        """Milliseconds per decoding step with each tree (None: no drafting), timed over a
+        generation of `new` tokens after a random prompt of `context` tokens (fewer where the
+        context window or the drafts' cache room needs it): the seam graft.fit sizes trees by."""
+        g = torch.Generator().manual_seed(0)
+        scratch = max((self.heads.scratch(t) for t in trees if t), default=0)  # the drafts' cache room
+        room_left = (self.bb.max_positions or 2 * context) - new - 2 * scratch - 1
+        ids = torch.randint(0, self.bb.vocab_size, (max(min(context, room_left), 16),), generator=g).tolist()
+        cfg = DecodeConfig(max_new_tokens=new, eos=False, engine=engine)
+        out = []
+        kept = self._pool.pop(engine, None)  # the decoder's own cache and captured steps, back afterwards
+        try:
+            for tree in trees:
+                # each tree with a cache of the size it decodes with: attention reads the whole cache,
+                # so a cache grown for the largest tree would slow every later step, drafted or not
+                self._pool.pop(engine, None)
+                self._generate(ids, cfg, tree=tree)  # warm-up: cache, captured step, first-call costs
+                gen = self._generate(ids, cfg, tree=tree)
+                out.append(gen.decode_s / max(gen.steps, 1) * 1e3)
+        finally:
+            self._pool.pop(engine, None)
+            if kept is not None:
+                self._pool[engine] = kept
+        return out
 
     def _buffers(self, engine: str, need: int, drafting: bool):
         """KV cache, head state and a cache of Steps for one generation of up to `need` slots."""
@@ -305,11 +328,8 @@ class SpeculativeDecoder:
         """Draft and verify in the step; one copy brings the node tokens and the argmax back.
         Returns (the accepted nodes, root first; the new tokens, bonus included)."""
         _, _, packed = step.verify()
-        host = packed.tolist()
-        if tree.dynamic:
-            n = tree.n
-            return tree.accept(host[:n], host[n:2 * n], host[2 * n:])
-        return tree.accept(host[:tree.n], host[tree.n:])
+        host, n = packed.tolist(), tree.n
+        return accept(host[:n], host[n:2 * n], host[2 * n:] if tree.dynamic else tree.parents)
 
     def _sample_step(self, step: Step, tree: Tree, cfg, gen, state, n, root):
         """Sampling: draft a chain, verify it, accept by rejection sampling (drafts are drawn

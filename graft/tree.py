@@ -167,19 +167,6 @@ class Tree:
                                               device)
         return self._levels[key]
 
-    def accept(self, tokens: list, target: list) -> tuple[list, list]:
-        """Greedy acceptance: the deepest node whose whole lineage matches the backbone's argmax
-        (the first such on ties). tokens[i]: node i's token; target[i]: the backbone's argmax
-        after node i. Returns (the accepted nodes, root first; the new tokens, bonus included)."""
-        good = [True] * self.n
-        best = 0
-        for i in range(1, self.n):  # parents come before children
-            good[i] = good[self.parents[i]] and tokens[i] == target[self.parents[i]]
-            if good[i] and self.depths[i] > self.depths[best]:
-                best = i
-        path = self.lineage[best]
-        return path, [tokens[j] for j in path[1:]] + [target[best]]
-
 
 class DynamicTree:
     """The shape of a tree the heads choose at every step (EAGLE-2): from the root, the `width`
@@ -230,23 +217,26 @@ class DynamicTree:
                 ("number", range(1, self.n)), ("zero", [0]))}
         return self._plans[key]
 
-    @staticmethod
-    def accept(tokens: list, target: list, parents: list) -> tuple[list, list]:
-        """As Tree.accept, for a tree given by each node's parent (parents before children)."""
-        n = len(tokens)
-        good, depth = [True] + [False] * (n - 1), [0] * n
-        best = 0
-        for i in range(1, n):
-            p = parents[i]
-            depth[i] = depth[p] + 1
-            good[i] = good[p] and tokens[i] == target[p]
-            if good[i] and depth[i] > depth[best]:
-                best = i
-        path = [best]
-        while path[-1] != 0:
-            path.append(parents[path[-1]])
-        path = path[::-1]
-        return path, [tokens[j] for j in path[1:]] + [target[best]]
+
+def accept(tokens: list, target: list, parents: list) -> tuple[list, list]:
+    """Greedy acceptance over any tree, fixed or dynamic, given as each node's parent (node 0 the
+    root, parents before children): the deepest node whose whole lineage matches the backbone's
+    argmax (the first such on ties). tokens[i]: node i's token; target[i]: the backbone's argmax
+    after node i. Returns (the accepted nodes, root first; the new tokens, bonus included)."""
+    n = len(tokens)
+    good, depth = [True] + [False] * (n - 1), [0] * n
+    best = 0
+    for i in range(1, n):
+        p = parents[i]
+        depth[i] = depth[p] + 1
+        good[i] = good[p] and tokens[i] == target[p]
+        if good[i] and depth[i] > depth[best]:
+            best = i
+    path = [best]
+    while path[-1] != 0:
+        path.append(parents[path[-1]])
+    path = path[::-1]
+    return path, [tokens[j] for j in path[1:]] + [target[best]]
 
 
 def ancestors(parents: torch.Tensor, depth: int) -> torch.Tensor:

@@ -193,23 +193,38 @@ def test_bench_times_the_loop_without_drafts_with_a_cache_of_its_own(tiny_dirs, 
     assert {n for d, n in sizes if d} == {512} and {n for d, n in sizes if not d} == {256}
 
 
-def test_engine_choices_match_the_engine_module():
-    """The CLI writes the engine names out (no torch import for --help); they must not drift."""
-    from graft.cli import bench_cmd, generate_cmd
-    from graft.engine import ENGINES
+def test_choices_come_from_the_registries():
+    """Every registered family and format resolves to what it names, and the CLI offers exactly
+    the registries' entries; `graft --help` imports no torch."""
+    import subprocess
+    import sys
 
+    from graft import registry
+    from graft.cli import add_heads_cmd, bench_cmd, export_cmd, generate_cmd
+
+    for name in registry.FAMILIES:
+        assert registry.resolve(registry.FAMILIES, name, "head family").family == name
+    for name in registry.FORMATS:
+        assert registry.resolve(registry.FORMATS, name, "format").name == name
+
+    def choices(cmd, name):
+        (param,) = [p for p in cmd.params if p.name == name]
+        return tuple(param.type.choices)
+
+    assert choices(add_heads_cmd, "family") == tuple(registry.FAMILIES)
+    assert choices(export_cmd, "fmt") == tuple(registry.FORMATS)
     for cmd in (generate_cmd, bench_cmd):
-        (param,) = [p for p in cmd.params if p.name == "engine"]
-        assert tuple(param.type.choices) == ENGINES
+        assert choices(cmd, "engine") == registry.ENGINES
+        assert choices(cmd, "tree") == registry.TREES
+    code = "import sys, graft.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_option_lists_match_the_library():
     from graft.backbone import DECODE_DTYPES, DTYPES
-    from graft.cli import DECODE_DTYPE_CHOICES, DTYPE_CHOICES, TREE_CHOICES
-    from graft.speculative import TREE_CHOICES as LIB_TREE
+    from graft.cli import DECODE_DTYPE_CHOICES, DTYPE_CHOICES
 
     assert DTYPE_CHOICES == ["auto"] + list(DTYPES)
-    assert TREE_CHOICES == list(LIB_TREE)
     assert DECODE_DTYPE_CHOICES == list(DECODE_DTYPES)
 
 
@@ -315,3 +330,44 @@ def test_bench_reads_spec_bench_questions_and_writes_answers(tiny_dirs, tmp_path
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"prompt": "ok"}\n\xff\xfe\n')
     one_line_error(run("bench", g, "--prompts", bad, ok=False), "line 2 is not UTF-8")
+
+
+def test_graft_has_no_import_circle():
+    """No module of graft imports, at the top or inside a function, one that imports it back
+    (through any chain): the layers in docs/development.md hold."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "graft"
+
+    def name(path):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    graph = {}
+    for path in root.rglob("*.py"):
+        mod = name(path)
+        package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                # `from . import x`: module x if there is one, else a name of the package
+                names = [target] if node.module else [target + "." + a.name for a in node.names] + [target]
+                edges.update(n for n in names if n != mod)
+            elif isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names if a.name.startswith("graft.") and a.name != mod)
+        graph[mod] = edges
+    graph = {m: {e for e in es if e in graph} for m, es in graph.items()}
+    for m, es in graph.items():  # `from . import x` of a module x: not the package too
+        es.difference_update({e.rsplit(".", 1)[0] for e in es if e.rsplit(".", 1)[0] in es and e != m})
+
+    def reaches(start, goal, seen):
+        for nxt in graph[start]:
+            if nxt == goal or (nxt not in seen and (seen.add(nxt) or reaches(nxt, goal, seen))):
+                return True
+        return False
+
+    circles = sorted(m for m in graph if reaches(m, m, set()))
+    assert not circles, f"modules on an import circle: {circles}"

@@ -3,7 +3,7 @@ Skipped without a CUDA device (CI has none); run on a GPU machine with `pytest -
 import pytest
 import torch
 
-from graft.config import HEAD_FAMILIES
+from graft.registry import FAMILIES
 from graft.model import add_heads
 
 from conftest import tiny_backbone
@@ -27,7 +27,7 @@ def fresh_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("mt", ["llama", "gpt2", "gemma3"])
-@pytest.mark.parametrize("family", HEAD_FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_graph_engine_is_lossless(family, mt, tokenizer):
     torch.manual_seed(0)
     bb = tiny_backbone(mt, tokenizer)
@@ -42,7 +42,7 @@ def test_graph_engine_is_lossless(family, mt, tokenizer):
         ids = tokenizer(p)["input_ids"]
         ref = plain_greedy(bb, ids, 40)
         trees = [{}, {"tree": "chain"}, {"tree_size": 40}]  # {}: the tree the fit chose
-        if hasattr(m.heads, "draft_dynamic"):  # the chained families: EAGLE-2's tree too
+        if m.heads.dynamic_trees:  # the chained families: EAGLE-2's tree too
             trees += [{"tree": "dynamic"}, {"tree": "dynamic", "tree_size": 12}]
         for kw in trees:
             g = m.generate(input_ids=ids, max_new_tokens=40, engine="graph", **kw)

@@ -182,7 +182,7 @@ def test_eagle3_export_drafts_what_graft_drafts_in_speculators(vocab, aux, tiny_
 def test_eagle3_export_names_a_hub_id_as_its_verifier(tiny_dirs, tmp_path):
     """vLLM takes the verifier as the model to serve and accepts a hub id only: the smollm2-135m
     alias maps to its repository; a backbone from a local folder needs --verifier, in one line."""
-    from graft.export import serving_verifier
+    from graft.export.eagle3 import serving_verifier
 
     assert serving_verifier("smollm2-135m", None) == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert serving_verifier("Qwen/Qwen3-0.6B", None) == "Qwen/Qwen3-0.6B"
@@ -190,7 +190,7 @@ def test_eagle3_export_names_a_hub_id_as_its_verifier(tiny_dirs, tmp_path):
     assert serving_verifier("x", str(tmp_path)) == str(tmp_path)  # a folder the user gives: absolute
     with pytest.raises(GraftError, match="--verifier"):
         grafted(tmp_path, tiny_dirs, "eagle", "eagle3", 0.0, None)
-    with pytest.raises(GraftError, match="--format eagle3 only"):
+    with pytest.raises(GraftError, match="--verifier names the target model of an eagle3 export: leave it out with --format sglang-eagle3"):
         grafted(tmp_path / "b", tiny_dirs, "eagle", "sglang-eagle3", 0.0, None, verifier=HUB_ID, aux_layers=[1])
 
 

@@ -4,7 +4,7 @@ Its local layers see a 512-position window and rotate with a base of their own."
 import pytest
 import torch
 
-from graft.config import HEAD_FAMILIES
+from graft.registry import FAMILIES
 from graft.model import add_heads
 
 from conftest import packaged_backbone
@@ -26,7 +26,7 @@ def test_identity_and_pattern(gemma):
     assert [type(l.self_attn).__name__ for l in gemma.layers][:1] == ["Gemma3Attention"]
 
 
-@pytest.mark.parametrize("family", HEAD_FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_greedy_identical_to_plain_decoding(family, gemma):
     torch.manual_seed(0)
     # medusa shares the unembedding: its own copies would be 262k x 640 each
@@ -34,7 +34,7 @@ def test_greedy_identical_to_plain_decoding(family, gemma):
     with torch.no_grad():  # perturbed heads: a few drafts accepted, many rejected
         for p in m.heads.parameters():
             p.add_(torch.randn_like(p) * 1e-2)
-    for prompt in PROMPTS[HEAD_FAMILIES.index(family) % 2:][:1]:  # the prompts in turn
+    for prompt in PROMPTS[FAMILIES.index(family) % 2:][:1]:  # the prompts in turn
         ids = gemma.tokenizer(prompt)["input_ids"]
         ref = gemma.hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()

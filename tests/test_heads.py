@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from graft import checkpoint as ckpt
-from graft.config import HEAD_FAMILIES, GraftError, HeadSpec
+from graft.config import GraftError, HeadSpec
+from graft.heads import check_spec
+from graft.registry import FAMILIES
 from graft.model import add_heads, load
 
 from conftest import tiny_backbone
@@ -11,7 +13,7 @@ PARALLEL_IDENTITY = ["blockwise", "medusa", "meta-mtp"]
 
 
 @pytest.mark.parametrize("mt", ["llama", "gpt2", "qwen3", "gemma3"])
-@pytest.mark.parametrize("family", HEAD_FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_shapes(family, mt, tokenizer):
     bb = tiny_backbone(mt, tokenizer)
     m = add_heads(bb, heads=family, num_heads=3, head_layers=1 if family == "eagle" else 2)
@@ -57,7 +59,7 @@ def test_deepseek_shares_embedding_and_head(tokenizer):
     assert m.heads.modules_[0].proj.weight.shape == (64, 128)
 
 
-@pytest.mark.parametrize("family", HEAD_FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_save_load_round_trip_is_bit_exact(family, tiny_dirs, tmp_path):
     out = str(tmp_path / "g")
     m = add_heads(tiny_dirs["llama"], heads=family, num_heads=2, out=out, device="cpu")
@@ -73,8 +75,18 @@ def test_save_load_round_trip_is_bit_exact(family, tiny_dirs, tmp_path):
 
 
 def test_spec_validation():
+    """The shared options in HeadSpec; the family and its own options by its class, before any
+    backbone is loaded."""
+    with pytest.raises(GraftError, match="unknown head family 'hydra': choose one of blockwise"):
+        check_spec(HeadSpec(family="hydra"))
+    with pytest.raises(GraftError, match="--aux-layers is not an option of medusa heads"):
+        check_spec(HeadSpec(family="medusa", aux_layers=[1]))
+    with pytest.raises(GraftError, match="--shared-lm-head is not an option of eagle heads"):
+        check_spec(HeadSpec(family="eagle", shared_lm_head=True))
+    with pytest.raises(GraftError, match="one decoder layer"):
+        check_spec(HeadSpec(family="eagle", head_layers=2))
     with pytest.raises(GraftError, match="unknown head family"):
-        HeadSpec(family="hydra")
+        add_heads("/nonexistent/model", heads="hydra")  # refused before the backbone is looked for
     for k in (0, 9):
         with pytest.raises(GraftError, match="between 1 and 8"):
             HeadSpec(num_heads=k)
@@ -114,7 +126,7 @@ def test_heads_for_another_backbone_are_refused(tiny_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("mt", ["llama", "gpt2"])
-@pytest.mark.parametrize("family", HEAD_FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_drafting_sees_what_training_saw(family, mt, tokenizer):
     """Drafting a chain whose choices are the real next tokens gives, at every depth, the logits
     that training computes for that depth at the same position (eagle: the training-time test

@@ -162,12 +162,14 @@ def test_medusa_lm_heads_in_bfloat16(tiny_dirs, tiny_data, tmp_path, tokenizer):
 
 def test_lm_head_dtype_is_refused_where_there_is_no_own_lm_head():
     from graft.config import GraftError, HeadSpec
+    from graft.heads import check_spec
 
-    for spec in (dict(family="eagle"), dict(family="medusa", shared_lm_head=True)):
-        with pytest.raises(GraftError, match="own LM heads"):
-            HeadSpec(lm_head_dtype="bfloat16", **spec)
+    with pytest.raises(GraftError, match="--lm-head-dtype is not an option of eagle heads"):
+        check_spec(HeadSpec(family="eagle", lm_head_dtype="bfloat16"))
+    with pytest.raises(GraftError, match="own LM heads"):
+        check_spec(HeadSpec(family="medusa", shared_lm_head=True, lm_head_dtype="bfloat16"))
     with pytest.raises(GraftError, match="auto, bfloat16 or float32"):
-        HeadSpec(lm_head_dtype="half")
+        check_spec(HeadSpec(lm_head_dtype="half"))
 
 
 def test_resume_where_the_lm_heads_dtype_resolves_otherwise(tiny_dirs, tiny_data, tmp_path):

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from graft.backbone import load_backbone
 from graft.cli import main
-from graft.config import HEAD_FAMILIES
+from graft.registry import FAMILIES
 from graft.model import add_heads, encode_prompt
 
 from conftest import packaged_backbone
@@ -28,7 +28,7 @@ def test_identity(smol):
     assert i.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
-@pytest.mark.parametrize("family", HEAD_FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_add_heads_cli(family, tmp_path):
     r = CliRunner().invoke(main, ["add-heads", "smollm2-135m", "--heads", family, "--num-heads", "3",
                                   "--out", str(tmp_path / "g"), "--device", "cpu"])
@@ -37,7 +37,7 @@ def test_add_heads_cli(family, tmp_path):
     assert json.loads((tmp_path / "g" / "graft.json").read_text())["backbone"]["source"] == "smollm2-135m"
 
 
-@pytest.mark.parametrize("family", HEAD_FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_greedy_identical_to_plain_decoding(family, smol):
     torch.manual_seed(0)
     m = add_heads(smol, heads=family, num_heads=3)

@@ -4,10 +4,11 @@ import json
 import pytest
 import torch
 
-from graft.config import HEAD_FAMILIES, GraftError
+from graft.config import GraftError
+from graft.registry import FAMILIES
 from graft.model import add_heads, load
 from graft.speculative import DecodeConfig, SpeculativeDecoder, accept_sample, warp
-from graft.tree import Tree, build_tree
+from graft.tree import Tree, accept, build_tree
 
 from conftest import tiny_backbone
 
@@ -27,7 +28,7 @@ def trained(tiny_dirs, tmp_path_factory):
     data = str(d / "data.jsonl")
     distill(tiny_dirs["llama"], str(prompts), data, max_new_tokens=48, batch_size=24, device="cpu")
     out = {}
-    for fam in HEAD_FAMILIES:
+    for fam in FAMILIES:
         g = str(d / fam)
         add_heads(tiny_dirs["llama"], heads=fam, num_heads=3, out=g, device="cpu")
         train(g, data, {"max_steps": 60, "seq_len": 32, "batch_size": 8, "lr": 3e-3, "warmup": 5,
@@ -53,7 +54,7 @@ def perturb(model, scale):
 
 
 @pytest.mark.parametrize("mt", ["llama", "gpt2", "qwen3", "gemma3"])
-@pytest.mark.parametrize("family", HEAD_FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_greedy_identical_untrained_and_random(family, mt, tokenizer):
     torch.manual_seed(0)
     bb = tiny_backbone(mt, tokenizer)
@@ -71,7 +72,7 @@ def test_greedy_identical_untrained_and_random(family, mt, tokenizer):
                     assert g.draft_nodes > 0
 
 
-@pytest.mark.parametrize("family", HEAD_FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_greedy_identical_trained(family, trained, tokenizer):
     m = load(trained[family], device="cpu")
     taus = []
@@ -484,16 +485,16 @@ def test_tree_fitted_to_the_measured_cost(tokenizer, tmp_path, monkeypatch):
     calls = []
 
     def fake(per_node):
-        def measure(dec, engine, trees):
+        def step_costs(dec, engine, trees, context, new):
             calls.append(len(trees))
-            return {fit._shape(t): 10.0 + (0 if t is None else per_node * t.n) for t in trees}
-        return measure
+            return [10.0 + (0 if t is None else per_node * t.n) for t in trees]
+        return step_costs
 
     biggest = max(fit.SIZES["cpu"])
-    monkeypatch.setattr(fit, "measure", fake(0.0))  # size costs nothing: the biggest tree wins
+    monkeypatch.setattr(SpeculativeDecoder, "step_costs", fake(0.0))  # size costs nothing: the biggest tree wins
     tree, note = fit.fit_tree(SpeculativeDecoder(m), "static")
     assert tree.n == biggest + 1 and f"{biggest} nodes fit this CPU" in note
-    monkeypatch.setattr(fit, "measure", fake(100.0))  # the cached costs are used, not these
+    monkeypatch.setattr(SpeculativeDecoder, "step_costs", fake(100.0))  # the cached costs are used, not these
     assert fit.fit_tree(SpeculativeDecoder(m), "static")[0].n == biggest + 1
     assert calls == [len(fit.SIZES["cpu"]) + 2]  # once: no drafting, a chain and each size
     monkeypatch.setenv("GRAFT_CACHE", str(tmp_path / "other"))
@@ -505,8 +506,6 @@ def test_untrained_heads_do_not_draft_unless_asked(tokenizer, tmp_path, monkeypa
     """Drafting with heads that never trained only slows decoding: `--tree auto` decodes without
     drafts there (and says why), on any device, greedy or sampling; an explicit tree still drafts.
     Once trained (a measured rank accuracy), auto fits a tree to this device's measured costs."""
-    from graft import fit
-
     monkeypatch.setenv("GRAFT_CACHE", str(tmp_path))
     bb = tiny_backbone("llama", tokenizer)
     m = add_heads(bb, heads="blockwise", num_heads=3)
@@ -517,8 +516,9 @@ def test_untrained_heads_do_not_draft_unless_asked(tokenizer, tmp_path, monkeypa
     assert m.generate(input_ids=ids, max_new_tokens=8, tree="calibrated").draft_nodes > 0
     m.config.training = {"rank_accuracy": [[0.9] * 4] * 3}
     measured = []
-    real = fit.measure
-    monkeypatch.setattr(fit, "measure", lambda dec, engine, trees: measured.append(engine) or real(dec, engine, trees))
+    real = SpeculativeDecoder.step_costs
+    monkeypatch.setattr(SpeculativeDecoder, "step_costs",
+                        lambda dec, engine, *a: measured.append(engine) or real(dec, engine, *a))
     g = m.generate(input_ids=ids, max_new_tokens=8)
     assert measured == ["eager"] and ("fit this CPU" in g.tree_note or "no tree pays" in g.tree_note)
     assert g.ids == plain_greedy(bb, ids, 8)
@@ -545,8 +545,8 @@ def test_measuring_trees_leaves_the_decoders_cache_as_it_was(tokenizer):
 
     dec._generate = spy
     trees = [Tree(build_tree(dec.accuracies(), 256)), None]  # 257 nodes: past 512 slots with the prompt
-    costs = fit.measure(dec, "static", trees)
-    assert set(costs) == {fit._shape(t) for t in trees} and all(v > 0 for v in costs.values())
+    costs = dec.step_costs("static", trees, fit.CONTEXT["cpu"], fit.NEW["cpu"])
+    assert len(costs) == len(trees) and all(v > 0 for v in costs)
     assert sizes == [512, 512, 256, 256]  # the CPU's measuring prompt: 64 tokens
     assert dec._pool["static"] is mine
 
@@ -586,7 +586,7 @@ def test_drafting_up_to_the_end_of_the_context(engine, tokenizer):
         assert g.ids == ref and g.stopped == "context", P
 
 
-@pytest.mark.parametrize("family", HEAD_FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_draft_vocabulary_keeps_greedy_output(family, tokenizer):
     """Drafts scored over a subset of the vocabulary (FR-Spec) are verified by the backbone as
     any drafts: the output is plain greedy decoding's, for every family and engine."""
@@ -681,7 +681,7 @@ def test_dynamic_tree_acceptance_follows_the_parents():
     parents = [0, 0, 0, 2, 3]
     tokens = [9, 5, 6, 7, 8]
     target = [6, 1, 7, 8, 4]  # the backbone follows 6 -> 7 -> 8, then says 4
-    path, new = DynamicTree.accept(tokens, target, parents)
+    path, new = accept(tokens, target, parents)
     assert path == [0, 2, 3, 4] and new == [6, 7, 8, 4]
     anc = ancestors(torch.tensor(parents), 3)
     assert anc[4].tolist() == [True, False, True, True, True] and anc[1].tolist() == [True, True, False, False, False]

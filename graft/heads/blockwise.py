@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ParallelHeads
+from .base import ParallelHeads
 
 
 class BlockwiseHeads(ParallelHeads):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..modeling import KVCache, additive_mask, cache_mask
-from . import ChainedHeads, constant, copy_last_layer, positions, rms_eps
+from .base import ChainedHeads, constant, copy_last_layer, positions, rms_eps
 
 
 class MTPModule(nn.Module):

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import GraftError
 from ..modeling import additive_mask, cache_mask, KVCache, norm
-from . import ChainedHeads, constant, copy_last_layer, last_row, positions, rms_eps
+from .base import ChainedHeads, constant, copy_last_layer, last_row, positions, rms_eps
 
 
 def default_aux_layers(L: int) -> list[int]:
@@ -84,6 +84,17 @@ def ttt_mask(T: int, k: int, dtype, device) -> torch.Tensor:
 
 class EagleHeads(ChainedHeads):
     family = "eagle"
+    options = ("aux_layers",)
+
+    @classmethod
+    def check_spec(cls, spec):
+        super().check_spec(spec)
+        if spec.head_layers != 1:
+            raise GraftError("eagle drafts with one decoder layer: leave --head-layers at 1")
+        aux = spec.aux_layers
+        if aux is not None and (not isinstance(aux, (list, tuple)) or not aux or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in aux)):
+            raise GraftError(f"--aux-layers must be non-negative layer indices, e.g. 2,15,27; got {aux!r}")
 
     def __init__(self, spec, bb):
         super().__init__(spec, bb)

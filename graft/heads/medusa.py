@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ParallelHeads
+from ..backbone import dense_weight
+from ..config import GraftError
+from .base import ParallelHeads
 
 
 def lm_head_dtype(spec, bb) -> torch.dtype:
@@ -34,9 +36,17 @@ class ResBlock(nn.Module):
 
 class MedusaHeads(ParallelHeads):
     family = "medusa"
+    options = ("shared_lm_head", "lm_head_dtype")
+
+    @classmethod
+    def check_spec(cls, spec):
+        super().check_spec(spec)
+        if spec.lm_head_dtype not in ("auto", "bfloat16", "float32"):
+            raise GraftError(f"--lm-head-dtype must be auto, bfloat16 or float32, got {spec.lm_head_dtype!r}")
+        if spec.lm_head_dtype != "auto" and spec.shared_lm_head:
+            raise GraftError("--lm-head-dtype is for medusa heads with their own LM heads: leave it out")
 
     def __init__(self, spec, bb):
-        from ..backbone import dense_weight
 
         super().__init__(spec, bb)
         d, V = bb.hidden_size, bb.vocab_size

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..modeling import KVCache, cache_mask
-from . import ParallelHeads, copy_last_layer, last_row, positions
+from .base import ParallelHeads, copy_last_layer, last_row, positions
 
 
 class MetaMTPHeads(ParallelHeads):

@@ -1,5 +1,6 @@
-"""`graft export`: one self-contained folder with the backbone, its tokenizer, the heads and the
-calibrated draft tree. Above both `model` (loading) and `checkpoint` (file formats).
+"""`graft export`: the graft folder's heads (and for the default format its backbone) written in
+a format of `graft.registry.FORMATS`, one module each in this package. Above both `model`
+(loading) and `checkpoint` (graft's own files).
 
 The export is written into a temporary folder beside `--out` and renamed into place, so an
 interrupted export never leaves a half-written folder where a good one stood; leftovers of an
@@ -13,13 +14,12 @@ import shutil
 import tempfile
 import time
 
-import torch
-
 from safetensors import SafetensorError
 
-from . import checkpoint as ckpt
-from . import files
-from .config import GraftConfig, GraftError, WriteError, current_umask
+from .. import checkpoint as ckpt
+from .. import files
+from ..config import GraftError, WriteError, current_umask
+from ..registry import FORMATS, resolve
 
 TMP_PREFIX, OLD_TAG = ".graft-export-", ".old-graft-export-"
 
@@ -54,8 +54,6 @@ def _readable(folder: str) -> None:
             os.chmod(f, mode)
 
 
-FORMATS = ("graft", "vllm-medusa", "eagle3", "sglang-eagle3")
-
 
 def _replace(tmp: str, out: str, parent: str) -> None:
     """Move the finished export into place; an older one goes only once the new one stands."""
@@ -66,23 +64,6 @@ def _replace(tmp: str, out: str, parent: str) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
-
-
-def serving_verifier(source: str, given: str | None) -> str:
-    """The target model an eagle3 export names (`verifier.name_or_path`): `given` (a hub id, or a
-    local folder, written as an absolute path), else the hub repository the backbone came from.
-    vLLM's `vllm serve EXPORT` accepts only a hub id there, and speculators loads the target's
-    embeddings and LM head from it."""
-    from .backbone import ALIAS_HUB_IDS
-
-    if given:
-        return os.path.abspath(given) if os.path.exists(given) else given
-    if source in ALIAS_HUB_IDS:
-        return ALIAS_HUB_IDS[source]
-    if source == "." or os.path.exists(source) or source.startswith(("/", ".", "~")) or source.count("/") != 1:
-        raise GraftError(f"the backbone came from a local file or folder ({source}), and an eagle3 export names its "
-                         "target model: pass --verifier with the hub id it was made from (owner/name), or a folder")
-    return source
 
 
 def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False, tree_size: int = 0,
@@ -99,38 +80,19 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
         GraftError: a bad source or format, an `--out` that exists (without --force) or holds the
             source.
     """
-    from .backbone import _folder_fingerprint, drop_gguf_tag
-    from .model import load
-    from .tree import build_tree, default_accuracies
+    from ..model import load
 
-    if format not in FORMATS:
-        raise GraftError(f"unknown --format {format!r}: choose one of {', '.join(FORMATS)}")
+    fmt = resolve(FORMATS, format, "--format")
     config = ckpt.load_config(src)
-    need = {"vllm-medusa": "medusa", "eagle3": "eagle", "sglang-eagle3": "eagle"}.get(format)
-    if need and config.heads.family != need:
-        raise GraftError(f"--format {format} takes {need} heads; {src} holds {config.heads.family} heads, which no "
-                         "serving engine loads yet: use the default format")
-    if verifier and format != "eagle3":
-        raise GraftError("--verifier names the target model of an eagle3 export: pass it with --format eagle3 only")
-    if format == "vllm-medusa" and config.heads.draft_vocab:
-        raise GraftError("vLLM's Medusa drafter (vLLM 0.30-0.32; later releases have none) builds its LM heads over "
-                         "the whole vocabulary and cannot load a draft vocabulary's rows: export medusa heads grafted "
-                         "without --draft-vocab")
-    verifier_id = serving_verifier(config.backbone.source, verifier) if format == "eagle3" else None
-    if format == "eagle3" and config.backbone.model_type not in ("llama", "qwen3"):
-        raise GraftError(f"--format eagle3 is defined for Llama and Qwen3 backbones, not {config.backbone.model_type}")
-    if format == "sglang-eagle3" and config.backbone.model_type != "llama":
-        raise GraftError(f"--format sglang-eagle3 is SGLang's Llama drafter, not one for {config.backbone.model_type}: "
-                         "use --format eagle3")
-    if format != "graft" and config.lora:
-        raise GraftError(f"{src} trained LoRA adapters, so its backbone changed: a serving export holds the heads "
-                         "alone and would pair them with the original backbone")
+    options = {"dtype": dtype, "merge_lora": merge_lora, "tree_size": tree_size, "max_shard_size": max_shard_size,
+               "keep_4bit": keep_4bit, "verifier": verifier}
+    fmt.refuse(config, src, options)
     if config.lora and not merge_lora:
         raise GraftError(f"{src} trained LoRA adapters on the backbone: pass --merge-lora to fold them into the "
                          "exported backbone")
-    if keep_4bit and (format != "graft" or not config.backbone.load_in_4bit):
+    if keep_4bit and (not fmt.backbone or not config.backbone.load_in_4bit):
         raise GraftError("--keep-4bit writes the 4-bit backbone that a graft folder trained with --load-in-4bit "
-                         f"holds; {src} " + ("was trained on a full-precision backbone" if format == "graft" else
+                         f"holds; {src} " + ("was trained on a full-precision backbone" if fmt.backbone else
                                              f"is exported with --format {format}, which holds no backbone"))
     if keep_4bit and config.lora:
         raise GraftError(f"{src} trained LoRA adapters, which cannot be merged into 4-bit weights: export without "
@@ -156,36 +118,7 @@ def export(src: str, out: str, *, dtype: str = "auto", merge_lora: bool = False,
             # A full-precision backbone unless --keep-4bit: a 4-bit training backbone is reloaded unquantized.
             model = load(src, device="auto" if keep_4bit else "cpu", dtype=target, load_in_4bit=keep_4bit,
                          heads_dtype="float32", verify_backbone=verify_backbone)
-        heads, bb = model.heads, model.backbone
-        if format != "graft":  # the heads alone, in a serving engine's layout
-            if format == "vllm-medusa":
-                ckpt.save_vllm_medusa(tmp, heads, bb, dtype=bb.dtype)
-            elif format == "eagle3":
-                ckpt.save_eagle3(tmp, heads, bb, bb.dtype, verifier_id)
-            else:
-                ckpt.save_sglang_eagle3(tmp, heads, bb, bb.dtype)
-            _readable(tmp)
-            _replace(tmp, out, parent)
-            return
-        hf = bb.hf
-        if config.lora:
-            ckpt.merge_lora(hf)
-        # with --keep-4bit, bitsandbytes' own serialisation (safetensors), which loads back 4-bit
-        drop_gguf_tag(hf)
-        hf.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(tmp)
-        ident = config.backbone
-        training = dict(config.training or {})
-        training["trained_on"] = ident.describe()
-        acc = training.get("rank_accuracy") or default_accuracies(config.heads.num_heads)
-        size = tree_size or (64 if torch.cuda.is_available() else 24)
-        new_ident = type(ident)(**{**ident.__dict__, "source": ".", "sha256": _folder_fingerprint(tmp),
-                                   "gguf_file": None, "dtype": target, "load_in_4bit": keep_4bit, "revision": None})
-        new = GraftConfig(backbone=new_ident, heads=config.heads, training=training, tree=build_tree(acc, size),
-                          lora=None)
-        ckpt.save_heads(tmp, model.heads, new)
-        ckpt.save_config(tmp, new)
+        fmt.write(tmp, model, {**options, "target": target})
         _readable(tmp)
         _replace(tmp, out, parent)
     except (OSError, SafetensorError) as e:  # a full disk reaches safetensors' writer as its own error
