@@ -34,7 +34,7 @@ def test_greedy_identical_to_plain_decoding(family, gemma):
     with torch.no_grad():  # perturbed heads: a few drafts accepted, many rejected
         for p in m.heads.parameters():
             p.add_(torch.randn_like(p) * 1e-2)
-    for prompt in PROMPTS[FAMILIES.index(family) % 2:][:1]:  # the prompts in turn
+    for prompt in PROMPTS[list(FAMILIES).index(family) % 2:][:1]:  # the prompts in turn
         ids = gemma.tokenizer(prompt)["input_ids"]
         ref = gemma.hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
