@@ -91,6 +91,23 @@ def test_serving_formats_refuse_other_families(tiny_dirs, tmp_path):
         export(g, str(tmp_path / "v"), format="onnx")
 
 
+
+def test_gemma3_exports_in_graft_format_and_refuses_the_serving_ones(tiny_dirs, tmp_path):
+    """Gemma 3 heads: the default export loads back and decodes as before; the serving formats
+    refuse in one line (no engine takes Gemma 3 heads)."""
+    g, e = str(tmp_path / "g"), str(tmp_path / "e")
+    m = add_heads(tiny_dirs["gemma3"], heads="eagle", num_heads=2, out=g, device="cpu", aux_layers=[1, 2])
+    export(g, e)
+    back = load(e, device="cpu")
+    ids = [5, 9, 3, 7, 11, 2]
+    kw = dict(input_ids=ids, max_new_tokens=12, tree="calibrated", eos=False)
+    assert back.generate(**kw).ids == m.generate(**kw).ids
+    with pytest.raises(GraftError, match="Llama and Qwen3 backbones, not gemma3_text"):
+        export(g, str(tmp_path / "v"), format="eagle3", verifier="google/gemma-3-270m")
+    with pytest.raises(GraftError, match="SGLang's Llama drafter"):
+        export(g, str(tmp_path / "s"), format="sglang-eagle3")
+
+
 INTEROP = r"""
 import sys
 import torch

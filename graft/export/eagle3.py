@@ -134,7 +134,8 @@ def save_sglang_eagle3(path: str, heads, bb, dtype) -> None:
 
 def _check_eagle3(config, options) -> None:
     if config.backbone.model_type not in ("llama", "qwen3"):
-        raise GraftError(f"--format eagle3 is defined for Llama and Qwen3 backbones, not {config.backbone.model_type}")
+        raise GraftError(f"--format eagle3 is defined for Llama and Qwen3 backbones, not {config.backbone.model_type} "
+                         "(vLLM 0.34 has EAGLE-3 drafters of those two layer types only): use the default format")
     serving_verifier(config.backbone.source, options.get("verifier"))
 
 
