@@ -12,11 +12,15 @@
 #
 #   bash benchmarks/gpu_check.sh MODEL DATA BENCH [WORKDIR]
 #
+# Settings by environment: MIN (training minutes), FAMILIES, F32_PER, LONG_NEW (new tokens after the
+# long prompts), TRAIN_ARGS (more `graft train` options; a CPU dry run of this script: MIN=0.2
+# LONG_NEW=4 TRAIN_ARGS="--seq-len 128 --batch-size 2 --max-steps 6" and a bench file of 4 prompts).
+#
 # It takes about ($MIN + 4) minutes per family. On a lent machine whose calls end after 10 minutes,
 # start it in the background (setsid nohup bash benchmarks/gpu_check.sh ... &) and poll $W/check.md.
 set -uo pipefail  # no -e: a failed phase is a row of the table, not the end of the check
 MODEL=$1; DATA=$2; BENCH=$3; W=${4:-/tmp/gpu-check}
-MIN=${MIN:-3}; F32_PER=${F32_PER:-4}; FAMILIES=(${FAMILIES:-eagle deepseek-mtp blockwise medusa meta-mtp})
+MIN=${MIN:-3}; F32_PER=${F32_PER:-4}; LONG_NEW=${LONG_NEW:-1000}; TRAIN_ARGS=${TRAIN_ARGS:-}; FAMILIES=(${FAMILIES:-eagle deepseek-mtp blockwise medusa meta-mtp})
 declare -A K=([eagle]=6)  # draft depth per family; 4 where unset
 export PYTHONUNBUFFERED=1 GRAFT_CACHE=$W/cache
 mkdir -p $W/logs
@@ -24,7 +28,7 @@ g() { python3 -m graft "$@"; }
 row() { echo "| $1 | $2 | $3 |" | tee -a $W/check.md; }
 verdict() {  # log rc: the last meaningful line, or the fault
   local log=$1 rc=$2
-  if [ "$rc" = 0 ]; then tr '\r' '\n' < $log | grep -E "^tau|ERROR SUMMARY|passed|failed" | tail -1
+  if [ "$rc" = 0 ]; then tr '\r' '\n' < $log | grep -E "^tau|ERROR SUMMARY|passed|failed|skipped" | tail -1
   else echo "**rc=$rc**: $(tr '\r' '\n' < $log | grep -E "Error|error|fault|failure" | tail -1 | cut -c1-160)"; fi
 }
 : > $W/check.md
@@ -40,14 +44,18 @@ bb = load_backbone(sys.argv[1], device="cpu")
 tok, ctx = bb.tokenizer, bb.max_positions or 2048
 text = " ".join(json.loads(l)["prompt"] for l in open(sys.argv[2]))
 ids = tok(text)["input_ids"]
+ids = ids * (ctx // max(len(ids), 1) + 1)  # a short bench file: repeated past the window
 with open(sys.argv[3], "w") as f:
     for short in (40, 150, 300, 600):
-        f.write(json.dumps({"prompt": tok.decode(ids[:ctx - short]), "category": f"ctx-{short}"}) + "\n")
+        cut = ctx - short
+        while len(tok(tok.decode(ids[:cut]))["input_ids"]) > ctx - short:  # decoding and encoding again may merge
+            cut -= 8
+        f.write(json.dumps({"prompt": tok.decode(ids[:cut]), "category": f"ctx-{short}"}) + "\n")
 PY
 for fam in "${FAMILIES[@]}"; do
   R=$W/$fam
   g add-heads $MODEL --heads $fam --num-heads ${K[$fam]:-4} --out $R --force > $W/logs/$fam-add.log 2>&1
-  g train $R --data $DATA --config recipes/$fam.yaml --max-minutes $MIN > $W/logs/$fam-train.log 2>&1
+  g train $R --data $DATA --config recipes/$fam.yaml --max-minutes $MIN $TRAIN_ARGS > $W/logs/$fam-train.log 2>&1
   row "train $MIN min" "$fam" "$(tr '\r' '\n' < $W/logs/$fam-train.log | grep '^done' | cut -c1-120)"
   trees=(auto); [[ $fam == eagle || $fam == deepseek-mtp ]] && trees+=(dynamic)
   for tree in "${trees[@]}"; do
@@ -55,7 +63,7 @@ for fam in "${FAMILIES[@]}"; do
       > $W/logs/$fam-soak-$tree.log 2>&1
     row "bf16 soak, all of the bench, --tree $tree" "$fam" "$(verdict $W/logs/$fam-soak-$tree.log $?)"
   done
-  g bench $R --prompts $W/long.jsonl --no-chat --max-new-tokens 1000 --baselines "" --json $W/$fam-long.json \
+  g bench $R --prompts $W/long.jsonl --no-chat --max-new-tokens $LONG_NEW --baselines "" --json $W/$fam-long.json \
     > $W/logs/$fam-long.log 2>&1
   row "bf16, prompts up to the context window's end" "$fam" "$(verdict $W/logs/$fam-long.log $?)"
   g bench $R --prompts $BENCH --per-category $F32_PER --max-new-tokens 128 --baselines eager,nodraft --dtype float32 \

@@ -6,6 +6,7 @@
 #   distill: the backbone answers PROMPTS (split over the GPUs) -> $W/data.jsonl; DISTILL_S=s
 #            stops it after s seconds, keeping the answers written so far
 #   train:   each head family trained for at most $MIN minutes, one family per GPU in parallel
+#            (ADD_ARGS: more add-heads options, e.g. "--draft-vocab 16384" for Gemma 3's 262k vocabulary)
 #   bench:   export every family; bench each against graft's loop without drafting ($ENGINE),
 #            and the first family ($BASE_ENGINE) against all baselines
 #   figures: training throughput and peak memory (benchmarks/train_figures.py), on GPUs 1..
@@ -22,7 +23,7 @@ FAMILIES=(${FAMILIES:-eagle deepseek-mtp blockwise medusa meta-mtp})
 declare -A HEADS=([eagle]=6)  # draft depth per family; 4 where unset
 BASELINES=${BASELINES:-eager,static,lookup,nodraft}
 ENGINE=${ENGINE:-auto}; BASE_ENGINE=${BASE_ENGINE:-$ENGINE}
-DISTILL_NEW=${DISTILL_NEW:-256}; TRAIN_ARGS=${TRAIN_ARGS:-}; SHAPE=${SHAPE:-llama3-8b}  # small values: a CPU dry run
+DISTILL_NEW=${DISTILL_NEW:-256}; TRAIN_ARGS=${TRAIN_ARGS:-}; ADD_ARGS=${ADD_ARGS:-}; SHAPE=${SHAPE:-llama3-8b}  # small values: a CPU dry run
 NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}  # NGPU=k: use the first k GPUs only
 g() { python3 -m graft "$@"; }
 quiet() { tr '\r' '\n' | grep --line-buffered -Ev "^(train|bench|distill|export)|Converting|Loading weights|Writing model|it/s\]$"; }
@@ -46,7 +47,7 @@ train)
   i=0
   : > "$W/train.pids"
   for fam in "${FAMILIES[@]}"; do  # one family per GPU; several share a GPU where there are fewer
-    (on $i g add-heads "$MODEL" --heads "$fam" --num-heads "${HEADS[$fam]:-4}" --out "$W/$fam" --force >/dev/null 2>&1 &&
+    (on $i g add-heads "$MODEL" --heads "$fam" --num-heads "${HEADS[$fam]:-4}" --out "$W/$fam" --force $ADD_ARGS >/dev/null 2>&1 &&
      on $i g train "$W/$fam" --data "$W/data.jsonl" --config "recipes/$fam.yaml" --max-steps "$STEPS" \
        --max-minutes "$MIN" $TRAIN_ARGS 2>&1 | quiet) &
     echo $! >> "$W/train.pids"
