@@ -56,7 +56,7 @@ def check_types(obj, prefix: str = "--") -> None:
 class HeadSpec:
     """What heads to graft.
 
-    family: a registered head family (graft.heads.FAMILIES).
+    family: a registered head family (graft.registry.FAMILIES).
     num_heads: K, the number of future tokens drafted per step (1..8); for eagle, the draft
         steps unrolled in training (training-time test) and the deepest draft.
     head_layers: residual blocks per medusa head, transformer layers per meta-mtp head or

@@ -54,7 +54,6 @@ def _readable(folder: str) -> None:
             os.chmod(f, mode)
 
 
-
 def _replace(tmp: str, out: str, parent: str) -> None:
     """Move the finished export into place; an older one goes only once the new one stands."""
     if os.path.exists(out):

@@ -9,6 +9,7 @@ import torch
 from ..backbone import ALIAS_HUB_IDS
 from ..checkpoint import save_tensors
 from ..config import GraftError, write_json
+from ..heads.eagle import default_aux_layers
 from .formats import Format
 
 
@@ -32,10 +33,7 @@ def eagle3_features(heads) -> tuple[list[int], torch.Tensor]:
     SGLang capture the features in layer order (vLLM also drops repeats), while graft
     concatenates them in the order given at `add-heads`: the ids are written ascending and
     `fc`'s input columns, one block of d per feature, are put in the same order."""
-    ids = list(heads.features)
-    if len(set(ids)) != len(ids):
-        raise GraftError(f"the heads read aux layers {','.join(map(str, ids))}, one of them twice, and the serving "
-                         "engines take each layer once: graft the heads with distinct --aux-layers")
+    ids = list(heads.features)  # distinct (`_check_aux`)
     order = sorted(range(len(ids)), key=lambda j: ids[j])
     w = heads.fc.weight.detach()
     d = w.shape[1] // len(ids)
@@ -111,14 +109,6 @@ def save_sglang_eagle3(path: str, heads, bb, dtype) -> None:
     SGLANG_CHECKED): a LlamaConfig with `architectures: ["LlamaForCausalLMEagle3"]`, the draft
     layer as `midlayer.*`, and `eagle_config.eagle_aux_hidden_state_layer_ids` counted SGLang's way,
     as the layer whose output is taken (graft counts the layer whose input is: one less)."""
-    L = len(bb.layers)
-    if min(heads.features) < 1:
-        raise GraftError("SGLang takes layer outputs as EAGLE-3 features, so the embeddings (aux layer 0) cannot be "
-                         "one: graft the heads with --aux-layers of 1 or more")
-    if max(heads.features) >= L:
-        raise GraftError(f"SGLang captures the inputs of layers 1..{L - 1} as EAGLE-3 features, never the last layer's "
-                         f"output (aux layer {L}): graft the heads with --aux-layers below {L}, or export "
-                         "--format eagle3")
     V = bb.vocab_size
     ids, aux = _save_eagle3_tensors(path, heads, bb, dtype, "midlayer", mapping=True)
     config = bb.config.to_diff_dict() if hasattr(bb.config, "to_diff_dict") else bb.config.to_dict()
@@ -132,17 +122,37 @@ def save_sglang_eagle3(path: str, heads, bb, dtype) -> None:
     write_json(os.path.join(path, "config.json"), config)
 
 
+def _check_aux(config) -> list[int]:
+    """The aux layers the heads read, from graft.json (before the backbone loads): each once, as
+    the serving engines capture them."""
+    spec = config.heads
+    ids = list(spec.aux_layers) if spec.aux_layers else default_aux_layers(config.backbone.num_layers)
+    if len(set(ids)) != len(ids):
+        raise GraftError(f"the heads read aux layers {','.join(map(str, ids))}, one of them twice, and the serving "
+                         "engines take each layer once: graft the heads with distinct --aux-layers")
+    return ids
+
+
 def _check_eagle3(config, options) -> None:
     if config.backbone.model_type not in ("llama", "qwen3"):
         raise GraftError(f"--format eagle3 is defined for Llama and Qwen3 backbones, not {config.backbone.model_type} "
                          "(vLLM 0.34 has EAGLE-3 drafters of those two layer types only): use the default format")
     serving_verifier(config.backbone.source, options.get("verifier"))
+    _check_aux(config)
 
 
 def _check_sglang(config, options) -> None:
     if config.backbone.model_type != "llama":
         raise GraftError(f"--format sglang-eagle3 is SGLang's Llama drafter, not one for {config.backbone.model_type}: "
                          "use --format eagle3")
+    L, aux = config.backbone.num_layers, _check_aux(config)
+    if min(aux) < 1:
+        raise GraftError("SGLang takes layer outputs as EAGLE-3 features, so the embeddings (aux layer 0) cannot be "
+                         "one: graft the heads with --aux-layers of 1 or more")
+    if max(aux) >= L:
+        raise GraftError(f"SGLang captures the inputs of layers 1..{L - 1} as EAGLE-3 features, never the last layer's "
+                         f"output (aux layer {L}): graft the heads with --aux-layers below {L}, or export "
+                         "--format eagle3")
 
 
 EAGLE3 = Format("eagle3", lambda folder, model, options: save_eagle3(

@@ -6,6 +6,8 @@ itself predicts i+1.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -14,8 +16,9 @@ from ..config import GraftError, HeadSpec
 from ..optim import HALF
 
 
-# HeadSpec fields that only some families take, with their defaults (`Heads.options`)
-FAMILY_OPTIONS = {"shared_lm_head": False, "lm_head_dtype": "auto", "aux_layers": None}
+# HeadSpec fields that only some families take (`Heads.options`), with HeadSpec's defaults
+FAMILY_OPTIONS = {f.name: f.default for f in dataclasses.fields(HeadSpec)
+                  if f.name in ("shared_lm_head", "lm_head_dtype", "aux_layers")}
 
 
 class Heads(nn.Module):
