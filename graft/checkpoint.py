@@ -278,13 +278,23 @@ def _unlink(file: str) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` still runs. A zombie (killed, not yet reaped: in a container whose first
+    process reaps nothing it stays one) holds no lock."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    if not os.path.isdir("/proc/self"):
+        return True  # no /proc (macOS): kill's answer stands
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False  # gone since
+    except (OSError, IndexError):
         return True
-    return True
 
 
 def merge_lora(hf) -> None:

@@ -63,6 +63,9 @@ def kill_tree(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.time() + 30  # dead, or zombies nobody reaps yet
+    while time.time() < deadline and any(ckpt._alive(p) for p in tree):
+        time.sleep(0.01)
 
 
 def flags(opts):

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -181,9 +182,17 @@ def test_one_writer_per_folder(tiny_dirs, tiny_data, tmp_path):
             f.write(str(holder.pid))
         with pytest.raises(GraftError, match=f"PID {holder.pid}"):
             train(g, tiny_data, FAST, device="cpu", progress=False)
+        holder.kill()  # killed, not reaped: a zombie, as a killed run's workers stay in a container
+        deadline = time.time() + 30
+        while time.time() < deadline and open(f"/proc/{holder.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+        train(g, tiny_data, FAST, device="cpu", progress=False)  # a zombie holds no lock
     finally:
         holder.kill()
         holder.wait()
+    assert not os.path.exists(os.path.join(g, ckpt.LOCK_NAME))
+    with open(os.path.join(g, ckpt.LOCK_NAME), "w") as f:
+        f.write(str(holder.pid))
     train(g, tiny_data, FAST, device="cpu", progress=False)  # the holder is gone: stale
     assert not os.path.exists(os.path.join(g, ckpt.LOCK_NAME))
 
