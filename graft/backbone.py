@@ -145,6 +145,9 @@ def resolve_source(model: str) -> tuple[str, str, str | None]:
             raise GraftError(f"{model} is a folder without config.json: give a Hugging Face model folder, "
                              f"a .gguf file, a hub id or the alias {ALIAS_NAMES}")
         return "dir", os.path.abspath(expanded), None
+    if os.path.isfile(expanded):
+        raise GraftError(f"{model} is a file, not a model: give a Hugging Face model folder, a .gguf file, a hub "
+                         f"id or the alias {ALIAS_NAMES}")
     parts = model.split("/")
     if model.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts):
         raise GraftError(f"model path {model} does not exist: give a model folder, a .gguf file, "

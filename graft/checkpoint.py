@@ -56,7 +56,8 @@ def save_config(path: str, config: GraftConfig) -> None:
 
 def load_config(path: str) -> GraftConfig:
     if not os.path.isdir(path):
-        raise GraftError(f"{path} does not exist: give a folder made by `graft add-heads` or `graft export`")
+        raise GraftError(f"{path} {'is a file, not a folder' if os.path.exists(path) else 'does not exist'}: give a "
+                         "folder made by `graft add-heads` or `graft export`")
     if not is_graft_dir(path):
         raise GraftError(f"{path} has no {CONFIG_NAME}: give a folder made by `graft add-heads` or `graft export`")
     file = os.path.join(path, CONFIG_NAME)

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .config import MAX_HEADS, GraftError
+from .config import MAX_HEADS, MAX_TREE, GraftError
 from .registry import ENGINES, FAMILIES, FORMATS, TREES
 
 # Option choices: the registries' (graft.registry), and the dtypes written out so that `graft --help` need not
@@ -43,7 +43,7 @@ DECODE_DTYPE_OPTION = click.option(
 
 
 def tree_options(f):
-    f = click.option("--tree-size", type=click.IntRange(min=0), default=0,
+    f = click.option("--tree-size", type=click.IntRange(0, MAX_TREE), default=0,
                      help="Draft-tree nodes besides the root (overrides --tree auto).")(f)
     return click.option("--tree", type=click.Choice(TREES), default="auto",
                         show_default=True,
@@ -61,7 +61,26 @@ MODEL_HELP = ("MODEL: a Hugging Face model folder, a .gguf file, a hub id (needs
 
 
 class Group(click.Group):
-    """Turns graft's own errors into one line on stderr and exit status 1, never a traceback."""
+    """Turns graft's own errors into one line on stderr and exit status 1, and click's (a missing
+    option, a value out of range) into one line and status 2, never a traceback."""
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:  # `graft` alone: the help, as before
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "graft"
+            click.echo(f"error: {e.format_message().rstrip('.')} (see `{where} --help`)", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
 
     def invoke(self, ctx):
         try:
@@ -256,7 +275,7 @@ def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, shard_backbone, dev
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
 @dtype_option("Backbone dtype on disk; auto keeps the training dtype.")
 @click.option("--merge-lora", is_flag=True, help="Merge LoRA adapters trained with --lora-r into the backbone.")
-@click.option("--tree-size", type=click.IntRange(min=0),
+@click.option("--tree-size", type=click.IntRange(0, MAX_TREE),
               default=0, help="Nodes in the calibrated draft tree (0: 24 on CPU, 64 on "
               "GPU).")
 @click.option("--max-shard-size", default="2GB", show_default=True)

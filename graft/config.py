@@ -14,6 +14,7 @@ from typing import Any
 
 GRAFT_VERSION = "0.1.0"
 MAX_HEADS = 8
+MAX_TREE = 1024  # draft-tree nodes besides the root: the fit measures up to 128; EAGLE-2 verifies 60
 # graft's own tensor files; they sit beside an exported backbone but are not part of it
 HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE = "heads.safetensors", "lora.safetensors", "train_state.safetensors"
 
@@ -89,9 +90,9 @@ class HeadSpec:
         if not isinstance(self.family, str) or not self.family:
             raise GraftError(f"the head family must be a name, got {self.family!r}")
         if not isinstance(self.num_heads, int) or not 1 <= self.num_heads <= MAX_HEADS:
-            raise GraftError(f"--num-heads must be between 1 and {MAX_HEADS}, got {self.num_heads}")
+            raise GraftError(f"--num-heads must be between 1 and {MAX_HEADS}, got {self.num_heads!r}")
         if not isinstance(self.head_layers, int) or not 1 <= self.head_layers <= 4:
-            raise GraftError(f"--head-layers must be between 1 and 4, got {self.head_layers}")
+            raise GraftError(f"--head-layers must be between 1 and 4, got {self.head_layers!r}")
         if self.init not in ("copy", "random"):
             raise GraftError(f"--init must be 'copy' or 'random', got {self.init!r}")
         if self.draft_vocab is not None and (not isinstance(self.draft_vocab, int) or self.draft_vocab < 1):

@@ -82,17 +82,44 @@ def record_text(rec: dict, tokenizer) -> str:
     """One record -> training text. `messages` (chat), `prompt` + `response`, or `text`."""
     chat = getattr(tokenizer, "chat_template", None)
     if rec.get("messages"):
-        msgs = rec["messages"]
+        msgs = _messages(rec["messages"])
         if chat:
-            return tokenizer.apply_chat_template(msgs, tokenize=False)
+            return apply_chat(tokenizer, msgs, tokenize=False)
         return "\n".join(f"{m['role']}: {m['content']}" for m in msgs)
     if rec.get("prompt") is not None and rec.get("response") is not None:
-        msgs = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
-        return tokenizer.apply_chat_template(msgs, tokenize=False) if chat else rec["prompt"] + rec["response"]
+        msgs = [{"role": "user", "content": _text(rec, "prompt")},
+                {"role": "assistant", "content": _text(rec, "response")}]
+        return apply_chat(tokenizer, msgs, tokenize=False) if chat else msgs[0]["content"] + msgs[1]["content"]
     if rec.get("text") is not None:
-        return rec["text"]
+        return _text(rec, "text")
     raise GraftError(f"a record has none of the fields `messages`, `prompt`+`response` or `text` "
                      f"(it has {', '.join(sorted(rec)) or 'nothing'}): rename the fields")
+
+
+def _text(rec: dict, key: str) -> str:
+    if not isinstance(rec[key], str):
+        raise GraftError(f"a record's `{key}` is {type(rec[key]).__name__}, not text: give it as a string")
+    return rec[key]
+
+
+def _messages(msgs) -> list[dict]:
+    """`messages` as chat templates take them: a list of {"role": str, "content": str}."""
+    if not isinstance(msgs, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in msgs):
+        raise GraftError('a record\'s `messages` is not a list of {"role": ..., "content": ...} with text in both: '
+                         "fix the record")
+    return msgs
+
+
+def apply_chat(tokenizer, msgs: list[dict], **kw):
+    """The tokenizer's chat template over `msgs`; a template that refuses them (Gemma's, for turns
+    that do not alternate) is a one-line error."""
+    try:
+        return tokenizer.apply_chat_template(msgs, **kw)
+    except Exception as e:  # jinja2's TemplateError, and raise_exception() inside templates
+        raise GraftError(f"the tokenizer's chat template refused a conversation ({str(e)[:160]}): fix the "
+                         "record's messages") from None
 
 
 def pack(ds, tokenizer, seq_len: int) -> torch.Tensor:
@@ -133,12 +160,12 @@ def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
 
 def prompt_of(rec: dict) -> list[dict]:
     if rec.get("messages"):
-        msgs = [m for m in rec["messages"] if m.get("role") != "assistant"]
+        msgs = [m for m in _messages(rec["messages"]) if m["role"] != "assistant"]
         if msgs:
             return msgs
     for key in ("prompt", "instruction", "question", "text"):
         if rec.get(key):
-            return [{"role": "user", "content": str(rec[key])}]
+            return [{"role": "user", "content": _text(rec, key)}]
     raise GraftError(f"a prompt record has no `prompt`, `messages` or `text` field (it has {', '.join(sorted(rec))}): "
                      "rename the field")
 
@@ -165,11 +192,13 @@ def _done_records(out: str, convs: list, force: bool) -> int:
             ours = (isinstance(rec, dict) and isinstance(rec.get("messages"), list) and good < len(convs)
                     and [m for m in rec["messages"] if m.get("role") != "assistant"] == convs[good])
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            if last and line.strip():
-                break  # torn by a kill: written again
-            ours = not line.strip() and last
-            if ours:
+            if last and not line.strip():
                 break
+            if last and good < len(convs):  # torn by a kill mid-write: written again, if it is one of ours
+                head = json.dumps({"messages": convs[good]})[:-2].encode()  # up to the answer
+                if line.startswith(head) or head.startswith(line):
+                    break
+            ours = False
         if not ours:
             raise GraftError(f"--out {out} exists and is not distill-data's output for these prompts (line {n + 1}): "
                              "choose another --out, or pass --force to start it over")
@@ -295,6 +324,6 @@ def encode_chat(tok, msgs: list[dict], chat: bool = True) -> list[int]:
     """The prompt ids the model answers: the messages through the tokenizer's chat template with
     the assistant's turn opened, or their plain text where there is no template (or not `chat`)."""
     if chat and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ids = apply_chat(tok, msgs, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 may return a BatchEncoding
     return list(tok("\n".join(m["content"] for m in msgs), add_special_tokens=True)["input_ids"])

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import GraftError
+from .config import MAX_TREE, GraftError
 from .engine import Step, resolve_engine, room
 from .fit import fit_tree
 from .registry import ENGINES, TREES
@@ -73,9 +73,11 @@ class DecodeConfig:
             raise GraftError(f"--tree must be one of {', '.join(TREES)}, got {self.tree!r}")
         if self.engine not in ENGINES:
             raise GraftError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.tree_size < 0:
-            raise GraftError("--tree-size must be >= 0")
+        if not 0 <= self.tree_size <= MAX_TREE:
+            raise GraftError(f"--tree-size must be between 0 and {MAX_TREE}, got {self.tree_size}")
         self.stop = tuple(self.stop or ())
+        if not all(isinstance(x, str) and x for x in self.stop):
+            raise GraftError("--stop takes non-empty strings: an empty one would stop at the first token")
 
 
 @dataclass

@@ -27,8 +27,10 @@ def one_line_error(r, pattern):
 
 
 def bound_error(r, pattern):
-    """A value outside an option's range: click's usage error (exit 2), which names the bound."""
-    assert r.exit_code == 2 and "Traceback" not in r.output and pattern in r.output, r.output
+    """A value outside an option's range: click's usage error (exit 2), which names the bound, in
+    one line."""
+    lines = [l for l in r.output.splitlines() if l.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and pattern in lines[0], r.output
 
 
 def test_help_teaches():
@@ -54,9 +56,9 @@ def test_add_heads_summary_and_files(tiny_dirs, tmp_path):
 def test_add_heads_bad_inputs(tiny_dirs, tmp_path):
     one_line_error(run("add-heads", tmp_path / "missing", "--out", tmp_path / "o", ok=False), "does not exist")
     r = run("add-heads", tiny_dirs["llama"], "--heads", "hydra", "--out", tmp_path / "o", ok=False)
-    assert r.exit_code == 2 and "hydra" in r.output  # click's own choice error
+    bound_error(r, "hydra")  # click's own choice error
     r = run("add-heads", tiny_dirs["llama"], "--num-heads", "9", "--out", tmp_path / "o", ok=False)
-    assert r.exit_code == 2 and "1<=x<=8" in r.output  # the bound, where click parses it
+    bound_error(r, "1<=x<=8")  # the bound, where click parses it
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("x")
@@ -128,6 +130,15 @@ def test_distill_data_resumes(tiny_dirs, tmp_path):
     bad.write_text(json.dumps({"nothing": 1}) + "\n")
     one_line_error(run("distill-data", tiny_dirs["llama"], "--prompts", bad, "--out", tmp_path / "x.jsonl",
                        ok=False), "no `prompt`")
+    bad.write_text(json.dumps({"prompt": 3}) + "\n")
+    one_line_error(run("distill-data", tiny_dirs["llama"], "--prompts", bad, "--out", tmp_path / "x.jsonl",
+                       ok=False), "not text")
+    # a file of one line and no newline that is not ours is not taken for a torn record: it stays
+    mine = tmp_path / "notes.txt"
+    mine.write_text("my notes")
+    one_line_error(run("distill-data", tiny_dirs["llama"], "--prompts", prompts, "--out", mine, ok=False),
+                   "not distill-data's output")
+    assert mine.read_text() == "my notes"
 
 
 def test_train_cli_and_recipe(tiny_dirs, tiny_data, tmp_path):
@@ -142,6 +153,11 @@ def test_train_cli_and_recipe(tiny_dirs, tiny_data, tmp_path):
     empty = tmp_path / "e.jsonl"
     empty.write_text("")
     one_line_error(run("train", g, "--data", empty, ok=False), "empty")
+    for rec, says in (({"text": 5}, "not text"), ({"messages": [1, 2]}, "`messages`"),
+                      ({"prompt": "a", "response": ["b"]}, "not text")):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps(rec) + "\n")
+        one_line_error(run("train", g, "--data", bad, ok=False), says)
 
 
 def test_bench_report_and_bad_prompts(tiny_dirs, tmp_path):
@@ -304,6 +320,11 @@ def test_bad_text_and_numbers_are_one_line(tiny_dirs, tmp_path):
     run("add-heads", tiny_dirs["llama"], "--heads", "medusa", "-k", "2", "--out", g, "--device", "cpu")
     one_line_error(run("generate", g, "--prompt", "x", "--temperature", "nan", ok=False), "finite")
     one_line_error(run("generate", g, "--prompt", "x", "--temperature", "inf", ok=False), "finite")
+    one_line_error(run("generate", g, "--prompt", "x", "--stop", "", ok=False), "non-empty")
+    afile = tmp_path / "x.txt"
+    afile.write_text("x")
+    one_line_error(run("generate", afile, "--prompt", "x", ok=False), "is a file")
+    one_line_error(run("add-heads", afile, "--out", tmp_path / "o", ok=False), "is a file")
     r = CliRunner().invoke(main, ["generate", str(g), "--prompt", "-"], input=b"\xff\xfe bad")
     one_line_error(r, "UTF-8")
 

@@ -188,6 +188,10 @@ def test_bad_decode_options():
         DecodeConfig(temperature=-1)
     with pytest.raises(GraftError, match="top-p"):
         DecodeConfig(top_p=0)
+    with pytest.raises(GraftError, match="--stop"):
+        DecodeConfig(stop=("</s>", ""))
+    with pytest.raises(GraftError, match="--tree-size"):
+        DecodeConfig(tree_size=100_000)
 
 
 def test_prompt_longer_than_context(tokenizer):
