@@ -183,13 +183,16 @@ def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, lm_head
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy answers.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
+@click.option("--answers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Answers per prompt, each a record of its own: more on-policy text from the same prompts "
+                   "(needs --temperature > 0; greedy answers would repeat).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Start --out over when it holds something else than this run's "
               "records (without it such a file is never touched).")
 @backbone_options
-def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_samples, batch_size, seed, force, dtype,
-                     load_in_4bit, device, trust_remote_code):
+def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_samples, answers, batch_size, seed, force,
+                     dtype, load_in_4bit, device, trust_remote_code):
     """Let MODEL answer each prompt itself and write the answers as chat records (resumable).
 
     Heads trained on text the backbone would write accept more tokens (Medusa-2, EAGLE-3).
@@ -199,7 +202,7 @@ def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_sampl
     from .data import distill
 
     n = distill(model, prompts, out, max_new_tokens=max_new_tokens, temperature=temperature,
-                num_samples=num_samples, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
+                num_samples=num_samples, answers=answers, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
                 load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, force=force)
     from .distributed import finish
 

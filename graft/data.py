@@ -210,10 +210,11 @@ def _done_records(out: str, convs: list, force: bool) -> int:
 
 
 def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperature=0.0, num_samples=None,
-            batch_size=16, seed=0, dtype="auto", device="auto", load_in_4bit=False, trust_remote_code=False,
-            force=False) -> int:
-    """Let the backbone answer every prompt; append chat records to `out`. A re-run with the same
-    prompts continues where a stopped one left off; `force` starts `out` over.
+            answers=1, batch_size=16, seed=0, dtype="auto", device="auto", load_in_4bit=False,
+            trust_remote_code=False, force=False) -> int:
+    """Let the backbone answer every prompt (`answers` times, sampled, each a record); append chat
+    records to `out`. A re-run with the same prompts continues where a stopped one left off;
+    `force` starts `out` over.
 
     Raises:
         GraftError: bad options or prompts, or an `out` that holds something else.
@@ -225,12 +226,15 @@ def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperatu
         raise GraftError("--max-new-tokens and --batch-size must be at least 1")
     if not 0 <= temperature < float("inf"):
         raise GraftError(f"--temperature must be a finite number >= 0, got {temperature}")
+    if answers < 1 or answers > 1 and temperature == 0:
+        raise GraftError(f"--answers {answers} needs sampled answers: give --temperature above 0 (greedy answers to "
+                         "one prompt are all the same)")
     if os.path.exists(out) and os.path.realpath(out) == os.path.realpath(prompts):
         raise GraftError("--out is the prompts file itself: choose another --out")
     ds = load_records(prompts)
     if num_samples is not None:
         ds = ds.select(range(min(num_samples, len(ds))))
-    convs = [prompt_of(r) for r in ds]
+    convs = [c for c in map(prompt_of, ds) for _ in range(answers)]  # a prompt's answers side by side
     from .files import refuse_link
 
     refuse_link(out, "--out")

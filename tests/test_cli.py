@@ -126,6 +126,20 @@ def test_distill_data_resumes(tiny_dirs, tmp_path):
     recs = [json.loads(l) for l in out.read_text().splitlines()]
     assert [r["messages"][0]["content"] for r in recs] == texts
     assert recs[0]["messages"][-1]["role"] == "assistant"
+    # several sampled answers per prompt, side by side in the prompts' order; a torn one is written again
+    many = tmp_path / "many.jsonl"
+    common = ["--prompts", prompts, "--out", many, "--num-samples", "3", "--answers", "3", "--temperature", "1",
+              "--max-new-tokens", "6", "--batch-size", "4", "--device", "cpu"]
+    run("distill-data", tiny_dirs["llama"], *common)
+    lines = many.read_text().splitlines()
+    many.write_text("\n".join(lines[:4]) + "\n" + lines[4][:30])
+    run("distill-data", tiny_dirs["llama"], *common)
+    recs = [json.loads(l) for l in many.read_text().splitlines()]
+    assert [r["messages"][0]["content"] for r in recs] == [t for t in texts[:3] for _ in range(3)]
+    assert recs[:4] == [json.loads(l) for l in lines[:4]]
+    assert len({r["messages"][-1]["content"] for r in recs[:3]}) > 1  # sampled: not three copies
+    one_line_error(run("distill-data", tiny_dirs["llama"], "--prompts", prompts, "--out", tmp_path / "g.jsonl",
+                       "--answers", "2", ok=False), "--temperature")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"nothing": 1}) + "\n")
     one_line_error(run("distill-data", tiny_dirs["llama"], "--prompts", bad, "--out", tmp_path / "x.jsonl",
