@@ -101,7 +101,7 @@ def save_eagle3(path: str, heads, bb, dtype, verifier: str) -> None:
     write_json(os.path.join(path, "config.json"), config)
 
 
-SGLANG_CHECKED = "sgl-project/sglang@03d5a77 (models/llama_eagle3.py; set_eagle3_layers_to_capture in models/llama.py)"
+SGLANG_CHECKED = "sglang 0.5.23, its released code run over the export (benchmarks/serving_check.py --engine sglang)"
 
 
 def save_sglang_eagle3(path: str, heads, bb, dtype) -> None:
