@@ -142,6 +142,10 @@ def _check_eagle3(config, options) -> None:
 
 
 def _check_sglang(config, options) -> None:
+    if config.backbone.model_type.startswith("gemma"):
+        raise GraftError("--format sglang-eagle3 is SGLang's Llama drafter, and graft's eagle head on Gemma 3 is a "
+                         "Gemma 3 layer; SGLang 0.5.23's Gemma 3 also feeds its drafter other features (each layer's "
+                         "MLP branch, not the residual stream the heads read): use the default format")
     if config.backbone.model_type != "llama":
         raise GraftError(f"--format sglang-eagle3 is SGLang's Llama drafter, not one for {config.backbone.model_type}: "
                          "use --format eagle3")
