@@ -229,6 +229,10 @@ def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_sampl
               "(self-distillation); ce: its actual tokens. [default: kl]")
 @click.option("--head-decay", type=click.FloatRange(0, 1, min_open=True),
               help="Head k's loss weight is D^(k-1). [default: 0.8]")
+@click.option("--align/--no-align", default=None,
+              help="GRIFFIN's token-alignment mask: depth k learns only where depths 1..k-1 drafted the "
+                   "backbone's token, the contexts drafting reaches (its effect on acceptance is not "
+                   "measured yet). [default: off]")
 @click.option("--eval-every", type=click.IntRange(min=1),
               help="Evaluate on the held-out slice every N steps. [default: 100]")
 @click.option("--save-every", type=click.IntRange(min=1), help="Checkpoint every N steps. [default: 200]")

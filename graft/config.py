@@ -157,6 +157,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     loss: str = "kl"
     head_decay: float = 0.8
+    align: bool = False  # GRIFFIN's token-alignment mask (graft.losses.distill_step)
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 200

@@ -55,7 +55,7 @@ class _SoftKL(torch.autograd.Function):
 
 
 def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 0.8, chunk: int = 1024,
-                 backward: bool = True, autocast=None, ranks: bool = False) -> dict:
+                 backward: bool = True, autocast=None, ranks: bool = False, align: bool = False) -> dict:
     """Loss over all heads; backpropagates into the heads (and anything upstream of `hs`).
 
     The work is chunked over target positions: per chunk the backbone's log-distribution is
@@ -68,6 +68,10 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
         ids: (B, T) tokens (for loss="ce").
         chunk: rows (batch x positions) of logits per chunk.
         ranks: also count the rank of the backbone's token among each head's top RANKS (eval).
+        align: GRIFFIN's token-alignment mask: depth k's loss counts only the rows where depths
+            1..k-1 of the same row drafted the backbone's token (the contexts drafting reaches;
+            elsewhere the depth's draft is never verified). Losses are still divided by all of a
+            depth's rows, so a depth's weight shrinks with its reach.
 
     Returns:
         dict with `loss` (float), per-head `loss_k`, and counts `n`, `top1`, `top5`, `rank` (K x RANKS;
@@ -100,6 +104,7 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
     top1 = torch.zeros(K, dtype=torch.long, device=dev)
     hits = torch.zeros(K, RANKS, dtype=torch.long, device=dev)
     step = max(1, chunk // B)
+    right = torch.zeros(K, B, T, dtype=torch.bool, device=dev) if align else None  # depth k right at row r
     for c0 in range(1, T, step):  # target positions c0..c1-1
         c1 = min(c0 + step, T)
         with torch.no_grad():
@@ -120,17 +125,27 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
                 continue
             with ctx:
                 q_logits = heads.draft_logits(bb, k, leaves[k][:, j0 - s:c1 - s])
+            tgt = target[:, j0 - c0:]
+            # rows j0-s..c1-s-1: the shallower depths' verdicts there are in (earlier chunks, or this one)
+            keep = right[:k, :, j0 - s:c1 - s].all(0) if align and k else None
             if loss == "kl":
-                l_sum = _SoftKL.apply(q_logits, p[:, j0 - c0:], plogp[:, j0 - c0:])
+                pk, plk = p[:, j0 - c0:], plogp[:, j0 - c0:]
+                if keep is not None:
+                    q_in, pk, plk = q_logits[keep], pk[keep], plk[keep]
+                else:
+                    q_in = q_logits
+                l_sum = _SoftKL.apply(q_in, pk, plk)
             else:
                 logq = F.log_softmax(q_logits.float(), dim=-1)
-                l_sum = F.nll_loss(logq.flatten(0, 1), nxt[:, j0:c1].flatten(), ignore_index=-100, reduction="sum")
+                tk = nxt[:, j0:c1] if keep is None else nxt[:, j0:c1].masked_fill(~keep, -100)
+                l_sum = F.nll_loss(logq.flatten(0, 1), tk.flatten(), ignore_index=-100, reduction="sum")
             l_chunk = l_sum / max(n_rows[k], 1)
             if leaves[k].requires_grad:
                 (l_chunk * w[k]).backward()
             with torch.no_grad():
                 loss_k[k] += l_chunk.detach()
-                tgt = target[:, j0 - c0:]
+                if align:
+                    right[k, :, j0 - s:c1 - s] = heads.to_vocab(q_logits.argmax(-1)) == tgt
                 if ranks:
                     hit = heads.to_vocab(q_logits.topk(RANKS, dim=-1).indices) == tgt[..., None]
                     hits[k] += hit.flatten(0, 1).sum(0)

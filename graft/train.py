@@ -130,7 +130,7 @@ def micro_step(bb, heads, ids, tc: TrainConfig, autocast, backbone_grad: bool = 
         hs = heads.hidden(bb, trunk, final, ids)
     return distill_step(bb, heads, hs, final.detach(), ids, loss=tc.loss, decay=tc.head_decay,
                         chunk=chunk_rows(tc.vocab_chunk, bb.vocab_size),
-                        backward=backward, autocast=autocast, ranks=ranks)
+                        backward=backward, autocast=autocast, ranks=ranks, align=tc.align)
 
 
 @dataclasses.dataclass
@@ -373,6 +373,7 @@ def _finish(run: _Run) -> dict:
     summary = {"steps": run.step, "loss": run.last["loss"], "train_top1": run.last["top1"], "eval_loss": ev["loss"],
                "top1": ev["top1"], "top5": ev["top5"], "rank_accuracy": ev["rank_accuracy"],
                "data": run.data, "seq_len": tc.seq_len, "batch_size": tc.batch_size * tc.grad_accum,
+               "lr": tc.lr, "loss_kind": tc.loss, "head_decay": tc.head_decay, "align": tc.align,
                "minutes_this_run": (time.perf_counter() - run.started) / 60,
                "tokens_per_s": sum(run.tps) / max(len(run.tps), 1),
                "device": str(bb.device), "load_in_4bit": bb.identity.load_in_4bit, "processes": run.dd.world,

@@ -124,6 +124,54 @@ def test_chunked_loss_matches_direct_reference(family, kind, draft_vocab, tokeni
             torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["kl", "ce"])
+@pytest.mark.parametrize("draft_vocab", [None, 12])
+def test_alignment_mask_matches_its_definition(kind, draft_vocab, tokenizer):
+    """align=True (GRIFFIN): depth k's loss over the rows where depths 1..k-1 drafted the
+    backbone's argmax, divided by all of the depth's rows; against a full-logits reference."""
+    torch.manual_seed(1)
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="blockwise", num_heads=3, draft_vocab=draft_vocab)
+    if draft_vocab:
+        m.heads.set_draft_vocab(torch.rand(bb.vocab_size))
+    sub = m.heads.draft_ids if draft_vocab else torch.arange(bb.vocab_size)
+    ids = torch.randint(0, len(tokenizer), (2, 12))
+    trunk, final = bb.forward(ids, torch.arange(12).expand(2, 12))
+    hs = m.heads.hidden(bb, trunk, final, ids)
+    stats = distill_step(bb, m.heads, hs, final, ids, loss=kind, decay=0.5, chunk=4, align=True)
+    got = {n: p.grad.clone() for n, p in m.heads.named_parameters()}
+    m.heads.zero_grad()
+
+    out = m(ids)
+    target = out.logits.argmax(-1)  # the backbone's token after each position
+    logp = torch.log_softmax(out.logits[..., sub], -1)
+    where = torch.full((bb.vocab_size,), -100).index_put_((sub,), torch.arange(sub.numel()))
+    w = torch.tensor([1.0, 0.5, 0.25]) / 1.75
+    ref, keep, mixed = 0.0, torch.ones(2, 12, dtype=torch.bool), False
+    for k, hl in enumerate(out.head_logits):
+        s = k + 1
+        logq = torch.log_softmax(hl[:, :12 - s][..., sub], -1)
+        kk = keep[:, :12 - s]
+        mixed |= bool(kk.any() and not kk.all()) and k > 0
+        if kind == "kl":
+            p = logp[:, s:]
+            lk = ((p.exp() * (p - logq)).sum(-1) * kk).sum() / kk.numel()
+        else:
+            tgt = where[ids[:, s + 1:]].masked_fill(~kk[:, :-1], -100).reshape(-1)
+            lk = torch.nn.functional.nll_loss(logq[:, :-1].reshape(-1, logq.shape[-1]), tgt, reduction="sum")
+            lk = lk / (where[ids[:, s + 1:]] >= 0).sum().clamp_min(1)
+        ref = ref + w[k] * lk
+        keep = keep.clone()
+        keep[:, :12 - s] &= sub[logq.argmax(-1)] == target[:, s:]  # depth k+1 right at row r
+        keep[:, 12 - s:] = False
+    assert mixed  # the mask keeps some rows and drops others: the case tests something
+    ref.backward()
+    assert stats["loss"] == pytest.approx(ref.item(), rel=1e-4)
+    for n, p in m.heads.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["blockwise", "medusa", "meta-mtp", "deepseek-mtp"])
 def test_training_lowers_the_loss_and_logs(family, tiny_dirs, tiny_data, tmp_path):
     g = str(tmp_path / "g")
