@@ -288,7 +288,7 @@ class SpeculativeDecoder:
         cache, state, steps = self._buffers(engine, need, tree is not None)
         key = (tuple(shape.paths), greedy)
         if key not in steps:
-            steps[key] = Step(bb, cache, shape, mode=engine, heads=drafter, state=state, drafts=greedy)
+            steps[key] = Step.make(engine, bb, cache, shape, heads=drafter, state=state, drafts=greedy)
         step = steps[key]
         mask = additive_mask(causal_allowed(P, 0, dev), bb.dtype)
         trunk, final = bb.forward(ids[None], torch.arange(P, device=dev)[None], cache, 0, mask, heads.features)
