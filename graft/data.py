@@ -159,8 +159,12 @@ def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
 
 
 def prompt_of(rec: dict) -> list[dict]:
+    """The conversation the backbone answers: a record's `messages` up to its last turn that is not
+    the assistant's (earlier assistant turns stay as context), or its prompt text as one user turn."""
     if rec.get("messages"):
-        msgs = [m for m in _messages(rec["messages"]) if m["role"] != "assistant"]
+        msgs = _messages(rec["messages"])
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
         if msgs:
             return msgs
     for key in ("prompt", "instruction", "question", "text"):
@@ -190,7 +194,7 @@ def _done_records(out: str, convs: list, force: bool) -> int:
         try:
             rec = json.loads(line)
             ours = (isinstance(rec, dict) and isinstance(rec.get("messages"), list) and good < len(convs)
-                    and [m for m in rec["messages"] if m.get("role") != "assistant"] == convs[good])
+                    and rec["messages"][:-1] == convs[good] and rec["messages"][-1].get("role") == "assistant")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             if last and not line.strip():
                 break
