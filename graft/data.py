@@ -115,9 +115,11 @@ def _messages(msgs) -> list[dict]:
 def apply_chat(tokenizer, msgs: list[dict], **kw):
     """The tokenizer's chat template over `msgs`; a template that refuses them (Gemma's, for turns
     that do not alternate) is a one-line error."""
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
     try:
         return tokenizer.apply_chat_template(msgs, **kw)
-    except Exception as e:  # jinja2's TemplateError, and raise_exception() inside templates
+    except (TemplateError, ValueError, TypeError, KeyError) as e:  # raise_exception() in a template is a TemplateError
         raise GraftError(f"the tokenizer's chat template refused a conversation ({str(e)[:160]}): fix the "
                          "record's messages") from None
 
