@@ -115,9 +115,11 @@ def _messages(msgs) -> list[dict]:
 def apply_chat(tokenizer, msgs: list[dict], **kw):
     """The tokenizer's chat template over `msgs`; a template that refuses them (Gemma's, for turns
     that do not alternate) is a one-line error."""
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
     try:
         return tokenizer.apply_chat_template(msgs, **kw)
-    except Exception as e:  # jinja2's TemplateError, and raise_exception() inside templates
+    except (TemplateError, ValueError, TypeError, KeyError) as e:  # raise_exception() in a template is a TemplateError
         raise GraftError(f"the tokenizer's chat template refused a conversation ({str(e)[:160]}): fix the "
                          "record's messages") from None
 
@@ -159,8 +161,12 @@ def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
 
 
 def prompt_of(rec: dict) -> list[dict]:
+    """The conversation the backbone answers: a record's `messages` up to its last turn that is not
+    the assistant's (earlier assistant turns stay as context), or its prompt text as one user turn."""
     if rec.get("messages"):
-        msgs = [m for m in _messages(rec["messages"]) if m["role"] != "assistant"]
+        msgs = _messages(rec["messages"])
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
         if msgs:
             return msgs
     for key in ("prompt", "instruction", "question", "text"):
@@ -190,7 +196,7 @@ def _done_records(out: str, convs: list, force: bool) -> int:
         try:
             rec = json.loads(line)
             ours = (isinstance(rec, dict) and isinstance(rec.get("messages"), list) and good < len(convs)
-                    and [m for m in rec["messages"] if m.get("role") != "assistant"] == convs[good])
+                    and rec["messages"][:-1] == convs[good] and rec["messages"][-1].get("role") == "assistant")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             if last and not line.strip():
                 break

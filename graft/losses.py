@@ -33,7 +33,8 @@ def head_weights(K: int, decay: float) -> list[float]:
 
 
 class _SoftKL(torch.autograd.Function):
-    """sum over rows of KL(p || softmax(q)), with the backbone's p fixed.
+    """sum over rows of KL(p || softmax(q)), with the backbone's p fixed; with `w` (rows,) each
+    row's term weighted (the alignment mask: 0 or 1, no host synchronisation to select rows).
 
     KL = sum_v p log p - sum_v p q + logsumexp(q) (as sum_v p = 1), and d/dq = softmax(q) - p:
     a few passes over the (rows, V) logits instead of the dozen that log_softmax, exp, the
@@ -41,17 +42,20 @@ class _SoftKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, p, plogp):
+    def forward(ctx, q, p, plogp, w=None):
         qf = q.float()
         lse = torch.logsumexp(qf, dim=-1)
-        ctx.save_for_backward(q, p, lse)
-        return (plogp - torch.linalg.vecdot(p, qf) + lse).sum()
+        ctx.save_for_backward(q, p, lse, w)
+        kl = plogp - torch.linalg.vecdot(p, qf) + lse
+        return (kl if w is None else kl * w).sum()
 
     @staticmethod
     def backward(ctx, g):
-        q, p, lse = ctx.saved_tensors
+        q, p, lse, w = ctx.saved_tensors
         grad = (q.float() - lse.unsqueeze(-1)).exp_().sub_(p).mul_(g)
-        return grad.to(q.dtype), None, None
+        if w is not None:
+            grad.mul_(w.unsqueeze(-1))
+        return grad.to(q.dtype), None, None, None
 
 
 def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 0.8, chunk: int = 1024,
@@ -129,12 +133,8 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
             # rows j0-s..c1-s-1: the shallower depths' verdicts there are in (earlier chunks, or this one)
             keep = right[:k, :, j0 - s:c1 - s].all(0) if align and k else None
             if loss == "kl":
-                pk, plk = p[:, j0 - c0:], plogp[:, j0 - c0:]
-                if keep is not None:
-                    q_in, pk, plk = q_logits[keep], pk[keep], plk[keep]
-                else:
-                    q_in = q_logits
-                l_sum = _SoftKL.apply(q_in, pk, plk)
+                l_sum = _SoftKL.apply(q_logits, p[:, j0 - c0:], plogp[:, j0 - c0:],
+                                      None if keep is None else keep.to(p.dtype))
             else:
                 logq = F.log_softmax(q_logits.float(), dim=-1)
                 tk = nxt[:, j0:c1] if keep is None else nxt[:, j0:c1].masked_fill(~keep, -100)

@@ -140,6 +140,16 @@ def test_distill_data_resumes(tiny_dirs, tmp_path):
     assert len({r["messages"][-1]["content"] for r in recs[:3]}) > 1  # sampled: not three copies
     one_line_error(run("distill-data", tiny_dirs["llama"], "--prompts", prompts, "--out", tmp_path / "g.jsonl",
                        "--answers", "2", ok=False), "--temperature")
+    # a multi-turn record: the earlier turns stay as context, the backbone answers the last user turn
+    turns = [{"role": "user", "content": "say 1"}, {"role": "assistant", "content": "one"},
+             {"role": "user", "content": "say 2"}, {"role": "assistant", "content": "an answer to replace"}]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": turns}) + "\n")
+    for _ in range(2):  # the second run finds the record done
+        run("distill-data", tiny_dirs["llama"], "--prompts", chat, "--out", tmp_path / "c.jsonl",
+            "--max-new-tokens", "4", "--device", "cpu")
+    recs = [json.loads(l) for l in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert len(recs) == 1 and recs[0]["messages"][:3] == turns[:3] and recs[0]["messages"][3]["role"] == "assistant"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"nothing": 1}) + "\n")
     one_line_error(run("distill-data", tiny_dirs["llama"], "--prompts", bad, "--out", tmp_path / "x.jsonl",

@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import subprocess
@@ -70,6 +71,13 @@ def test_bad_data(tmp_path, tokenizer):
         record_text(ds[0], tokenizer)
     with pytest.raises(GraftError, match="fewer than one sequence"):
         pack(load_records(write(tmp_path / "short.jsonl", json.dumps({"text": "hello"}) + "\n")), tokenizer, 64)
+    strict = copy.deepcopy(tokenizer)  # a template that refuses turns that do not alternate, as Gemma's
+    strict.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                            "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+                            "{{ m['content'] }}{% endfor %}")
+    twice = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
+    with pytest.raises(GraftError, match="must alternate"):
+        record_text(twice, strict)
 
 
 def test_seq_len_must_exceed_heads():
