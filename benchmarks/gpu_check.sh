@@ -12,6 +12,15 @@
 #
 #   bash benchmarks/gpu_check.sh MODEL DATA BENCH [WORKDIR]
 #
+# QUICK=1: no model to carry and no training, for a short lease. MODEL is then a shape folder (a
+# model's config and tokenizer: `python benchmarks/random_backbone.py shape smollm2-135m DIR` on any
+# machine, 3.4 MB); a backbone of that shape with random weights is built on the GPU, every family
+# grafted untrained and forced to $QUICK_TREE-node trees (chained families also a 64-node dynamic
+# tree) over BENCH and over the long prompts; float32 identity and memcheck as below. DATA is unused
+# (give -). Random weights say nothing about acceptance, only whether the steps index where they
+# should. The CUDA tests run beside it; about 10 minutes for the five families (FAMILIES picks fewer):
+#   QUICK=1 bash benchmarks/gpu_check.sh DIR - scripts/data/bench_prompts.jsonl
+#
 # Settings by environment: MIN (training minutes), FAMILIES, F32_PER, LONG_NEW (new tokens after the
 # long prompts), TRAIN_ARGS (more `graft train` options; a CPU dry run of this script: MIN=0.2
 # LONG_NEW=4 TRAIN_ARGS="--seq-len 128 --batch-size 2 --max-steps 6" and a bench file of 4 prompts).
@@ -21,6 +30,7 @@
 set -uo pipefail  # no -e: a failed phase is a row of the table, not the end of the check
 MODEL=$1; DATA=$2; BENCH=$3; W=${4:-/tmp/gpu-check}
 MIN=${MIN:-3}; F32_PER=${F32_PER:-4}; LONG_NEW=${LONG_NEW:-1000}; TRAIN_ARGS=${TRAIN_ARGS:-}; FAMILIES=(${FAMILIES:-eagle deepseek-mtp blockwise medusa meta-mtp})
+QUICK=${QUICK:-0}; QUICK_TREE=${QUICK_TREE:-128}
 declare -A K=([eagle]=6)  # draft depth per family; 4 where unset
 export PYTHONUNBUFFERED=1 GRAFT_CACHE=$W/cache
 mkdir -p $W/logs
@@ -34,49 +44,50 @@ verdict() {  # log rc: the last meaningful line, or the fault
 : > $W/check.md
 row "check" "family" "result"
 row "---" "---" "---"
-python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/test_cuda.py > $W/logs/cuda-tests.log 2>&1
-row "tests/test_cuda.py" "all" "$(verdict $W/logs/cuda-tests.log $?)"
-# long prompts: the bench prompts joined, cut 40-600 tokens short of the context window, no chat template
-python3 - "$MODEL" "$BENCH" "$W/long.jsonl" <<'PY'
-import json, sys
-from graft.backbone import load_backbone
-bb = load_backbone(sys.argv[1], device="cpu")
-tok, ctx = bb.tokenizer, bb.max_positions or 2048
-text = " ".join(json.loads(l)["prompt"] for l in open(sys.argv[2]))
-ids = tok(text)["input_ids"]
-ids = ids * (ctx // max(len(ids), 1) + 1)  # a short bench file: repeated past the window
-with open(sys.argv[3], "w") as f:
-    for short in (40, 150, 300, 600):
-        cut = ctx - short
-        while len(tok(tok.decode(ids[:cut]))["input_ids"]) > ctx - short:  # decoding and encoding again may merge
-            cut -= 8
-        f.write(json.dumps({"prompt": tok.decode(ids[:cut]), "category": f"ctx-{short}"}) + "\n")
-PY
+if [ "$QUICK" = 1 ]; then
+  python3 benchmarks/random_backbone.py build "$MODEL" $W/random-backbone > $W/logs/random-backbone.log 2>&1
+  MODEL=$W/random-backbone
+  python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/test_cuda.py > $W/logs/cuda-tests.log 2>&1 &
+  TESTS=$!
+else
+  python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/test_cuda.py > $W/logs/cuda-tests.log 2>&1
+  row "tests/test_cuda.py" "all" "$(verdict $W/logs/cuda-tests.log $?)"
+fi
+python3 benchmarks/long_prompts.py "$MODEL" "$BENCH" $W/long.jsonl > $W/logs/long-prompts.log 2>&1
 for fam in "${FAMILIES[@]}"; do
   R=$W/$fam
   g add-heads $MODEL --heads $fam --num-heads ${K[$fam]:-4} --out $R --force > $W/logs/$fam-add.log 2>&1
-  g train $R --data $DATA --config recipes/$fam.yaml --max-minutes $MIN $TRAIN_ARGS > $W/logs/$fam-train.log 2>&1
-  row "train $MIN min" "$fam" "$(tr '\r' '\n' < $W/logs/$fam-train.log | grep '^done' | cut -c1-120)"
-  trees=(auto); [[ $fam == eagle || $fam == deepseek-mtp ]] && trees+=(dynamic)
+  if [ "$QUICK" = 1 ]; then  # untrained heads draft only where a tree is forced
+    trees=("--tree-size $QUICK_TREE"); [[ $fam == eagle || $fam == deepseek-mtp ]] && trees+=("--tree dynamic --tree-size 64")
+  else
+    g train $R --data $DATA --config recipes/$fam.yaml --max-minutes $MIN $TRAIN_ARGS > $W/logs/$fam-train.log 2>&1
+    row "train $MIN min" "$fam" "$(tr '\r' '\n' < $W/logs/$fam-train.log | grep '^done' | cut -c1-120)"
+    trees=("--tree auto"); [[ $fam == eagle || $fam == deepseek-mtp ]] && trees+=("--tree dynamic")
+  fi
   for tree in "${trees[@]}"; do
-    g bench $R --prompts $BENCH --max-new-tokens 256 --baselines "" --tree $tree --json $W/$fam-soak-$tree.json \
-      > $W/logs/$fam-soak-$tree.log 2>&1
-    row "bf16 soak, all of the bench, --tree $tree" "$fam" "$(verdict $W/logs/$fam-soak-$tree.log $?)"
+    t=${tree//[- ]/}
+    g bench $R --prompts $BENCH --max-new-tokens 256 --baselines "" $tree --json $W/$fam-soak-$t.json \
+      > $W/logs/$fam-soak-$t.log 2>&1
+    row "bf16 soak, all of the bench, $tree" "$fam" "$(verdict $W/logs/$fam-soak-$t.log $?)"
+    g bench $R --prompts $W/long.jsonl --no-chat --max-new-tokens $LONG_NEW --baselines "" $tree \
+      --json $W/$fam-long-$t.json > $W/logs/$fam-long-$t.log 2>&1
+    row "bf16, prompts up to the context window's end, $tree" "$fam" "$(verdict $W/logs/$fam-long-$t.log $?)"
   done
-  g bench $R --prompts $W/long.jsonl --no-chat --max-new-tokens $LONG_NEW --baselines "" --json $W/$fam-long.json \
-    > $W/logs/$fam-long.log 2>&1
-  row "bf16, prompts up to the context window's end" "$fam" "$(verdict $W/logs/$fam-long.log $?)"
   g bench $R --prompts $BENCH --per-category $F32_PER --max-new-tokens 128 --baselines eager,nodraft --dtype float32 \
-    --json $W/$fam-f32.json > $W/logs/$fam-f32.log 2>&1
+    ${trees[0]} --json $W/$fam-f32.json > $W/logs/$fam-f32.log 2>&1
   rc=$?
   same=$(python3 -c "import json; p=json.load(open('$W/$fam-f32.json'))['per_prompt']; \
 print(f\"{sum(x['identical'] for x in p)}/{len(p)} identical to transformers' generate\")" 2>/dev/null)
   row "float32 identity" "$fam" "${same:-$(verdict $W/logs/$fam-f32.log $rc)}"
   for engine in static graph; do
     compute-sanitizer --tool memcheck --print-limit 10 python3 -m graft generate $R --prompt "Write a short email." \
-      --max-new-tokens 16 --engine $engine > $W/logs/$fam-memcheck-$engine.log 2>&1
+      --max-new-tokens 16 --engine $engine ${trees[0]} > $W/logs/$fam-memcheck-$engine.log 2>&1
     row "memcheck, $engine engine" "$fam" "$(verdict $W/logs/$fam-memcheck-$engine.log $?)"
   done
 done
+if [ "$QUICK" = 1 ]; then
+  wait $TESTS
+  row "tests/test_cuda.py" "all" "$(verdict $W/logs/cuda-tests.log $?)"
+fi
 echo "card: $(nvidia-smi -L | head -1); $(python3 -c 'import torch; print("torch", torch.__version__)'); $(date -u +%F)" \
   | tee -a $W/check.md

@@ -67,7 +67,10 @@ class Group(click.Group):
     def main(self, *args, **kwargs):
         kwargs.pop("standalone_mode", None)
         try:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+            # non-standalone click returns ctx.exit's code (--help: 0) or what a command returned,
+            # which the console script would hand to sys.exit
+            sys.exit(rv if isinstance(rv, int) else 0)
         except click.exceptions.NoArgsIsHelpError as e:  # `graft` alone: the help, as before
             e.show()
             sys.exit(e.exit_code)
