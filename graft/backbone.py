@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 
 from .config import HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE, BackboneIdentity, GraftError
 from .modeling import (GEMMA3_LIKE, GLOBAL, LAYER_FNS, LOCAL, SUPPORTED, KVCache, fuse_projections, group_rows, norm,
-                       signed_sin, window_mask)
+                       project, signed_sin, window_mask)
 
 # Built-in aliases: name -> (python package that ships the file, file name inside it). A package
 # whose file comes in chunk packages has an `assemble(path)` that joins them (into graft's cache).
@@ -515,7 +515,7 @@ class Backbone:
 
     def logits(self, final: torch.Tensor) -> torch.Tensor:
         """Pre-norm final hidden state -> next-token logits."""
-        return self.lm_head(self.final_norm(final))
+        return project(self.lm_head, self.final_norm(final))
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         return KVCache(len(self.layers), batch, self.n_kv_heads, self.head_dim, max_len, self.dtype, self.device)

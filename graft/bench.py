@@ -192,7 +192,7 @@ def _time_one(dec, plain, hf, ids, cfg, plain_cfg, hf_kw, baselines, temperature
     g = dec.generate(ids, cfg)
     rec["graft"] = {"tokens": len(g.ids), "seconds": g.prefill_s + g.decode_s, "tau": g.tau,
                     "steps": g.steps, "step_tokens": g.step_tokens, "accepted": g.accepted,
-                    "proposed": g.proposed}
+                    "proposed": g.proposed, "drafted_steps": g.drafted_steps, "tree": g.tree_note}
     if "nodraft" in baselines:
         p = plain.generate(ids, plain_cfg)
         rec["nodraft"] = {"tokens": len(p.ids), "seconds": p.prefill_s + p.decode_s}
@@ -237,6 +237,11 @@ def summarize(per, baselines) -> dict:
         prop = [sum(r["graft"]["proposed"][k] for r in recs if k < len(r["graft"]["proposed"])) for k in range(K)]
         # acceptance by depth: the share of verification steps that kept a draft at depth k+1
         out["acceptance_by_depth"] = [a / p if p else 0.0 for a, p in zip(acc, prop)]
+        g = [r["graft"] for r in recs]
+        # generations that drafted at all, and those of them that stopped where the drafts did not pay
+        out["drafting"] = {"drafted": sum(x.get("drafted_steps", 0) > 0 for x in g),
+                           "stopped": sum(x.get("drafted_steps", 0) < x["steps"] and x.get("drafted_steps", 0) > 0
+                                          for x in g)}
         return out
 
     report = block(per)
@@ -262,6 +267,10 @@ def print_table(report: dict) -> None:
     click.echo(f"tau (tokens per verification forward) {report['tau']:.2f}; acceptance by depth [{acc}]; "
                f"identical_rate {'n/a' if ident is None else f'{ident:.2f}'}")
     click.echo(f"draft tree: {report['tree_nodes']} nodes ({report['tree_choice']})")
+    d = report.get("drafting")
+    if d and d["drafted"] < report["n_prompts"] or d and d["stopped"]:
+        click.echo(f"drafting: {d['drafted']} of {report['n_prompts']} generations drafted; {d['stopped']} of them "
+                   "stopped where the drafts did not pay, the others decoded without drafts")
     if len(report["by_category"]) > 1:
         click.echo(f"{'category':<20}{'n':>4}{'tau':>7}  {'speedups':<28}acceptance by depth")
         for c, b in report["by_category"].items():

@@ -10,9 +10,12 @@ the tree with the most expected tokens per millisecond. Where no tree beats deco
 drafts, it decodes without drafts: drafting never makes decoding slower than not drafting, as far
 as the calibration is right.
 
-The CPU is measured the same way (fewer and shorter generations): there a drafting step of
-SmolLM2 with blockwise heads cost twice a plain one even for a 2-node tree, so the fit decodes
-without drafts.
+The CPU is measured the same way (fewer and shorter generations).
+
+The heads' accuracy comes from training's held-out text; on text unlike it the drafts land less
+often. The decoder therefore keeps count of the tokens its drafts actually added against what the
+fit expected (`scale`, below), and sizes later trees with that; within a generation it stops
+drafting where the drafts stop paying (graft.speculative).
 
 Measured costs are cached in `$GRAFT_CACHE/step-cost.json` (default `~/.cache/graft`).
 """
@@ -29,7 +32,7 @@ from .tree import Tree, build_tree, chain, expected_tokens
 SIZES = {"cuda": (4, 8, 16, 32, 64, 128), "cpu": (2, 4, 8, 16, 32)}  # trees of N nodes besides the root
 # the measuring generation: prompt tokens, new tokens (fewer on a CPU, where a step takes tens of ms)
 CONTEXT, NEW = {"cuda": 256, "cpu": 64}, {"cuda": 32, "cpu": 8}
-STEP_VERSION = 3  # raised when graft's step changes what it costs, so that cached costs are measured again
+STEP_VERSION = 4  # raised when graft's step changes what it costs, so that cached costs are measured again
 
 
 def cache_path() -> str:
@@ -78,13 +81,11 @@ def _shape(tree) -> str:
     return "none" if tree is None else f"{tree.n}x{tree.max_depth}"
 
 
-def fit_tree(dec, engine: str) -> tuple[Tree | None, str]:
-    """The tree with the most expected tokens per millisecond, or None where none pays. `dec` is
-    the decoder (graft.speculative.SpeculativeDecoder): its heads' accuracy, its memo of fitted
-    trees (`fitted`) and its step-cost seam (`step_costs`)."""
-    memo = dec.fitted
-    if engine in memo:
-        return memo[engine]
+def step_costs(dec, engine: str) -> tuple[list[Tree], dict]:
+    """The candidate trees and the milliseconds of a step with each ("none": without drafts),
+    measured once per device and shape (cached on disk) and kept in the decoder's `fitted`."""
+    if engine in dec.fitted:
+        return dec.fitted[engine]
     acc = dec.accuracies()
     candidates = [Tree(chain(dec.heads.num_heads))] + [Tree(build_tree(acc, s)) for s in SIZES[_kind(dec)]]
     key = _key(dec, engine)
@@ -101,20 +102,37 @@ def fit_tree(dec, engine: str) -> tuple[Tree | None, str]:
             write_json(cache_path(), table)
         except OSError:
             pass  # a read-only home: measure again next time
+    dec.fitted[engine] = (candidates, costs)
+    return dec.fitted[engine]
+
+
+def break_even(dec, engine: str, tree: Tree) -> float:
+    """Tokens per step that a step with `tree` must yield to beat decoding without drafts."""
+    costs = step_costs(dec, engine)[1]
+    return costs[_shape(tree)] / costs["none"]
+
+
+def fit_tree(dec, engine: str, scale: float = 1.0) -> tuple[Tree | None, str]:
+    """The tree with the most expected tokens per millisecond, or None where none pays. `dec` is
+    the decoder (graft.speculative.SpeculativeDecoder): its heads' accuracy, its memo of measured
+    costs (`fitted`) and its step-cost seam (`step_costs`). `scale`: the drafts' tokens seen in
+    decoding over those expected (1: none seen yet), which scales every tree's expected drafts."""
+    acc = dec.accuracies()
+    candidates, costs = step_costs(dec, engine)
     base = costs["none"]
     best, rate = None, 1.0 / base
     for tree in candidates:
-        r = expected_tokens(acc, tree.paths) / costs[_shape(tree)]
+        r = (1 + scale * (expected_tokens(acc, tree.paths) - 1)) / costs[_shape(tree)]
         if r > rate:
             best, rate = tree, r
     where = "card" if _kind(dec) == "cuda" else "CPU"
+    seen = "" if scale == 1.0 else f", the drafts landing {scale:.2f}x as often as expected in decoding so far"
     if best is None:
         note = (f"no tree pays on this {where} (a step without drafts: {base:.2f} ms, the cheapest tree's "
-                f"{min(costs[_shape(t)] for t in candidates):.2f} ms): decoding without drafts")
+                f"{min(costs[_shape(t)] for t in candidates):.2f} ms{seen}): decoding without drafts")
     else:
-        e = expected_tokens(acc, best.paths)
+        e = 1 + scale * (expected_tokens(acc, best.paths) - 1)
         note = (f"{best.n - 1} nodes fit this {where}: {e:.2f} tokens expected per {costs[_shape(best)]:.2f} ms step, "
-                f"{rate * base:.2f}x a step without drafts, from the heads' accuracy on held-out training text "
-                f"(lower on text unlike it)")
-    memo[engine] = (best, note)
-    return memo[engine]
+                f"{rate * base:.2f}x a step without drafts, from the heads' accuracy on held-out training text"
+                + (seen or " (lower on text unlike it)"))
+    return best, note

@@ -16,16 +16,24 @@ preallocated once and the prefix is never recomputed.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import MAX_TREE, GraftError
 from .engine import Step, resolve_engine, room
-from .fit import fit_tree
+from .fit import break_even, fit_tree
 from .registry import ENGINES, TREES
 from .modeling import additive_mask, attention_backends, causal_allowed, fuse_projections
-from .tree import DynamicTree, Tree, accept, build_tree, chain, default_accuracies
+from .tree import DynamicTree, Tree, accept, build_tree, chain, default_accuracies, expected_tokens
+
+# A fitted tree is watched over the last WINDOW steps: where they yield fewer tokens than its step
+# costs in plain steps, the generation goes on without drafts. Later trees are sized with what the
+# drafts yielded against what the fit expected, the fit's expectation weighing PRIOR extra tokens;
+# where that says no tree pays, one generation in PROBE_EVERY drafts all the same, to notice text on
+# which the drafts land again.
+WINDOW, PRIOR, PROBE_EVERY = 16, 4.0, 8
 
 
 
@@ -95,6 +103,7 @@ class Generation:
     step_lengths: list = field(default_factory=list)  # new tokens of each verification step
     draft_nodes: int = 0  # nodes of the draft tree besides the root (0: no drafting)
     tree_note: str = ""  # how the tree was chosen
+    drafted_steps: int = 0  # steps that drafted (all of them, unless drafting stopped paying)
 
     @property
     def tau(self) -> float:
@@ -159,7 +168,9 @@ class SpeculativeDecoder:
         for module in self.heads.modules():  # the heads' own decoder layers, where frozen (loaded to decode)
             fuse_projections(module)
         self._pool = {}  # engine -> {"max_len", "cache", "state", "steps"} (static and graph)
-        self.fitted = {}  # engine -> (tree, how it was chosen): graft.fit measures a card once
+        self.fitted = {}  # engine -> (candidate trees, ms per step with each): graft.fit measures a device once
+        self.seen = [0.0, 0.0]  # fitted trees' draft tokens kept, and expected by the fit (`_scale`)
+        self.generations = 0
 
     def accuracies(self) -> list:
         """Per depth and rank, the chance that a draft is the backbone's token (calibrated in
@@ -187,10 +198,20 @@ class SpeculativeDecoder:
         if cfg.tree_size:
             return Tree(build_tree(self.accuracies(), cfg.tree_size)), "--tree-size"
         if cfg.tree == "auto":
-            return fit_tree(self, engine)
+            tree, note = fit_tree(self, engine, self._scale())
+            if tree is None and self._scale() < 1 and self.generations % PROBE_EVERY == 0:
+                tree, note = fit_tree(self, engine)
+                note = f"{note}; drafting again after generations without it, to see whether it pays"
+            return tree, note
         if self.model.config.tree:
             return Tree(self.model.config.tree), "calibrated"
         return Tree(build_tree(self.accuracies(), 24)), "calibrated (24 nodes)"
+
+    def _scale(self) -> float:
+        """The drafts' extra tokens seen in decoding over those the fit expected, with PRIOR
+        expected tokens of weight for the fit's own expectation (1.0 before any decoding)."""
+        kept, expected = self.seen
+        return (kept + PRIOR) / (expected + PRIOR)
 
     def step_costs(self, engine: str, trees: list, context: int, new: int) -> list[float]:
         """Milliseconds per decoding step with each tree (None: no drafting), timed over a
@@ -266,8 +287,10 @@ class SpeculativeDecoder:
         max_new = min(cfg.max_new_tokens, ctx - P)
         engine = resolve_engine(cfg.engine, bb)
         note = "given"
+        fitted = tree == "cfg" and cfg.tree == "auto" and not cfg.tree_size and cfg.temperature == 0
         if tree == "cfg":
             tree, note = self._tree(cfg, engine)
+            self.generations += 1
         if tree is not None and P < heads.min_prompt:
             tree, note = None, "prompt too short to draft from"
         K = tree.max_depth if tree is not None else 0
@@ -286,10 +309,12 @@ class SpeculativeDecoder:
         drafter = heads if tree is not None else None
         need = P + max_new + room(drafter, shape) + 1  # the step's scratch past the last new token
         cache, state, steps = self._buffers(engine, need, tree is not None)
-        key = (tuple(shape.paths), greedy)
-        if key not in steps:
-            steps[key] = Step.make(engine, bb, cache, shape, heads=drafter, state=state, drafts=greedy)
-        step = steps[key]
+        step = self._step(steps, engine, cache, shape, drafter, state, greedy)
+        if fitted and tree is not None:  # watched: the drafts must pay for their step
+            window, need = deque(maxlen=WINDOW), break_even(self, engine, tree)
+            expect = expected_tokens(self.accuracies(), tree.paths) - 1
+        else:
+            window = None
         mask = additive_mask(causal_allowed(P, 0, dev), bb.dtype)
         trunk, final = bb.forward(ids[None], torch.arange(P, device=dev)[None], cache, 0, mask, heads.features)
         first = self._choose(bb.logits(final[0, -1]), cfg, gen)
@@ -315,16 +340,37 @@ class SpeculativeDecoder:
                 path, new = self._sample_step(step, shape, cfg, gen, state, n, new[-1])
             if tree is not None:
                 _count(out, tree, new)
+                out.drafted_steps += 1
             n += len(path)
             out.steps += 1
             out.step_tokens += len(new)
             out.step_lengths.append(len(new))
             if self._emit(out, new, eos, cfg, max_new, on_tokens):
                 break
+            if window is not None:
+                window.append(len(new))
+                self.seen[0] += len(new) - 1
+                self.seen[1] += expect
+                if len(window) == WINDOW and sum(window) < need * WINDOW:
+                    # plain steps from here: the tree's step commits its last accepted path, and
+                    # the plain step goes on from the root it left
+                    step.load(n - len(path), path, new, n)
+                    step.commit()
+                    out.tree_note += (f"; drafting stopped after {out.steps} steps: the last {WINDOW} gave "
+                                      f"{sum(window) / WINDOW:.2f} tokens a step, and {need:.2f} pay for its cost")
+                    tree, shape, window, path, new = None, Tree([]), None, [0], new[-1:]
+                    step = self._step(steps, engine, cache, shape, None, None, greedy)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         out.decode_s = time.perf_counter() - t0
         return self._finish(out)
+
+    def _step(self, steps: dict, engine: str, cache, shape: Tree, heads, state, greedy: bool) -> Step:
+        """The step over `shape` with these heads (None: no drafting), made once per cache."""
+        key = (tuple(shape.paths), greedy)
+        if key not in steps:
+            steps[key] = Step.make(engine, self.bb, cache, shape, heads=heads, state=state, drafts=greedy)
+        return steps[key]
 
     def _greedy_step(self, step: Step, tree: Tree):
         """Draft and verify in the step; one copy brings the node tokens and the argmax back.

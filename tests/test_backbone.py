@@ -108,6 +108,30 @@ def test_trainable_projections_stay_unfused(tokenizer):
     assert not hasattr(layer.self_attn, "_graft_fused") and not hasattr(layer.mlp, "_graft_fused")
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 24), (1, 3, 24), (2, 5, 24), (1, 16, 24), (1, 17, 24), (24,)])
+def test_linear_is_f_linear(shape, monkeypatch):
+    """modeling.linear's CPU path (weight first; one row padded to two) gives F.linear's products
+    to rounding, in F.linear's shape, contiguous; with autograd, many rows or half precision it is
+    F.linear itself."""
+    from graft import modeling
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(*shape), torch.randn(40, 24), torch.randn(40)
+    calls = []
+    real = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a: calls.append(a[0].shape) or real(*a))
+    for bias in (None, b):
+        y, ref = modeling.linear(x, w, bias), torch.nn.functional.linear(x, w, bias)
+        assert y.shape == ref.shape and y.is_contiguous() and torch.allclose(y, ref, atol=1e-5)
+    rows = x.numel() // 24
+    assert calls == ([(40, 24)] * 2 if rows <= modeling.FEW_ROWS else [])  # the weight first
+    calls.clear()
+    wg = w.clone().requires_grad_(True)
+    modeling.linear(x, wg).sum().backward()  # training: F.linear and its gradient
+    assert calls == [] and torch.allclose(wg.grad, x.reshape(-1, 24).sum(0).expand(40, 24))
+    assert modeling.linear(x.bfloat16(), w.bfloat16()).dtype == torch.bfloat16 and calls == []
+
+
 @pytest.mark.parametrize("mt", ["llama", "qwen3"])
 def test_rope_table_gives_the_modules_angles(mt, tokenizer):
     bb = tiny_backbone(mt, tokenizer)

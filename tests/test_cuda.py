@@ -45,9 +45,36 @@ def test_graph_engine_is_lossless(family, mt, tokenizer):
         if m.heads.dynamic_trees:  # the chained families: EAGLE-2's tree too
             trees += [{"tree": "dynamic"}, {"tree": "dynamic", "tree_size": 12}]
         for kw in trees:
+            if getattr(m, "_decoder", None) is not None:  # the fit as for a first generation: drafts
+                m._decoder.seen = [0.0, 0.0]  # that landed less than promised would shrink later trees
             g = m.generate(input_ids=ids, max_new_tokens=40, engine="graph", **kw)
             assert g.ids == ref, (family, mt, p, kw, g.tree_note)
             assert g.draft_nodes > 0, (family, mt, kw, g.tree_note)  # the fit drafts for accurate heads
+
+
+@pytest.mark.parametrize("family", ["blockwise", "deepseek-mtp"])
+def test_graph_engine_stops_drafting_where_it_does_not_pay(family, tokenizer, monkeypatch):
+    """Drafts that never land: after WINDOW steps the generation goes on with a plain captured step
+    (captured mid-generation, beside the tree's), token for token plain decoding."""
+    from graft import speculative
+    from graft.speculative import SpeculativeDecoder
+
+    monkeypatch.setattr(SpeculativeDecoder, "step_costs",  # a tree's step costs 1.3 plain ones
+                        lambda dec, engine, trees, *a: [10.0 if t is None else 13.0 for t in trees])
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    bb.hf.to("cuda")
+    m = add_heads(bb, heads=family, num_heads=3)
+    with torch.no_grad():  # drafts that are noise
+        for p in m.heads.parameters():
+            p.add_(torch.randn_like(p) * 3.0)
+    m.config.training = {"rank_accuracy": [[0.9] * 4] * 3}
+    for p in PROMPTS:
+        ids = tokenizer(p)["input_ids"]
+        m._decoder = None  # a first generation each time: the fit drafts
+        g = m.generate(input_ids=ids, max_new_tokens=40, engine="graph", eos=False)
+        assert g.ids == plain_greedy(bb, ids, 40), (family, p, g.tree_note)
+        assert g.drafted_steps == speculative.WINDOW and "drafting stopped" in g.tree_note, (family, p, g.tree_note)
 
 
 @pytest.mark.parametrize("family", ["medusa", "eagle"])

@@ -528,6 +528,39 @@ def test_untrained_heads_do_not_draft_unless_asked(tokenizer, tmp_path, monkeypa
     assert g.ids == plain_greedy(bb, ids, 8)
 
 
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_drafting_stops_where_the_drafts_do_not_pay(tokenizer, tmp_path, monkeypatch, engine):
+    """Heads whose held-out accuracy promises much but whose drafts never land: the fitted tree
+    drafts for WINDOW steps, then the generation goes on without drafts, token for token what plain
+    decoding gives. The next generations size their tree with what was seen (none pays), and one in
+    PROBE_EVERY drafts again to see whether the text changed."""
+    from graft import speculative
+
+    monkeypatch.setenv("GRAFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(SpeculativeDecoder, "step_costs",  # a tree's step costs 1.3 plain ones
+                        lambda dec, engine, trees, *a: [10.0 if t is None else 13.0 for t in trees])
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="blockwise", num_heads=3)
+    torch.manual_seed(0)
+    for lin in m.heads.out:  # drafts that are noise
+        torch.nn.init.normal_(lin.weight, std=3.0)
+    m.config.training = {"rank_accuracy": [[0.9] * 4] * 3}  # what training's held-out text promised
+    dec = SpeculativeDecoder(m)
+    ids = encode(tokenizer, PROMPTS[0])
+    cfg = DecodeConfig(max_new_tokens=40, eos=False, engine=engine)
+    g = dec.generate(ids, cfg)
+    W = speculative.WINDOW
+    assert g.draft_nodes > 0 and g.drafted_steps == W and g.step_lengths[W:] == [1] * (g.steps - W) and g.steps > W
+    assert f"drafting stopped after {W} steps" in g.tree_note
+    assert g.ids == plain_greedy(bb, ids, 40)
+    for i in range(2, speculative.PROBE_EVERY + 1):
+        g = dec.generate(ids, cfg)
+        assert g.draft_nodes == 0 and "no tree pays" in g.tree_note and "as often as expected" in g.tree_note, i
+        assert g.ids == plain_greedy(bb, ids, 40)
+    g = dec.generate(ids, cfg)  # the probe
+    assert g.drafted_steps == W and "drafting again" in g.tree_note and g.ids == plain_greedy(bb, ids, 40)
+
+
 def test_measuring_trees_leaves_the_decoders_cache_as_it_was(tokenizer):
     """Each tree is timed with a cache of the size it decodes with (attention reads all of it),
     not one grown for a larger tree timed before; the decoder's own cache comes back afterwards."""

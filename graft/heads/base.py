@@ -13,6 +13,7 @@ from torch import nn
 
 from ..backbone import dense_weight
 from ..config import GraftError, HeadSpec
+from ..modeling import linear
 from ..optim import HALF
 
 
@@ -90,7 +91,7 @@ class Heads(nn.Module):
         x, w = self.unembed(bb, k, h)
         if w.requires_grad and torch.is_grad_enabled() and w.dtype in HALF:
             return AccumulatingLinear.apply(x.to(w.dtype), w).float()  # a trained half-precision unembedding
-        return torch.nn.functional.linear(x.to(w.dtype), w).float()
+        return linear(x.to(w.dtype), w).float()
 
     def unembed(self, bb, k: int, h: torch.Tensor):
         """(the unembedding's input, its (V, d) weight) for depth k. Default: the backbone's
@@ -109,7 +110,7 @@ class Heads(nn.Module):
         cache = self.__dict__.setdefault("_draft_rows", {})
         if cache.get(k, (None,))[0] != key:
             cache[k] = (key, w.detach().index_select(0, self.draft_ids))
-        return torch.nn.functional.linear(x.to(w.dtype), cache[k][1]).float()
+        return linear(x.to(w.dtype), cache[k][1]).float()
 
     def to_vocab(self, idx: torch.Tensor) -> torch.Tensor:
         """Indices into draft logits -> token ids of the whole vocabulary."""

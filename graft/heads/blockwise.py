@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..modeling import project
 from .base import ParallelHeads
 
 
@@ -25,8 +26,8 @@ class BlockwiseHeads(ParallelHeads):
             nn.init.zeros_(lin.bias)
 
     def _apply_heads(self, normed):
-        z = self.shared(normed)
-        return [normed + out(z) for out in self.out]
+        z = self.shared[1](project(self.shared[0], normed))
+        return [normed + project(out, z) for out in self.out]
 
     def hidden(self, bb, trunk, final, ids):
         return self._apply_heads(bb.final_norm(final).float())
