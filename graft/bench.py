@@ -239,9 +239,8 @@ def summarize(per, baselines) -> dict:
         out["acceptance_by_depth"] = [a / p if p else 0.0 for a, p in zip(acc, prop)]
         g = [r["graft"] for r in recs]
         # generations that drafted at all, and those of them that stopped where the drafts did not pay
-        out["drafting"] = {"drafted": sum(x.get("drafted_steps", 0) > 0 for x in g),
-                           "stopped": sum(x.get("drafted_steps", 0) < x["steps"] and x.get("drafted_steps", 0) > 0
-                                          for x in g)}
+        out["drafting"] = {"drafted": sum(x["drafted_steps"] > 0 for x in g),
+                           "stopped": sum(0 < x["drafted_steps"] < x["steps"] for x in g)}
         return out
 
     report = block(per)
@@ -267,8 +266,8 @@ def print_table(report: dict) -> None:
     click.echo(f"tau (tokens per verification forward) {report['tau']:.2f}; acceptance by depth [{acc}]; "
                f"identical_rate {'n/a' if ident is None else f'{ident:.2f}'}")
     click.echo(f"draft tree: {report['tree_nodes']} nodes ({report['tree_choice']})")
-    d = report.get("drafting")
-    if d and d["drafted"] < report["n_prompts"] or d and d["stopped"]:
+    d = report["drafting"]
+    if d["stopped"] or d["drafted"] < report["n_prompts"]:
         click.echo(f"drafting: {d['drafted']} of {report['n_prompts']} generations drafted; {d['stopped']} of them "
                    "stopped where the drafts did not pay, the others decoded without drafts")
     if len(report["by_category"]) > 1:

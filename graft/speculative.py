@@ -178,34 +178,36 @@ class SpeculativeDecoder:
         K = self.heads.num_heads
         return (self.model.config.training or {}).get("rank_accuracy") or default_accuracies(K)
 
-    def _tree(self, cfg: DecodeConfig, engine: str = "eager") -> tuple[Tree | None, str]:
-        """The draft tree for `cfg` (None: no drafting) and how it was chosen."""
+    def _tree(self, cfg: DecodeConfig, engine: str = "eager") -> tuple[Tree | None, str, bool]:
+        """The draft tree for `cfg` (None: no drafting), how it was chosen, and whether the fit
+        chose it (`--tree auto`, greedy): such a tree is watched and stopped where it does not pay."""
         K = self.heads.num_heads
         if not cfg.draft:
-            return None, "drafting off"
+            return None, "drafting off", False
         if cfg.tree == "auto" and not cfg.tree_size and not (self.model.config.training or {}).get("rank_accuracy"):
             return None, ("untrained heads: decoding without drafts, which would only slow it down (train the "
-                          "heads with `graft train`, or force a tree with --tree calibrated or --tree-size)")
+                          "heads with `graft train`, or force a tree with --tree calibrated or --tree-size)"), False
         if cfg.temperature > 0 or cfg.tree == "chain":
-            return Tree(chain(K)), "chain"
+            return Tree(chain(K)), "chain", False
         if cfg.tree == "dynamic":
             if not self.heads.dynamic_trees:
                 raise GraftError(f"--tree dynamic is drafted by chained heads (eagle, deepseek-mtp); "
                                  f"{self.heads.family} heads draft the calibrated tree: use --tree auto")
             width = 8  # candidates per expanded node (EAGLE-2's top-k)
             size = cfg.tree_size or min(32 if self.bb.device.type == "cuda" else 16, DynamicTree.capacity(width, K))
-            return DynamicTree(size, width, K), f"dynamic, EAGLE-2, {width} candidates per node"
+            return DynamicTree(size, width, K), f"dynamic, EAGLE-2, {width} candidates per node", False
         if cfg.tree_size:
-            return Tree(build_tree(self.accuracies(), cfg.tree_size)), "--tree-size"
+            return Tree(build_tree(self.accuracies(), cfg.tree_size)), "--tree-size", False
         if cfg.tree == "auto":
-            tree, note = fit_tree(self, engine, self._scale())
-            if tree is None and self._scale() < 1 and self.generations % PROBE_EVERY == 0:
+            scale = self._scale()
+            tree, note = fit_tree(self, engine, scale)
+            if tree is None and scale < 1 and self.generations % PROBE_EVERY == 0:
                 tree, note = fit_tree(self, engine)
                 note = f"{note}; drafting again after generations without it, to see whether it pays"
-            return tree, note
+            return tree, note, tree is not None
         if self.model.config.tree:
-            return Tree(self.model.config.tree), "calibrated"
-        return Tree(build_tree(self.accuracies(), 24)), "calibrated (24 nodes)"
+            return Tree(self.model.config.tree), "calibrated", False
+        return Tree(build_tree(self.accuracies(), 24)), "calibrated (24 nodes)", False
 
     def _scale(self) -> float:
         """The drafts' extra tokens seen in decoding over those the fit expected, with PRIOR
@@ -286,10 +288,9 @@ class SpeculativeDecoder:
             raise GraftError(f"the prompt is {P} tokens, longer than the context window ({ctx}): shorten it")
         max_new = min(cfg.max_new_tokens, ctx - P)
         engine = resolve_engine(cfg.engine, bb)
-        note = "given"
-        fitted = tree == "cfg" and cfg.tree == "auto" and not cfg.tree_size and cfg.temperature == 0
+        note, watched = "given", False
         if tree == "cfg":
-            tree, note = self._tree(cfg, engine)
+            tree, note, watched = self._tree(cfg, engine)
             self.generations += 1
         if tree is not None and P < heads.min_prompt:
             tree, note = None, "prompt too short to draft from"
@@ -310,8 +311,8 @@ class SpeculativeDecoder:
         need = P + max_new + room(drafter, shape) + 1  # the step's scratch past the last new token
         cache, state, steps = self._buffers(engine, need, tree is not None)
         step = self._step(steps, engine, cache, shape, drafter, state, greedy)
-        if fitted and tree is not None:  # watched: the drafts must pay for their step
-            window, need = deque(maxlen=WINDOW), break_even(self, engine, tree)
+        if watched and tree is not None:  # the drafts must pay for their step (not if the prompt was too short)
+            window, pays = deque(maxlen=WINDOW), break_even(self, engine, tree)
             expect = expected_tokens(self.accuracies(), tree.paths) - 1
         else:
             window = None
@@ -351,13 +352,13 @@ class SpeculativeDecoder:
                 window.append(len(new))
                 self.seen[0] += len(new) - 1
                 self.seen[1] += expect
-                if len(window) == WINDOW and sum(window) < need * WINDOW:
+                if len(window) == WINDOW and sum(window) < pays * WINDOW:
                     # plain steps from here: the tree's step commits its last accepted path, and
                     # the plain step goes on from the root it left
                     step.load(n - len(path), path, new, n)
                     step.commit()
                     out.tree_note += (f"; drafting stopped after {out.steps} steps: the last {WINDOW} gave "
-                                      f"{sum(window) / WINDOW:.2f} tokens a step, and {need:.2f} pay for its cost")
+                                      f"{sum(window) / WINDOW:.2f} tokens a step, and {pays:.2f} pay for its cost")
                     tree, shape, window, path, new = None, Tree([]), None, [0], new[-1:]
                     step = self._step(steps, engine, cache, shape, None, None, greedy)
         if dev.type == "cuda":
