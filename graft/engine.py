@@ -1,17 +1,7 @@
 """The decoding step: commit the last accepted path, draft a tree, verify it in one backbone
-forward, and read the backbone's argmax at every node.
-
-Four engines run the same step:
-- `eager`: attention reads only the valid cache prefix; shapes change every step. The default
-  on CPU, where the extra work of fixed shapes costs more than it saves.
-- `static`: every shape is fixed. New keys and values go to cache slots given as a tensor,
-  attention reads the whole preallocated cache, and the mask (built on the device from the
-  cache length `n`) hides what is not yet valid.
-- `graph`: `static`, captured once as a CUDA graph and replayed. A small model at batch 1 is
-  bound by kernel launches (hundreds per forward); a replay issues them all at once.
-- `compiled`: `graph`, with the step first compiled by torch.compile, which fuses the many small
-  elementwise kernels (norms, rotary embedding, masks) before capture. Compiling takes a minute
-  or more per tree shape; opt-in.
+forward, and read the backbone's argmax at every node. The computation is written once (`Step`,
+the eager engine); the other engines wrap it: `static` fixes every shape, `graph` captures the
+static step as CUDA graphs, `compiled` compiles it with torch.compile before capture.
 
 In greedy decoding the heads draft inside the step, so with `graph` and `compiled` the commit,
 the draft (every family's, chained ones included) and the verification are all replayed from
@@ -52,20 +42,23 @@ def greedy_choose(depth: int, logits: torch.Tensor, width: int) -> torch.Tensor:
 class Step:
     """One decoding step over a fixed draft tree of N nodes: commit the previous step's
     accepted path, draft the tree, verify it in one backbone forward, and take the backbone's
-    argmax at every node.
+    argmax at every node. This class is the eager engine; the others wrap the same computation
+    (`_commit`, `_verify`) in fixed shapes (StaticStep), CUDA graphs (GraphStep) and
+    torch.compile (CompiledStep). `Step.make` picks one by engine name.
 
     Node i holds a token at position n + depth[i] and sees the first n cache entries and its
     ancestors-or-self; its keys and values are written at cache slot n + i. The accepted path
     (at most A = depth + 1 nodes) is then compacted to slots n, n+1, ... and fed to the heads.
-
-    In the static engines every shape is fixed: the path and the new tokens are padded to A and
-    travel with the positions in one small host-to-device copy (`load`); the heads draft inside
-    the step, so one device-to-host copy per step carries the tree's tokens and the argmax.
     """
 
-    def __init__(self, bb, cache: KVCache, tree, *, mode: str, heads=None, state=None, drafts: bool = False):
+    @staticmethod
+    def make(engine: str, bb, cache: KVCache, tree, *, heads=None, state=None, drafts: bool = False) -> "Step":
+        cls = {"eager": Step, "static": StaticStep, "graph": GraphStep, "compiled": CompiledStep}[engine]
+        return cls(bb, cache, tree, heads=heads, state=state, drafts=drafts)
+
+    def __init__(self, bb, cache: KVCache, tree, *, heads=None, state=None, drafts: bool = False):
         dev = bb.device
-        self.bb, self.cache, self.tree, self.mode = bb, cache, tree, mode
+        self.bb, self.cache, self.tree = bb, cache, tree
         self.heads, self.state = heads, state
         self.drafts = drafts and heads is not None  # greedy: the heads draft inside the step
         self.N, self.A = tree.n, tree.max_depth + 1
@@ -81,18 +74,8 @@ class Step:
         self.last_pos = (bb.max_positions or 1 << 62) - 1
         self.room = room(heads, tree)  # cache slots past n that one step writes (`check`)
         self.vocab = bb.vocab_size
-        A, N = self.A, self.N
-        # io: path (A), new tokens (A), n_prev, count, n, node tokens (N)
-        self.io = torch.zeros(2 * A + 3 + N, dtype=torch.long, device=dev)
-        self.host = torch.zeros(self.io.shape, dtype=torch.long, pin_memory=dev.type == "cuda")
         self.last = None  # the previous verification's (trunk, final)
-        self.args = None  # eager: the loaded values as Python ints and lists
-        self.graphs = {}
-        if mode != "eager":
-            self.slot_offsets = torch.arange(N, device=dev)
-            self.cols = torch.arange(cache.max_len, device=dev)
-        if mode in ("graph", "compiled"):
-            self._capture(mode == "compiled")
+        self.args = None  # the loaded values as Python ints and lists
 
     # -- inputs --------------------------------------------------------------------------------
     def load(self, n_prev: int, path: list, new: list, n: int, tokens: list | None = None) -> None:
@@ -100,14 +83,7 @@ class Step:
         root), the cache length before (n_prev) and after (n) it, and the node tokens when the
         caller drafted them itself (sampling, or no drafting)."""
         self.check(n_prev, path, new, n, tokens)
-        if self.mode == "eager":
-            self.args = (n_prev, path, new, n, tokens)
-            return
-        A, N = self.A, self.N
-        vals = (path + path[-1:] * (A - len(path)) + new + [0] * (A - len(new)) + [n_prev, len(path), n]
-                + (list(tokens) + [0] * (N - len(tokens)) if tokens is not None else [0] * N))
-        self.host.copy_(torch.tensor(vals, dtype=torch.long))
-        self.io.copy_(self.host, non_blocking=True)
+        self.args = (n_prev, path, new, n, tokens)
 
     def check(self, n_prev: int, path: list, new: list, n: int, tokens: list | None) -> None:
         """Everything a step may index, checked on the host before it runs: a captured step's
@@ -130,51 +106,36 @@ class Step:
             raise StepBoundsError(f"internal error: a decoding step was about to index {bad}; it was stopped "
                                   "before running. Please report it with the command that led here.")
 
+    def _check_tokens(self, tokens: list) -> None:
+        if len(tokens) != self.N or any(not 0 <= t < self.vocab for t in tokens):
+            raise StepBoundsError(f"internal error: a decoding step was given {len(tokens)} node tokens for "
+                                  f"{self.N} nodes, or one outside the vocabulary; it was stopped before running")
+
+    # -- the phases ----------------------------------------------------------------------------
     def commit(self) -> None:
         """Compact the accepted path's KV entries and feed its states to the heads."""
         if self.heads is None:  # no drafting: the path is the root alone, already in place
             return
-        if self.graphs.get("commit") is not None:
-            self.graphs["commit"].replay()
-            # what the captured commit set in Python (deepseek-mtp's owed commits, which refer to
-            # this step's inputs), restored: a replay runs no Python, and sampling drafts outside
-            # the graph, after the prefill's exact commit reset it
-            self.state.update(self.commit_state)
-        elif self.mode == "eager":
-            n_prev, path, new, _, _ = self.args
-            idx = device_ids(path + new, self.cache.k.device)
-            idx, toks = idx[:len(path)], idx[len(path):]
-            self._commit(n_prev, idx, toks, len(path), compact=path[-1] != len(path) - 1)
-        else:
-            self._commit_static()
+        n_prev, path, new, _, _ = self.args
+        idx = device_ids(path + new, self.cache.k.device)
+        idx, toks = idx[:len(path)], idx[len(path):]
+        self._commit(n_prev, idx, toks, len(path), compact=path[-1] != len(path) - 1)
 
     def verify(self, tokens: list | None = None):
         """Run the tree. Returns (trunk, final, packed): packed (2N,) is the node tokens then
-        the backbone's argmax after each node. In the static engines these live in buffers the
-        next call overwrites. `tokens` replaces the loaded node tokens (sampling drafts)."""
+        the backbone's argmax after each node (then a dynamic tree's parents). In the static
+        engines these live in buffers the next call overwrites. `tokens` replaces the loaded node
+        tokens (sampling drafts)."""
         if tokens is not None:
-            if len(tokens) != self.N or any(not 0 <= t < self.vocab for t in tokens):
-                raise StepBoundsError(f"internal error: a decoding step was given {len(tokens)} node tokens for "
-                                      f"{self.N} nodes, or one outside the vocabulary; it was stopped before running")
-            if self.mode == "eager":
-                self.args = self.args[:4] + (tokens,)
-            else:
-                self.io[-self.N:].copy_(device_ids(tokens, self.io.device))
-        if self.graphs.get("verify") is not None:
-            self.graphs["verify"].replay()
-            return self.out
-        if self.mode == "eager":
-            _, _, new, n, tokens = self.args
-            root = torch.tensor(new[-1:], dtype=torch.long, device=self.io.device)
-            given = None if tokens is None else device_ids(tokens, self.io.device)
-            out = self._verify(n, root, given)
-        else:
-            with attention_backends(self.cache.k.device, static=True):
-                out = self._verify_static()
+            self._check_tokens(tokens)
+            self.args = self.args[:4] + (tokens,)
+        _, _, new, n, tokens = self.args
+        root = torch.tensor(new[-1:], dtype=torch.long, device=self.depth.device)
+        out = self._verify(n, root, None if tokens is None else device_ids(tokens, self.depth.device))
         self.last = out[:2]
         return out
 
-    # -- the computation -----------------------------------------------------------------------
+    # -- the computation, written once ----------------------------------------------------------
     def _commit(self, n_prev, idx, toks, count, compact=True):
         trunk, final = self.last
         if compact:
@@ -182,15 +143,6 @@ class Step:
         if self.heads is not None:
             self.heads.commit(self.bb, self.state, trunk.index_select(1, idx), final.index_select(1, idx), toks,
                               n_prev, count)
-
-    def _commit_static(self):
-        A, io = self.A, self.io
-        self._commit(io[2 * A], io[:A], io[A:2 * A], io[2 * A + 1])
-
-    def _verify_static(self):
-        A, io = self.A, self.io
-        root = io[A:2 * A].index_select(0, io[2 * A + 1].reshape(1) - 1)  # the last new token
-        return self._verify(io[2 * A + 2], root, None if self.drafts else io[-self.N:])
 
     def _verify(self, n, root, tokens):
         bb = self.bb
@@ -218,20 +170,98 @@ class Step:
         return trunk, final, torch.cat([tokens, target])
 
     def _mask_and_slots(self, n):
-        if self.mode == "eager":  # n is an int; attention reads entries 0..n+N-1
-            allowed = torch.cat([torch.ones(self.N, n, dtype=torch.bool, device=self.anc.device), self.anc], dim=1)
-            return additive_mask(allowed, self.bb.dtype), n
+        """Eager: n is an int, and attention reads the valid entries 0..n+N-1 alone."""
+        allowed = torch.cat([torch.ones(self.N, n, dtype=torch.bool, device=self.anc.device), self.anc], dim=1)
+        return additive_mask(allowed, self.bb.dtype), n
+
+
+class StaticStep(Step):
+    """Every shape fixed: the path and the new tokens are padded to A and travel with the
+    positions in one small host-to-device copy (`load`); the heads draft inside the step, so one
+    device-to-host copy per step carries the tree's tokens and the argmax. New keys and values go
+    to cache slots given as a tensor, attention reads the whole preallocated cache, and the mask
+    (built on the device from the cache length `n`) hides what is not yet valid."""
+
+    def __init__(self, bb, cache, tree, **kw):
+        super().__init__(bb, cache, tree, **kw)
+        dev, A, N = bb.device, self.A, self.N
+        # io: path (A), new tokens (A), n_prev, count, n, node tokens (N)
+        self.io = torch.zeros(2 * A + 3 + N, dtype=torch.long, device=dev)
+        self.host = torch.zeros(self.io.shape, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self.slot_offsets = torch.arange(N, device=dev)
+        self.cols = torch.arange(cache.max_len, device=dev)
+
+    def load(self, n_prev, path, new, n, tokens=None):
+        self.check(n_prev, path, new, n, tokens)
+        A, N = self.A, self.N
+        vals = (path + path[-1:] * (A - len(path)) + new + [0] * (A - len(new)) + [n_prev, len(path), n]
+                + (list(tokens) + [0] * (N - len(tokens)) if tokens is not None else [0] * N))
+        self.host.copy_(torch.tensor(vals, dtype=torch.long))
+        self.io.copy_(self.host, non_blocking=True)
+
+    def commit(self):
+        if self.heads is not None:
+            self._commit_static()
+
+    def verify(self, tokens=None):
+        self._load_tokens(tokens)
+        with attention_backends(self.cache.k.device, static=True):
+            out = self._verify_static()
+        self.last = out[:2]
+        return out
+
+    def _load_tokens(self, tokens):
+        if tokens is not None:
+            self._check_tokens(tokens)
+            self.io[-self.N:].copy_(device_ids(tokens, self.io.device))
+
+    def _commit_static(self):
+        A, io = self.A, self.io
+        self._commit(io[2 * A], io[:A], io[A:2 * A], io[2 * A + 1])
+
+    def _verify_static(self):
+        A, io = self.A, self.io
+        root = io[A:2 * A].index_select(0, io[2 * A + 1].reshape(1) - 1)  # the last new token
+        return self._verify(io[2 * A + 2], root, None if self.drafts else io[-self.N:])
+
+    def _mask_and_slots(self, n):
         rel = (self.cols - (n - 1)).clamp(0, self.N + 1)  # slot -> column of `sees`
         return additive_mask(self.sees[:, rel], self.bb.dtype), n + self.slot_offsets
 
-    def _capture(self, compiled: bool):
+
+class GraphStep(StaticStep):
+    """StaticStep captured once as CUDA graphs (verify, commit) and replayed. A small model at
+    batch 1 is bound by kernel launches (hundreds per forward); a replay issues them all at once."""
+
+    compiled = False
+
+    def __init__(self, bb, cache, tree, **kw):
+        super().__init__(bb, cache, tree, **kw)
+        self._capture()
+
+    def commit(self):
+        if self.heads is None:
+            return
+        self.graphs["commit"].replay()
+        # what the captured commit set in Python (deepseek-mtp's owed commits, which refer to
+        # this step's inputs), restored: a replay runs no Python, and sampling drafts outside
+        # the graph, after the prefill's exact commit reset it
+        self.state.update(self.commit_state)
+
+    def verify(self, tokens=None):
+        self._load_tokens(tokens)
+        self.graphs["verify"].replay()
+        return self.out
+
+    def _capture(self):
         verify, commit = self._verify_static, self._commit_static
-        if compiled:
+        if self.compiled:
             verify, commit = (torch.compile(f, dynamic=False) for f in (verify, commit))
+        self.graphs = {}
         # Warm-up and capture write at slots near the end of the cache. That is harmless: no slot
         # at or past the cache length is read before the step that owns it has written it.
         safe = self.cache.max_len - self.room - 1
-        self.load(safe - 1, [0], [0], safe, [0] * self.N)
+        StaticStep.load(self, safe - 1, [0], [0], safe, [0] * self.N)
         # Warm-up and capture on one side stream: libraries that keep per-stream state (cuBLAS's
         # and cuDNN's workspaces, cuDNN's attention plans) then set it up before the capture, not
         # in it. "thread_local": another thread's CUDA calls (the caller's own work) cannot
@@ -257,3 +287,11 @@ class Step:
                 self.commit_state = {k: v for k, v in self.state.items() if not torch.is_tensor(v)
                                      and not isinstance(v, KVCache)}
         torch.cuda.current_stream().wait_stream(stream)
+
+
+class CompiledStep(GraphStep):
+    """GraphStep with the step first compiled by torch.compile, which fuses the many small
+    elementwise kernels (norms, rotary embedding, masks) before capture. Compiling takes a minute
+    or more per tree shape; opt-in."""
+
+    compiled = True

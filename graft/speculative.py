@@ -370,7 +370,7 @@ class SpeculativeDecoder:
         """The step over `shape` with these heads (None: no drafting), made once per cache."""
         key = (tuple(shape.paths), greedy)
         if key not in steps:
-            steps[key] = Step(self.bb, cache, shape, mode=engine, heads=heads, state=state, drafts=greedy)
+            steps[key] = Step.make(engine, self.bb, cache, shape, heads=heads, state=state, drafts=greedy)
         return steps[key]
 
     def _greedy_step(self, step: Step, tree: Tree):

@@ -8,12 +8,11 @@ after the root; its rank r says it is the parent's (r+1)-th best candidate.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .config import GraftError
-from .modeling import additive_mask
 
 
 def default_accuracies(num_heads: int, ranks: int = 8) -> list[list[float]]:
@@ -72,9 +71,6 @@ class Level:
     nodes (M,): the depth-d nodes; flat (M,): each one's index into the parents' (B, R)
     candidates flattened. lines (B, d-1): each parent's path below
     the root; up (B,): each parent's own parent's row among the previous level's parents.
-    sees (B, n+1): which slots a parent's draft query sees, by slot relative to the root's (0:
-    the root and everything committed, j: node j, n: past the tree), for layers that keep the
-    drafted nodes' keys at the root's slot + node (eagle).
     """
 
     depth: int
@@ -84,14 +80,6 @@ class Level:
     flat: torch.Tensor
     lines: torch.Tensor
     up: torch.Tensor
-    sees: torch.Tensor
-    _bias: dict = field(default_factory=dict, repr=False)
-
-    def bias(self, dtype) -> torch.Tensor:
-        """`sees` as an additive attention mask in `dtype` (0 or the dtype's lowest), built once."""
-        if dtype not in self._bias:
-            self._bias[dtype] = additive_mask(self.sees, dtype)[0, 0]
-        return self._bias[dtype]
 
 
 class Tree:
@@ -133,6 +121,12 @@ class Tree:
         self.parents, self.depths, self.ranks = parent, depth, rank
         self.anc = anc
         self.max_depth = max(depth)
+        # chained drafting expands depth d's parents (the nodes of depth d-1 with children) side
+        # by side in a tail of slots past the committed ones: from tail_offsets[d] on
+        expanding = [sum(1 for v in range(n) if depth[v] == d - 1 and self.children[v])
+                     for d in range(2, self.max_depth + 1)]
+        self.tail_offsets = {d: sum(expanding[:d - 2]) for d in range(2, self.max_depth + 1)}
+        self.tail_size = sum(expanding)
         self._levels = {}  # the device tensors of `levels` and `by_rank`, by device
 
     def levels(self, device) -> list[Level]:
@@ -149,10 +143,8 @@ class Tree:
                 lines = torch.tensor([self.lineage[v][1:] for v in parents], dtype=torch.long).view(len(parents), d - 1)
                 up = [rows.get(self.parents[v], 0) for v in parents]
                 rows = {v: b for b, v in enumerate(parents)}
-
-                sees = torch.cat([self.anc[parents], torch.zeros(len(parents), 1, dtype=torch.bool)], dim=1)
                 out.append(Level(d, parents, R, _longs(kids, device), _longs(flat, device),
-                                 lines.to(device), _longs(up, device), sees.to(device)))
+                                 lines.to(device), _longs(up, device)))
             self._levels[key] = out
         return self._levels[key]
 
@@ -185,6 +177,8 @@ class DynamicTree:
                              f"{depth} depths draft: lower --tree-size")
         self.size, self.width, self.max_depth = size, width, depth
         self.n = size + 1
+        self.tail_offsets = {d: (d - 2) * width for d in range(2, depth + 1)}  # as Tree's: `width` per depth
+        self.tail_size = (depth - 1) * width
         self.paths = ("dynamic", size, width, depth)  # a key for the captured steps
         self.anc = torch.eye(self.n, dtype=torch.bool)  # the step fills in each tree's own
         self.depths = [0] * self.n

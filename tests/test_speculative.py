@@ -450,7 +450,7 @@ def test_a_step_refuses_inputs_outside_its_cache_tree_or_vocabulary(engine, toke
     m = add_heads(bb, heads="eagle", num_heads=3)
     tree = Tree(build_tree(SpeculativeDecoder(m).accuracies(), 10))
     cache = bb.new_cache(64)
-    step = Step(bb, cache, tree, mode=engine, heads=m.heads, state=m.heads.new_state(bb, 64), drafts=True)
+    step = Step.make(engine, bb, cache, tree, heads=m.heads, state=m.heads.new_state(bb, 64), drafts=True)
     V = bb.vocab_size
     step.load(19, [0, 1], [5, 6], 21)  # fine
     room = m.heads.scratch(tree)

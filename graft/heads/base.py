@@ -213,22 +213,36 @@ class ParallelHeads(Heads):
 
 class ChainedHeads(Heads):
     """Heads that draft depth by depth, each depth continuing the one before (eagle,
-    deepseek-mtp). Besides a fixed tree they draft EAGLE-2's dynamic tree: the selection is
-    here, each depth's drafting is the family's (`dynamic_root`, `dynamic_expand`)."""
+    deepseek-mtp). A fixed tree and EAGLE-2's dynamic tree are drafted by the same two steps of
+    the family's (`draft_root`, `draft_expand`); the loops over depths are here."""
 
     dynamic_trees = True
 
-    def dynamic_root(self, bb, state, tree, n):
+    def draft_root(self, bb, state, tree, n):
         """Depth 1 from the root: (its draft logits (1, V), what the root hands its children: a
         tuple of (1, ...) tensors)."""
         raise NotImplementedError
 
-    def dynamic_expand(self, bb, state, tree, n, d, carry, paths):
-        """Depth d for the tree's `width` frontier nodes of depth d-1, in one batch. carry: what
-        each one's parent handed on (a tuple of (width, ...) tensors); paths (width, d-1): the
-        tokens on each one's path below the root, its own last. Returns (draft logits (width, V),
-        what each hands its children)."""
+    def draft_expand(self, bb, state, tree, n, d, carry, paths):
+        """Depth d for B nodes of depth d-1 at once, the tree's parents of depth-d nodes (B is
+        paths' first dimension; they take tail slots tree.tail_offsets[d] ...). carry: what each
+        one's parent handed on (a tuple of (B, ...) tensors); paths (B, d-1): the tokens on each
+        one's path below the root, its own last. Returns (draft logits (B, V), what each hands its
+        children)."""
         raise NotImplementedError
+
+    def draft(self, bb, state, tree, n, choose):
+        """A fixed tree, depth by depth: the nodes of depth d-1 with children expand at once, each
+        continuing what its parent handed on, and `choose` picks their children's tokens."""
+        logits, carry = self.draft_root(bb, state, tree, n)
+        out = torch.zeros(tree.n, dtype=torch.long, device=logits.device)
+        for lv in tree.levels(logits.device):
+            if lv.depth > 1:
+                carry = tuple(c[lv.up] for c in carry)
+                logits, carry = self.draft_expand(bb, state, tree, n, lv.depth, carry, out[lv.lines])
+            top = self.pick(choose, lv.depth, logits, lv.width)  # (B, R)
+            out[lv.nodes] = top.flatten()[lv.flat]
+        return out
 
     def draft_dynamic(self, bb, state, tree, n):
         """An EAGLE-2 tree: (tokens, parents, depths), each (N+1,) on the device, node 0 the root
@@ -241,7 +255,7 @@ class ChainedHeads(Heads):
         1e-3 nats (a token of probability 0.999 or more counts as 0.999), so a child always
         scores below its parent and the N best form a tree."""
         k, D = tree.width, tree.max_depth
-        logits, carry = self.dynamic_root(bb, state, tree, n)
+        logits, carry = self.draft_root(bb, state, tree, n)
         plan = tree.plan(logits.device)
         top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
         tok, score = self.to_vocab(top.indices[0]), top.values[0].clamp(max=-1e-3)
@@ -249,7 +263,7 @@ class ChainedHeads(Heads):
         front_score, paths = score, tok[:, None]
         carry = tuple(c.expand(k, *c.shape[1:]) for c in carry)
         for d in range(2, D + 1):
-            logits, carry = self.dynamic_expand(bb, state, tree, n, d, carry, paths)
+            logits, carry = self.draft_expand(bb, state, tree, n, d, carry, paths)
             top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)  # (k, k): each frontier node's children
             tok = self.to_vocab(top.indices).flatten()
             score = (front_score[:, None] + top.values.clamp(max=-1e-3)).flatten()

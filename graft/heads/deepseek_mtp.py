@@ -141,41 +141,18 @@ class DeepSeekMTPHeads(ChainedHeads):
         """Whether module k's committed states go unread: the last module's, where there are several."""
         return k == self.num_heads > 1
 
-    def draft(self, bb, state, tree, n, choose):
-        """Module k drafts depth k for the B nodes of depth k-1 with children, in one batch. Its
-        prediction for t_{n+k} comes from position n-1, so it reruns positions n-k+1..n-1 on
-        each parent's path (the draft-dependent tail, k-1 positions; module 1 has none): inputs
-        the depth k-1 state (committed at n-k+1, else module k-1's output on the path's tail)
-        and the path's drafted tokens (`_tails`)."""
-        H = state["H"]
-        out = torch.zeros(tree.n, dtype=torch.long, device=H.device)
-        prev = None  # the depth before: module outputs on each parent's tail, (B', k-2, d)
-        for lv in tree.levels(H.device):
-            k, B = lv.depth, len(lv.parents)
-            if k == 1:  # module 1's state at n-1 is committed
-                cur = _rows(H[1], n - 1)[None]
-            else:
-                base = n - (k - 1)  # the first position module k has not committed
-                hin = _rows(H[k - 1], base)[None].expand(B, 1, -1)
-                if k > 2:
-                    hin = torch.cat([hin, prev[lv.up]], dim=1)  # (B, k-1, d)
-                cur = self._tails(bb, state, k, base, hin, out[lv.lines])
-            prev = cur
-            top = self.pick(choose, k, self.draft_logits(bb, k - 1, cur[:, -1]), lv.width)  # (B, R)
-            out[lv.nodes] = top.flatten()[lv.flat]
-        return out
-
-    def dynamic_root(self, bb, state, tree, n):
+    def draft_root(self, bb, state, tree, n):
         """Module 1's committed state at n-1, and no tail to hand on."""
         h = _rows(state["H"][1], n - 1)
         return self.draft_logits(bb, 0, h), (h[None, :0],)
 
-    def dynamic_expand(self, bb, state, tree, n, d, carry, paths):
-        """Module d over the tails of the frontier's paths, continuing module d-1's outputs on
-        the tails of their parents' paths (the carry)."""
-        k = tree.width
-        base = n - (d - 1)
-        hin = torch.cat([_rows(state["H"][d - 1], base)[None].expand(k, 1, -1), carry[0]], dim=1)
+    def draft_expand(self, bb, state, tree, n, d, carry, paths):
+        """Module d drafts depth d for B paths at once. Its prediction for t_{n+d} comes from
+        position n-1, so it reruns positions n-d+1..n-1 of each path (the draft-dependent tail,
+        d-1 positions): inputs the depth d-1 state (committed at n-d+1, else module d-1's output
+        on the tail of the parent's path: the carry) and the path's drafted tokens (`_tails`)."""
+        base = n - (d - 1)  # the first position module d has not committed
+        hin = torch.cat([_rows(state["H"][d - 1], base)[None].expand(paths.shape[0], 1, -1), carry[0]], dim=1)
         cur = self._tails(bb, state, d, base, hin, paths)
         return self.draft_logits(bb, d - 1, cur[:, -1]), (cur,)
 

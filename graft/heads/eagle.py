@@ -143,8 +143,7 @@ class EagleHeads(ChainedHeads):
         return {"cache": cache, "g": torch.zeros(bb.hidden_size, dtype=self._dtype, device=bb.device)}
 
     def scratch(self, tree):
-        base = super().scratch(tree)  # a static tree drafts at slot n-1+node
-        return max(base, tree.max_depth * tree.width + 1) if tree.dynamic else base  # draft_dynamic's slots
+        return max(super().scratch(tree), tree.tail_size + 1)  # drafting writes its keys in the tail
 
     def commit(self, bb, state, trunk, final, next_tokens, start, count):
         """The draft layer runs on the accepted positions with the real features and tokens; its
@@ -155,53 +154,31 @@ class EagleHeads(ChainedHeads):
                        cache_mask(pos, cache.max_len, self._dtype))
         state["g"].copy_(last_row(g, count)[0, 0])
 
-    def draft(self, bb, state, tree, n, choose):
-        """Depth by depth: the B nodes of depth d-1 with children run the layer at once, each at
-        position n+d-2 with its parent's output and its own token, writing its keys at slot
-        n-1+node and seeing the committed slots and its ancestors' (EAGLE-2's tree attention)."""
-        cache = state["cache"]
-        dev = cache.k.device
-        out = torch.zeros(tree.n, dtype=torch.long, device=dev)
-        root = torch.as_tensor(n - 1, device=dev)  # the root's slot and position
-        rel = (torch.arange(cache.max_len, device=dev) - root).clamp(0, tree.n)  # slot -> Level.sees column
-        prev = state["g"][None]  # (1, d): the root's row, the output at position n-1
-        for lv in tree.levels(dev):
-            if lv.depth == 1:
-                g = prev
-            else:
-                nodes = lv.lines[:, -1]  # (B,) the parents, of depth d-1
-                pos = (root + (lv.depth - 1)).expand(nodes.shape[0])
-                mask = lv.bias(self._dtype)[:, rel][None, None]
-                g = self._step(bb, prev[lv.up][None], out[nodes][None], pos[None], cache, root + nodes, mask)[0]
-            top = self.pick(choose, lv.depth, self.draft_logits(bb, lv.depth - 1, g), lv.width)  # (B, R)
-            out[lv.nodes] = top.flatten()[lv.flat]
-            prev = g
-        return out
-
-    def dynamic_root(self, bb, state, tree, n):
+    def draft_root(self, bb, state, tree, n):
         """The root's output at position n-1, and which of the tail's slots its line holds: none.
-        The tail: the (D-1) x width slots from n on where the frontiers' keys go; column 0 of
-        `seen` stands for the committed slots, 1.. for the tail's, the last for those past it."""
+        The tail: the slots from n on where the expanding nodes' keys go (`Tree.tail_offsets`);
+        column 0 of `seen` stands for the committed slots, 1.. for the tail's, the last for those
+        past it."""
         g = state["g"][None]
-        R = (tree.max_depth - 1) * tree.width
+        R = tree.tail_size
         seen = constant(self, ("root", g.device, R), lambda: torch.arange(R + 2, device=g.device)[None] == 0)
         return self.draft_logits(bb, 0, g), (g, seen)
 
-    def dynamic_expand(self, bb, state, tree, n, d, carry, paths):
-        """The frontier's j-th node runs the draft layer at position n+d-2, with its parent's
-        output and its own token, writing its keys at tail slot (d-2) x width + j and seeing the
-        committed slots and its ancestors'."""
+    def draft_expand(self, bb, state, tree, n, d, carry, paths):
+        """Expanding node j runs the draft layer at position n+d-2, with its parent's output and
+        its own token, writing its keys at tail slot tail_offsets[d] + j and seeing the committed
+        slots and its ancestors' (EAGLE-2's tree attention)."""
         cache = state["cache"]
-        dev, k, R = cache.k.device, tree.width, (tree.max_depth - 1) * tree.width
+        dev, B, R, at = cache.k.device, paths.shape[0], tree.tail_size, tree.tail_offsets[d]
         g, seen = carry
-        rows = constant(self, ("rows", dev, k), lambda: torch.arange(k, device=dev))
-        zeros = constant(self, ("zeros", dev, k), lambda: torch.zeros(k, dtype=torch.long, device=dev))
+        rows = constant(self, ("rows", dev, B), lambda: torch.arange(B, device=dev))
+        zeros = constant(self, ("zeros", dev, B), lambda: torch.zeros(B, dtype=torch.long, device=dev))
         cols = constant(self, ("cols", dev, cache.max_len), lambda: torch.arange(cache.max_len, device=dev))
-        own = constant(self, ("own", dev, R, d, k), lambda: _marks(k, R + 2, 1 + (d - 2) * k, dev))
+        own = constant(self, ("own", dev, R, at, B), lambda: _marks(B, R + 2, 1 + at, dev))
         seen = seen | own
         mask = additive_mask(seen[:, (cols - n + 1).clamp(0, R + 1)], self._dtype)
         pos = zeros + (n + d - 2)
-        g = self._step(bb, g[None], paths[:, -1:].t(), pos[None], cache, rows + (n + (d - 2) * k), mask)[0]
+        g = self._step(bb, g[None], paths[:, -1:].t(), pos[None], cache, rows + (n + at), mask)[0]
         return self.draft_logits(bb, d - 1, g), (g, seen)
 
 
