@@ -268,8 +268,9 @@ def print_table(report: dict) -> None:
     click.echo(f"draft tree: {report['tree_nodes']} nodes ({report['tree_choice']})")
     d = report["drafting"]
     if d["stopped"] or d["drafted"] < report["n_prompts"]:
-        click.echo(f"drafting: {d['drafted']} of {report['n_prompts']} generations drafted; {d['stopped']} of them "
-                   "stopped where the drafts did not pay, the others decoded without drafts")
+        plain = report["n_prompts"] - d["drafted"]
+        click.echo(f"drafting: {d['drafted']} of {report['n_prompts']} generations drafted ({d['stopped']} of them "
+                   f"stopped partway, where the drafts did not pay); {plain} decoded without drafts")
     if len(report["by_category"]) > 1:
         click.echo(f"{'category':<20}{'n':>4}{'tau':>7}  {'speedups':<28}acceptance by depth")
         for c, b in report["by_category"].items():
