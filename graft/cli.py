@@ -273,8 +273,8 @@ def train_cmd(graft_dir, data, recipe, resume, load_in_4bit, shard_backbone, dev
         return
     accs = " ".join(f"{a:.3f}" for a in summary.get("top1", []))
     memory = f", peak GPU memory {summary['peak_gpu_gib']:.1f} GiB" if "peak_gpu_gib" in summary else ""
-    click.echo(f"done: {summary['steps']} steps, final loss {summary['loss']:.4f}, head top-1 agreement [{accs}], "
-               f"{summary['tokens_per_s']:.0f} tok/s{memory}")
+    click.echo(f"done: {summary['steps']} steps, final loss {summary['loss']:.4f}, head top-1 agreement on held-out "
+               f"answers [{accs}], {summary['tokens_per_s']:.0f} tok/s{memory}")
     if "draft_vocab_coverage" in summary:
         click.echo(f"draft vocabulary: its tokens are {summary['draft_vocab_coverage']:.1%} of the held-out tokens "
                    f"(drafts can never propose the rest; a larger --draft-vocab covers more)")

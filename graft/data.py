@@ -80,18 +80,33 @@ def read_jsonl(path: str):
 
 def record_text(rec: dict, tokenizer) -> str:
     """One record -> training text. `messages` (chat), `prompt` + `response`, or `text`."""
+    return record_parts(rec, tokenizer)[0]
+
+
+def record_parts(rec: dict, tokenizer) -> tuple[str, str]:
+    """One record -> (training text, the part of it before the answer). The answer is a chat
+    record's last turn when the assistant speaks it, or a record's `response`; a `text` record is
+    all answer (""), a chat record that ends on another role's turn none of it (the whole text)."""
     chat = getattr(tokenizer, "chat_template", None)
     if rec.get("messages"):
         msgs = _messages(rec["messages"])
+        answered = len(msgs) > 1 and msgs[-1]["role"] == "assistant"
         if chat:
-            return apply_chat(tokenizer, msgs, tokenize=False)
-        return "\n".join(f"{m['role']}: {m['content']}" for m in msgs)
+            text = apply_chat(tokenizer, msgs, tokenize=False)
+            if not answered:
+                return text, text
+            return text, apply_chat(tokenizer, msgs[:-1], tokenize=False, add_generation_prompt=True)
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in msgs)
+        return text, text[: len(text) - len(msgs[-1]["content"])] if answered else text
     if rec.get("prompt") is not None and rec.get("response") is not None:
         msgs = [{"role": "user", "content": _text(rec, "prompt")},
                 {"role": "assistant", "content": _text(rec, "response")}]
-        return apply_chat(tokenizer, msgs, tokenize=False) if chat else msgs[0]["content"] + msgs[1]["content"]
+        if chat:
+            return (apply_chat(tokenizer, msgs, tokenize=False),
+                    apply_chat(tokenizer, msgs[:1], tokenize=False, add_generation_prompt=True))
+        return msgs[0]["content"] + msgs[1]["content"], msgs[0]["content"]
     if rec.get("text") is not None:
-        return _text(rec, "text")
+        return _text(rec, "text"), ""
     raise GraftError(f"a record has none of the fields `messages`, `prompt`+`response` or `text` "
                      f"(it has {', '.join(sorted(rec)) or 'nothing'}): rename the fields")
 
@@ -124,29 +139,44 @@ def apply_chat(tokenizer, msgs: list[dict], **kw):
                          "record's messages") from None
 
 
-def pack(ds, tokenizer, seq_len: int) -> torch.Tensor:
+def pack(ds, tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize every record, join them (each ends with EOS unless its text already does), and cut
-    into (N, seq_len) blocks; the remainder is dropped."""
+    into (N, seq_len) blocks; the remainder is dropped. Also where the answers are: a bool (N,
+    seq_len), True at the tokens of each record's answer and the EOS after it (`record_parts`).
+    Decoding drafts answers, never the prompts or the chat template around them, so evaluation
+    counts these positions; data without answers (a chat record ending on a user turn) counts whole."""
     eos = tokenizer.eos_token_id
-    stream = []
+    stream, answer = [], []
     for rec in ds:
-        ids = tokenizer(record_text(rec, tokenizer), add_special_tokens=False)["input_ids"]
+        text, head = record_parts(rec, tokenizer)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        n_head = 0  # tokens before the answer: the prompt's own tokens, as far as they agree with the text's
+        if head:
+            for a, b in zip(ids, tokenizer(head, add_special_tokens=False)["input_ids"]):
+                if a != b:
+                    break
+                n_head += 1
         stream.extend(ids)
+        answer.extend([False] * n_head + [True] * (len(ids) - n_head))
         if eos is not None and (not ids or ids[-1] != eos):
             stream.append(eos)
+            answer.append(n_head < len(ids))
     n = len(stream) // seq_len
     if n == 0:
         raise GraftError(f"the data holds {len(stream)} tokens, fewer than one sequence of --seq-len {seq_len}: "
                          "add data or lower --seq-len")
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    answer = torch.tensor(answer[: n * seq_len], dtype=torch.bool).view(n, seq_len)
+    if not answer.any():
+        answer[:] = True
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len), answer
 
 
-def split_blocks(blocks: torch.Tensor, eval_fraction: float, seed: int):
-    """Hold out a fixed random slice for evaluation (at least one block when there are two)."""
-    n = blocks.shape[0]
+def split_blocks(n: int, eval_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indices of the training blocks and of a fixed random slice held out for evaluation (at
+    least one block when there are two)."""
     n_eval = max(1, int(round(n * eval_fraction))) if n >= 2 else 0
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return blocks[perm[n_eval:]], blocks[perm[:n_eval]]
+    return perm[n_eval:], perm[:n_eval]
 
 
 def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:

@@ -59,7 +59,8 @@ class _SoftKL(torch.autograd.Function):
 
 
 def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 0.8, chunk: int = 1024,
-                 backward: bool = True, autocast=None, ranks: bool = False, align: bool = False) -> dict:
+                 backward: bool = True, autocast=None, ranks: bool = False, align: bool = False,
+                 count: torch.Tensor | None = None) -> dict:
     """Loss over all heads; backpropagates into the heads (and anything upstream of `hs`).
 
     The work is chunked over target positions: per chunk the backbone's log-distribution is
@@ -76,6 +77,8 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
             1..k-1 of the same row drafted the backbone's token (the contexts drafting reaches;
             elsewhere the depth's draft is never verified). Losses are still divided by all of a
             depth's rows, so a depth's weight shrinks with its reach.
+        count: (B, T) bool, the tokens whose drafts the counts (`n`, `top1`, `top5`, `rank`) take in;
+            None: every one. The loss is over every row either way.
 
     Returns:
         dict with `loss` (float), per-head `loss_k`, and counts `n`, `top1`, `top5`, `rank` (K x RANKS;
@@ -103,6 +106,9 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
         where[sub] = torch.arange(sub.numel(), device=dev)
         nxt = torch.where(nxt < 0, nxt, where[nxt.clamp_min(0)])
     rows = [B * max(T - k - 1, 0) for k in range(K)]
+    # target position j drafts token j+1: the counts take in the positions whose next token is counted
+    # (the block's last drafts a token past it, counted as the last one is)
+    counted = None if count is None else torch.cat([count[:, 1:], count[:, -1:]], dim=1).to(dev)
     n_rows = rows if loss == "kl" else [int((nxt[:, k + 1:] != -100).sum()) for k in range(K)]
     loss_k = torch.zeros(K, device=dev)
     top1 = torch.zeros(K, dtype=torch.long, device=dev)
@@ -146,11 +152,13 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
                 loss_k[k] += l_chunk.detach()
                 if align:
                     right[k, :, j0 - s:c1 - s] = heads.to_vocab(q_logits.argmax(-1)) == tgt
+                seen = None if counted is None else counted[:, j0:c1]
                 if ranks:
                     hit = heads.to_vocab(q_logits.topk(RANKS, dim=-1).indices) == tgt[..., None]
-                    hits[k] += hit.flatten(0, 1).sum(0)
+                    hits[k] += (hit if seen is None else hit & seen[..., None]).flatten(0, 1).sum(0)
                 else:
-                    top1[k] += (heads.to_vocab(q_logits.argmax(-1)) == tgt).sum()
+                    hit = heads.to_vocab(q_logits.argmax(-1)) == tgt
+                    top1[k] += (hit if seen is None else hit & seen).sum()
     used = [(h[:, :leaf.shape[1]], leaf.grad) for h, leaf in zip(hs, leaves) if leaf.grad is not None]
     if used:
         torch.autograd.backward([u for u, _ in used], [g for _, g in used])
@@ -159,5 +167,6 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
     loss_k = loss_k.tolist()
     rank = hits.tolist()
     return {"loss": sum(wk * lk for wk, lk in zip(w, loss_k)), "loss_k": loss_k,
-            "n": rows, "top1": top1.tolist(),
+            "n": rows if counted is None else [int(counted[:, k + 1:].sum()) for k in range(K)],
+            "top1": top1.tolist(),
             "top5": [sum(r[:5]) for r in rank], "rank": rank}

@@ -87,9 +87,12 @@ def _rewrite_metrics(path: str, upto: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, blocks: torch.Tensor, tc: TrainConfig, autocast, dd: Dist | None = None) -> dict:
-    """Held-out loss, top-1/top-5 agreement and per-rank accuracy per depth. Under several
-    processes each evaluates its share of the blocks and the counts are summed."""
+def evaluate(model, blocks: torch.Tensor, tc: TrainConfig, autocast, dd: Dist | None = None,
+             answers: torch.Tensor | None = None) -> dict:
+    """Held-out loss, and per depth top-1/top-5 agreement and per-rank accuracy: the decoding fit's
+    estimate of how often drafts land. `answers` (bool, like `blocks`): count the drafts of those
+    tokens only (decoding drafts answers, not prompts or chat templates); None counts every one.
+    Under several processes each evaluates its share of the blocks and the counts are summed."""
     dd = dd or Dist()
     bb, heads = model.backbone, model.heads
     K = heads.num_heads
@@ -97,13 +100,15 @@ def evaluate(model, blocks: torch.Tensor, tc: TrainConfig, autocast, dd: Dist | 
     # one whose share has run out repeats a block and leaves it uncounted
     share = math.ceil(len(blocks) / dd.world)
     spare, blocks = blocks[:1], blocks[dd.rank::dd.world]
+    answers = None if answers is None else answers[dd.rank::dd.world]
     # one tensor for one all-reduce: loss sum, batches, then per depth n, top1, top5 and ranks
     agg = torch.zeros(2 + K * (3 + RANKS), dtype=torch.float64)
     counts = agg[2:].view(K, 3 + RANKS)
     for start in range(0, min(share, tc.eval_batches * tc.batch_size), tc.batch_size):
         ids = blocks[start:start + tc.batch_size]
+        count = None if answers is None or not len(ids) else answers[start:start + tc.batch_size].to(bb.device)
         st = micro_step(bb, heads, (ids if len(ids) else spare).to(bb.device), tc, autocast, backward=False,
-                        ranks=True)
+                        ranks=True, count=count)
         if not len(ids):
             continue
         agg[0] += st["loss"]
@@ -119,7 +124,7 @@ def evaluate(model, blocks: torch.Tensor, tc: TrainConfig, autocast, dd: Dist | 
 
 
 def micro_step(bb, heads, ids, tc: TrainConfig, autocast, backbone_grad: bool = False, backward: bool = True,
-               ranks: bool = False) -> dict:
+               ranks: bool = False, count: torch.Tensor | None = None) -> dict:
     """One backbone forward (no grad unless LoRA trains it), all heads, the chunked loss and, with
     `backward`, its backward: gradients accumulate in the heads; the optimizer step is the
     caller's. `ranks` adds the per-rank statistics of evaluation."""
@@ -130,7 +135,7 @@ def micro_step(bb, heads, ids, tc: TrainConfig, autocast, backbone_grad: bool = 
         hs = heads.hidden(bb, trunk, final, ids)
     return distill_step(bb, heads, hs, final.detach(), ids, loss=tc.loss, decay=tc.head_decay,
                         chunk=chunk_rows(tc.vocab_chunk, bb.vocab_size),
-                        backward=backward, autocast=autocast, ranks=ranks, align=tc.align)
+                        backward=backward, autocast=autocast, ranks=ranks, align=tc.align, count=count)
 
 
 @dataclasses.dataclass
@@ -143,6 +148,7 @@ class _Run:
     model: object
     train_blocks: torch.Tensor
     eval_blocks: torch.Tensor
+    eval_answers: torch.Tensor  # where the held-out blocks' answers are: the positions evaluation counts
     params: list
     lora_params: dict
     opt: object
@@ -225,8 +231,9 @@ def _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify
         lora_params = ckpt.apply_lora(bb.hf, lora, saved or None, trainable=True)
     if bb.tokenizer is None:
         raise GraftError("the backbone has no tokenizer: graft train needs one to read --data")
-    blocks = pack(load_records(data), bb.tokenizer, tc.seq_len)
-    train_blocks, eval_blocks = split_blocks(blocks, tc.eval_fraction, tc.seed)
+    blocks, answers = pack(load_records(data), bb.tokenizer, tc.seq_len)
+    train_idx, eval_idx = split_blocks(len(blocks), tc.eval_fraction, tc.seed)
+    train_blocks, eval_blocks, eval_answers = blocks[train_idx], blocks[eval_idx], answers[eval_idx]
     if heads.draft_ids is not None and checkpoint is None:  # FR-Spec: the data's most frequent tokens
         heads.set_draft_vocab(torch.bincount(train_blocks.flatten(), minlength=bb.vocab_size)[:bb.vocab_size])
     total = tc.max_steps or max(1, math.ceil(tc.epochs * len(train_blocks) / (tc.batch_size * tc.grad_accum)))
@@ -237,8 +244,8 @@ def _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify
     horizon = [total]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, tc.warmup, horizon[0]))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bb.device.type == "cuda" else contextlib.nullcontext()
-    run = _Run(graft_dir, data, tc, model, train_blocks, eval_blocks, params, lora_params, opt, sched, horizon,
-               total, autocast, dd, lora)
+    run = _Run(graft_dir, data, tc, model, train_blocks, eval_blocks, eval_answers, params, lora_params, opt, sched,
+               horizon, total, autocast, dd, lora)
     if checkpoint:
         run.step = checkpoint[0]
         ckpt.restore_optimizer(opt, state)
@@ -351,7 +358,7 @@ def _loop(run: _Run, config, progress: bool) -> None:
                                           "lr": run.sched.get_last_lr()[0], "tokens_per_s": tps}) + "\n")
                 metrics.flush()
             if run.step % tc.eval_every == 0 and len(run.eval_blocks) and run.step < run.total:  # the last: below
-                ev = evaluate(run.model, run.eval_blocks, tc, run.autocast, run.dd)
+                ev = evaluate(run.model, run.eval_blocks, tc, run.autocast, run.dd, run.eval_answers)
                 if main:
                     metrics.write(json.dumps({"step": run.step, "eval": ev}) + "\n")
                     metrics.flush()
@@ -368,8 +375,10 @@ def _finish(run: _Run) -> dict:
     """The final evaluation and the training summary in graft.json."""
     tc, model = run.tc, run.model
     bb = model.backbone
-    ev = evaluate(model, run.eval_blocks if len(run.eval_blocks) else run.train_blocks[:tc.batch_size * run.dd.world],
-                  tc, run.autocast, run.dd)
+    if len(run.eval_blocks):
+        ev = evaluate(model, run.eval_blocks, tc, run.autocast, run.dd, run.eval_answers)
+    else:  # one block of data: it is evaluated as trained, every position counted
+        ev = evaluate(model, run.train_blocks[:tc.batch_size * run.dd.world], tc, run.autocast, run.dd)
     summary = {"steps": run.step, "loss": run.last["loss"], "train_top1": run.last["top1"], "eval_loss": ev["loss"],
                "top1": ev["top1"], "top5": ev["top5"], "rank_accuracy": ev["rank_accuracy"],
                "data": run.data, "seq_len": tc.seq_len, "batch_size": tc.batch_size * tc.grad_accum,

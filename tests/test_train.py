@@ -53,10 +53,24 @@ def test_every_data_format(tmp_path, tokenizer):
     assert chat.startswith("<|user|>")  # the tokenizer's chat template was applied
 
 
-def test_packing(tokenizer, tiny_data):
-    blocks = pack(load_records(tiny_data), tokenizer, 16)
-    assert blocks.ndim == 2 and blocks.shape[1] == 16
+def test_packing(tokenizer, tiny_data, tmp_path):
+    blocks, answers = pack(load_records(tiny_data), tokenizer, 16)
+    assert blocks.ndim == 2 and blocks.shape[1] == 16 and answers.shape == blocks.shape and answers.dtype == torch.bool
     assert (blocks == tokenizer.eos_token_id).any()
+    # the answers: each record's assistant turn and what follows it, never the prompt before it
+    one = write(tmp_path / "one.jsonl", json.dumps({"messages": [{"role": "user", "content": "say 0"},
+                                                                {"role": "assistant", "content": CORPUS[1]}]}))
+    ids, answer = pack(load_records(one), tokenizer, 1)
+    said, rest = tokenizer.decode(ids[~answer].flatten()), tokenizer.decode(ids[answer].flatten())
+    assert "say 0" in said and CORPUS[1] not in said and CORPUS[1] in rest and "say" not in rest
+    assert answer.flatten().tolist() == sorted(answer.flatten().tolist())  # the prompt, then the answer
+    text = write(tmp_path / "text.jsonl", json.dumps({"text": CORPUS[0]}))  # plain text is all answer
+    assert pack(load_records(text), tokenizer, 1)[1].all()
+    asked = write(tmp_path / "asked.jsonl", json.dumps({"messages": [{"role": "user", "content": CORPUS[0]}]}))
+    assert pack(load_records(asked), tokenizer, 1)[1].all()  # no answers anywhere: every position counts
+    both = write(tmp_path / "both.jsonl", open(asked).read() + "\n" + open(one).read())
+    _, answer = pack(load_records(both), tokenizer, 1)
+    assert 0 < answer.sum() < answer.numel() and not answer.flatten()[:5].any()  # the unanswered record: none
 
 
 def test_bad_data(tmp_path, tokenizer):
@@ -83,6 +97,61 @@ def test_bad_data(tmp_path, tokenizer):
 def test_seq_len_must_exceed_heads():
     with pytest.raises(GraftError, match="too short"):
         TrainConfig(seq_len=4, num_heads=3)
+
+
+@pytest.mark.parametrize("family", ["medusa", "deepseek-mtp"])
+def test_counts_take_in_the_counted_tokens_alone(family, tokenizer):
+    """Evaluation counts the drafts of some tokens (the answers): per depth the rows whose drafted
+    token is counted, and of those the rows where the head's top-1 is the backbone's; the loss
+    stays over every row."""
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads=family, num_heads=3)
+    with torch.no_grad():
+        for p in m.heads.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    ids = torch.randint(0, len(tokenizer), (2, 10))
+    count = torch.rand(2, 10) < 0.5
+
+    def stats(**kw):
+        trunk, final = bb.forward(ids, torch.arange(10).expand(2, 10))
+        hs = m.heads.hidden(bb, trunk, final, ids)
+        return distill_step(bb, m.heads, hs, final, ids, chunk=3, backward=False, ranks=True, **kw)
+
+    every, some = stats(), stats(count=count)
+    assert some["loss"] == pytest.approx(every["loss"])
+    with torch.no_grad():
+        out = m(ids)
+    target = out.logits.argmax(-1)  # at position j the backbone's next token, j+1
+    drafted = torch.cat([count[:, 1:], count[:, -1:]], dim=1)  # position j drafts token j+1 (the last: past the block)
+    for k, hl in enumerate(out.head_logits):
+        s = k + 1  # head k at position i drafts what the backbone says at position i+s
+        hit, seen = hl[:, :10 - s].argmax(-1) == target[:, s:], drafted[:, s:]
+        assert (every["n"][k], every["top1"][k]) == (hit.numel(), int(hit.sum()))
+        assert (some["n"][k], some["top1"][k]) == (int(seen.sum()), int((hit & seen).sum()))
+        assert 0 < some["n"][k] < every["n"][k]
+
+
+def test_evaluation_counts_the_held_out_answers(tiny_dirs, tiny_data, tmp_path, tokenizer):
+    """The held-out figures the decoding fit reads count the answers' drafts: every position
+    marked counts as no mask at all, and the prompts' positions change the figures."""
+    import contextlib
+
+    from graft.data import split_blocks
+    from graft.train import evaluate
+
+    g = str(tmp_path / "g")
+    add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=g, device="cpu")
+    s = train(g, tiny_data, FAST, device="cpu", progress=False)
+    m = load(g, device="cpu")
+    blocks, answers = pack(load_records(tiny_data), tokenizer, FAST["seq_len"])
+    tc = TrainConfig(**FAST)
+    _, held = split_blocks(len(blocks), tc.eval_fraction, tc.seed)
+    ev = evaluate(m, blocks[held], tc, contextlib.nullcontext(), answers=answers[held])
+    torch.testing.assert_close(torch.tensor(ev["rank_accuracy"]), torch.tensor(s["rank_accuracy"]))  # what train wrote
+    everything = evaluate(m, blocks[held], tc, contextlib.nullcontext())
+    assert evaluate(m, blocks[held], tc, contextlib.nullcontext(), answers=torch.ones_like(answers[held])) == everything
+    assert ev["rank_accuracy"] != everything["rank_accuracy"]
 
 
 @pytest.mark.parametrize("family", ["medusa", "deepseek-mtp"])
@@ -366,7 +435,7 @@ def test_training_sets_the_draft_vocabulary_from_the_data(tiny_dirs, tiny_data, 
     g = str(tmp_path / "g")
     add_heads(tiny_dirs["llama"], heads="eagle", num_heads=2, draft_vocab=10, out=g, device="cpu")
     s = train(g, tiny_data, FAST, device="cpu", progress=False)
-    blocks = pack(load_records(tiny_data), tokenizer, FAST["seq_len"])
+    blocks, _ = pack(load_records(tiny_data), tokenizer, FAST["seq_len"])
     counts = torch.bincount(blocks.flatten(), minlength=len(tokenizer))
     got = load(g, device="cpu").heads.draft_ids.tolist()
     assert got == sorted(got) and len(got) == 10
@@ -375,7 +444,8 @@ def test_training_sets_the_draft_vocabulary_from_the_data(tiny_dirs, tiny_data, 
     from graft.data import split_blocks
 
     tc = TrainConfig()
-    _, held = split_blocks(blocks, tc.eval_fraction, tc.seed)
+    _, held = split_blocks(len(blocks), tc.eval_fraction, tc.seed)
+    held = blocks[held]
     assert s["draft_vocab_coverage"] == pytest.approx(torch.isin(held, torch.tensor(got)).float().mean().item())
     assert 0 < s["draft_vocab_coverage"] < 1
     with pytest.raises(GraftError, match="--draft-vocab"):
