@@ -37,6 +37,7 @@ sp = ", ".join(f"{v:.2f}x over {k}" for k, v in r["speedup"].items())
 print(f"\nRESULT  tau {r['tau']:.2f} tokens per backbone forward; speedup {sp}; identical_rate {r['identical_rate']}")
 print(f"        draft tree: {r['tree_nodes']} nodes ({r['tree_choice']})")
 d = r["drafting"]
-print(f"        {d['drafted']} of {r['n_prompts']} generations drafted, {d['stopped']} of them stopped where the drafts "
-      "did not pay")
+if d["drafted"]:
+    print(f"        {d['drafted']} of {r['n_prompts']} generations drafted, {d['stopped']} of them stopped where the "
+          "drafts did not pay")
 PY
