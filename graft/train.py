@@ -148,7 +148,8 @@ class _Run:
     model: object
     train_blocks: torch.Tensor
     eval_blocks: torch.Tensor
-    eval_answers: torch.Tensor  # where the held-out blocks' answers are: the positions evaluation counts
+    train_answers: torch.Tensor  # where the blocks' answers are: the positions the top-1 figures count
+    eval_answers: torch.Tensor
     params: list
     lora_params: dict
     opt: object
@@ -233,7 +234,7 @@ def _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify
         raise GraftError("the backbone has no tokenizer: graft train needs one to read --data")
     blocks, answers = pack(load_records(data), bb.tokenizer, tc.seq_len)
     train_idx, eval_idx = split_blocks(len(blocks), tc.eval_fraction, tc.seed)
-    train_blocks, eval_blocks, eval_answers = blocks[train_idx], blocks[eval_idx], answers[eval_idx]
+    train_blocks, eval_blocks = blocks[train_idx], blocks[eval_idx]
     if heads.draft_ids is not None and checkpoint is None:  # FR-Spec: the data's most frequent tokens
         heads.set_draft_vocab(torch.bincount(train_blocks.flatten(), minlength=bb.vocab_size)[:bb.vocab_size])
     total = tc.max_steps or max(1, math.ceil(tc.epochs * len(train_blocks) / (tc.batch_size * tc.grad_accum)))
@@ -244,8 +245,8 @@ def _setup(graft_dir, data, values, config, resume, load_in_4bit, device, verify
     horizon = [total]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, tc.warmup, horizon[0]))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bb.device.type == "cuda" else contextlib.nullcontext()
-    run = _Run(graft_dir, data, tc, model, train_blocks, eval_blocks, eval_answers, params, lora_params, opt, sched,
-               horizon, total, autocast, dd, lora)
+    run = _Run(graft_dir, data, tc, model, train_blocks, eval_blocks, answers[train_idx], answers[eval_idx], params,
+               lora_params, opt, sched, horizon, total, autocast, dd, lora)
     if checkpoint:
         run.step = checkpoint[0]
         ckpt.restore_optimizer(opt, state)
@@ -276,8 +277,9 @@ def _step(run: _Run) -> dict:
     for m in range(micro):
         # the global batch of this micro-step, as one process would take it; each its share
         idx = batch_indices(run.step * micro + m, tc.batch_size * dd.world, len(run.train_blocks), tc.seed)
-        ids = run.train_blocks[idx[dd.rank * tc.batch_size:(dd.rank + 1) * tc.batch_size]].to(bb.device)
-        st = micro_step(bb, heads, ids, tc, run.autocast, backbone_grad=bool(run.lora_params))
+        own = idx[dd.rank * tc.batch_size:(dd.rank + 1) * tc.batch_size]
+        ids, count = run.train_blocks[own].to(bb.device), run.train_answers[own].to(bb.device)
+        st = micro_step(bb, heads, ids, tc, run.autocast, backbone_grad=bool(run.lora_params), count=count)
         agg[0] += st["loss"] / micro
         agg[1:] += torch.tensor(st["n"] + st["top1"], dtype=torch.float64)
     agg = dd.all_reduce_(agg.to(bb.device)).cpu()

@@ -132,19 +132,32 @@ def test_counts_take_in_the_counted_tokens_alone(family, tokenizer):
         assert 0 < some["n"][k] < every["n"][k]
 
 
-def test_evaluation_counts_the_held_out_answers(tiny_dirs, tiny_data, tmp_path, tokenizer):
+def test_evaluation_counts_the_held_out_answers(tiny_dirs, tiny_data, tmp_path, tokenizer, monkeypatch):
     """The held-out figures the decoding fit reads count the answers' drafts: every position
-    marked counts as no mask at all, and the prompts' positions change the figures."""
+    marked counts as no mask at all, and the prompts' positions change the figures. Training's
+    own top-1 figures count the answers of its batches too."""
     import contextlib
 
+    from graft import train as train_module
     from graft.data import split_blocks
     from graft.train import evaluate
 
+    blocks, answers = pack(load_records(tiny_data), tokenizer, FAST["seq_len"])
+    counted = []
+    real = train_module.micro_step
+
+    def spy(bb, heads, ids, *a, **kw):
+        row = [i for i in range(len(blocks)) if torch.equal(blocks[i], ids[0])][0]
+        counted.append(torch.equal(kw["count"][0], answers[row]))
+        return real(bb, heads, ids, *a, **kw)
+
+    monkeypatch.setattr(train_module, "micro_step", spy)
     g = str(tmp_path / "g")
     add_heads(tiny_dirs["llama"], heads="medusa", num_heads=2, out=g, device="cpu")
     s = train(g, tiny_data, FAST, device="cpu", progress=False)
+    assert len(counted) > FAST["max_steps"] and all(counted)  # training steps and evaluations alike
+    monkeypatch.setattr(train_module, "micro_step", real)
     m = load(g, device="cpu")
-    blocks, answers = pack(load_records(tiny_data), tokenizer, FAST["seq_len"])
     tc = TrainConfig(**FAST)
     _, held = split_blocks(len(blocks), tc.eval_fraction, tc.seed)
     ev = evaluate(m, blocks[held], tc, contextlib.nullcontext(), answers=answers[held])
