@@ -64,12 +64,11 @@ def main() -> None:
             g = m.generate(input_ids=ids, max_new_tokens=args.max_new_tokens, **kw)
             tokens, steps = tokens + g.step_tokens, steps + g.steps
         got = tokens / max(steps, 1)
-        row = {"decoded": got, **{f"expected ({k})": expected_tokens(a, paths) for k, a in acc.items()}}
-        report["trees"][name] = row
+        expected = {k: expected_tokens(a, paths) for k, a in acc.items()}
+        report["trees"][name] = {"decoded": got, **{f"expected ({k})": e for k, e in expected.items()}}
         print(f"{name:>10}: decoded {got:.2f} tokens a step; the fit expects "
-              + ", ".join(f"{expected_tokens(a, paths):.2f} from {k} ({got / expected_tokens(a, paths):.2f}x)"
-                          for k, a in acc.items()))
-    print(f"held-out top-1 at depth 1: " + ", ".join(f"{a[0][0]:.3f} over {k}" for k, a in acc.items())
+              + ", ".join(f"{e:.2f} from {k} ({got / e:.2f}x)" for k, e in expected.items()))
+    print("held-out top-1 at depth 1: " + ", ".join(f"{a[0][0]:.3f} over {k}" for k, a in acc.items())
           + f"; answers are {counted:.1%} of the held-out positions")
     if args.json:
         with open(args.json, "w") as f:

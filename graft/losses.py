@@ -108,7 +108,8 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
     rows = [B * max(T - k - 1, 0) for k in range(K)]
     # target position j drafts token j+1: the counts take in the positions whose next token is counted
     # (the block's last drafts a token past it, counted as the last one is)
-    counted = None if count is None else torch.cat([count[:, 1:], count[:, -1:]], dim=1).to(dev)
+    count = torch.ones(B, T, dtype=torch.bool) if count is None else count
+    counted = torch.cat([count[:, 1:], count[:, -1:]], dim=1).to(dev)
     n_rows = rows if loss == "kl" else [int((nxt[:, k + 1:] != -100).sum()) for k in range(K)]
     loss_k = torch.zeros(K, device=dev)
     top1 = torch.zeros(K, dtype=torch.long, device=dev)
@@ -152,13 +153,12 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
                 loss_k[k] += l_chunk.detach()
                 if align:
                     right[k, :, j0 - s:c1 - s] = heads.to_vocab(q_logits.argmax(-1)) == tgt
-                seen = None if counted is None else counted[:, j0:c1]
+                seen = counted[:, j0:c1]
                 if ranks:
                     hit = heads.to_vocab(q_logits.topk(RANKS, dim=-1).indices) == tgt[..., None]
-                    hits[k] += (hit if seen is None else hit & seen[..., None]).flatten(0, 1).sum(0)
+                    hits[k] += (hit & seen[..., None]).flatten(0, 1).sum(0)
                 else:
-                    hit = heads.to_vocab(q_logits.argmax(-1)) == tgt
-                    top1[k] += (hit if seen is None else hit & seen).sum()
+                    top1[k] += ((heads.to_vocab(q_logits.argmax(-1)) == tgt) & seen).sum()
     used = [(h[:, :leaf.shape[1]], leaf.grad) for h, leaf in zip(hs, leaves) if leaf.grad is not None]
     if used:
         torch.autograd.backward([u for u, _ in used], [g for _, g in used])
@@ -167,6 +167,5 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
     loss_k = loss_k.tolist()
     rank = hits.tolist()
     return {"loss": sum(wk * lk for wk, lk in zip(w, loss_k)), "loss_k": loss_k,
-            "n": rows if counted is None else [int(counted[:, k + 1:].sum()) for k in range(K)],
-            "top1": top1.tolist(),
+            "n": [int(counted[:, k + 1:].sum()) for k in range(K)], "top1": top1.tolist(),
             "top5": [sum(r[:5]) for r in rank], "rank": rank}
