@@ -362,7 +362,8 @@ def _loop(run: _Run, config, progress: bool) -> None:
             if run.step % tc.eval_every == 0 and len(run.eval_blocks) and run.step < run.total:  # the last: below
                 ev = evaluate(run.model, run.eval_blocks, tc, run.autocast, run.dd, run.eval_answers)
                 if main:
-                    metrics.write(json.dumps({"step": run.step, "eval": ev}) + "\n")
+                    metrics.write(json.dumps({"step": run.step, "minutes": (time.perf_counter() - run.started) / 60,
+                                              "eval": ev}) + "\n")
                     metrics.flush()
             out_of_time = torch.tensor(float(bool(tc.max_minutes) and (time.perf_counter() - run.started) / 60
                                              >= tc.max_minutes))
@@ -403,5 +404,5 @@ def _finish(run: _Run) -> dict:
         ckpt.save_tensors(os.path.join(run.graft_dir, ckpt.LORA_NAME), run.lora_params, {"format": "graft-lora"})
     ckpt.save_config(run.graft_dir, model.config)
     with open(os.path.join(run.graft_dir, ckpt.METRICS_NAME), "a") as f:
-        f.write(json.dumps({"step": run.step, "eval": ev, "final": True}) + "\n")
+        f.write(json.dumps({"step": run.step, "minutes": summary["minutes_this_run"], "eval": ev, "final": True}) + "\n")
     return summary
