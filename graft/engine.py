@@ -9,11 +9,31 @@ CUDA graphs, and one copy to the host per step carries the tree's tokens and the
 """
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
+
 import torch
 
 from .config import GraftError
 from .modeling import KVCache, additive_mask, attention_backends, device_ids
 from .tree import ancestors
+
+
+@contextmanager
+def no_collection():
+    """Python's cycle collector held off while CUDA graphs are captured. Run inside a capture, it
+    may free another captured graph that sits in a dead reference cycle; destroying a graph is
+    not permitted while a stream captures, so the capture fails ("operation failed due to a
+    previous error during capture") and leaves the CUDA generator mid-capture, which then fails
+    every later random draw on the device ("Offset increment outside graph capture"). torch
+    stopped collecting before each capture in 2.9 (pytorch/pytorch#161037 reports this)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class StepBoundsError(GraftError):
@@ -268,7 +288,7 @@ class GraphStep(StaticStep):
         # invalidate the capture.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with attention_backends(self.cache.k.device, static=True):
+        with attention_backends(self.cache.k.device, static=True), no_collection():
             with torch.cuda.stream(stream):
                 for _ in range(3):
                     self.last = verify()[:2]

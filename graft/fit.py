@@ -40,7 +40,7 @@ def cache_path() -> str:
 
 
 def _key(dec, engine: str) -> str:
-    bb, spec = dec.bb, dec.model.config.heads
+    bb, spec = dec.bb, dec.config.heads
     ident = bb.identity
     where = (torch.cuda.get_device_name(bb.device) if bb.device.type == "cuda"
              else f"{_cpu_name()} x{torch.get_num_threads()}")

@@ -161,7 +161,8 @@ class SpeculativeDecoder:
     engines it keeps the KV cache, the heads' state and the captured steps between generations."""
 
     def __init__(self, model):
-        self.model = model
+        self.config = model.config  # not the model: the model holds its decoder, and a cycle through it
+        # would leave the decoder's captured graphs to Python's cycle collector (`engine.no_collection`)
         self.bb = model.backbone
         self.heads = model.heads
         self.bb.fuse_projections()
@@ -176,7 +177,7 @@ class SpeculativeDecoder:
         """Per depth and rank, the chance that a draft is the backbone's token (calibrated in
         training's evaluation; a prior for untrained heads)."""
         K = self.heads.num_heads
-        return (self.model.config.training or {}).get("rank_accuracy") or default_accuracies(K)
+        return (self.config.training or {}).get("rank_accuracy") or default_accuracies(K)
 
     def _tree(self, cfg: DecodeConfig, engine: str = "eager") -> tuple[Tree | None, str, bool]:
         """The draft tree for `cfg` (None: no drafting), how it was chosen, and whether the fit
@@ -184,7 +185,7 @@ class SpeculativeDecoder:
         K = self.heads.num_heads
         if not cfg.draft:
             return None, "drafting off", False
-        if cfg.tree == "auto" and not cfg.tree_size and not (self.model.config.training or {}).get("rank_accuracy"):
+        if cfg.tree == "auto" and not cfg.tree_size and not (self.config.training or {}).get("rank_accuracy"):
             return None, ("untrained heads: decoding without drafts, which would only slow it down (train the "
                           "heads with `graft train`, or force a tree with --tree calibrated or --tree-size)"), False
         if cfg.temperature > 0 or cfg.tree == "chain":
@@ -205,8 +206,8 @@ class SpeculativeDecoder:
                 tree, note = fit_tree(self, engine)
                 note = f"{note}; drafting again after generations without it, to see whether it pays"
             return tree, note, tree is not None
-        if self.model.config.tree:
-            return Tree(self.model.config.tree), "calibrated", False
+        if self.config.tree:
+            return Tree(self.config.tree), "calibrated", False
         return Tree(build_tree(self.accuracies(), 24)), "calibrated (24 nodes)", False
 
     def _scale(self) -> float:

@@ -115,3 +115,43 @@ def test_graph_engine_samples_as_static(family, tokenizer):
         runs = [m.generate(input_ids=ids, max_new_tokens=30, temperature=0.8, seed=seed, engine=e, tree="chain")
                 for e in ("static", "graph")]
         assert runs[0].ids == runs[1].ids and runs[0].accepted == runs[1].accepted, (family, p)
+
+
+def test_no_collection_while_capturing(tokenizer, monkeypatch):
+    """A captured graph left in a dead reference cycle is freed by Python's cycle collector,
+    whenever it runs; freed during another capture, it fails that capture (destroying a graph is
+    not permitted while a stream captures) and every later random draw on the device. Here the
+    collector runs at the start of every capture where it may (enabled, as automatic collection
+    would at any allocation): graft holds it off while it captures. Last in the module: where it
+    fails, the device's generator fails every later test."""
+    import gc
+
+    real = torch.cuda.CUDAGraph.capture_begin
+    enabled = []
+
+    def begin(self, *a, **kw):
+        real(self, *a, **kw)
+        enabled.append(gc.isenabled())
+        if gc.isenabled():
+            gc.collect()
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", begin)
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    bb.hf.to("cuda")
+    m = add_heads(bb, heads="medusa", num_heads=3)
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    ref = greedy_past_eos(bb, ids, 12)
+    threshold = gc.get_threshold()
+    gc.set_threshold(10 ** 9)  # no automatic collection before the capture: the cycle lives until then
+    try:
+        assert m.generate(input_ids=ids, max_new_tokens=12, engine="graph", tree="calibrated", eos=False).ids == ref
+        cycle = [m._decoder]  # the decoder and its captured graphs, dead in a reference cycle
+        cycle.append(cycle)
+        m._decoder = None
+        del cycle
+        g = m.generate(input_ids=ids, max_new_tokens=12, engine="graph", tree="calibrated", eos=False)  # captures anew
+    finally:
+        gc.set_threshold(*threshold)
+    assert g.ids == ref
+    assert enabled and not any(enabled), enabled

@@ -89,6 +89,53 @@ def test_greedy_identical_trained(family, trained, tokenizer):
     assert sum(taus) / len(taus) > 1.2, taus
 
 
+def test_a_dropped_model_frees_its_decoder_without_the_cycle_collector(tokenizer):
+    """The decoder keeps the static engines' cache and steps (CUDA graphs on a GPU). Nothing may
+    hold it in a reference cycle: what sits in a dead cycle is freed by Python's cycle collector,
+    whenever it runs, and a captured graph freed while another is being captured fails that
+    capture. Dropped, a model takes its decoder and steps with it at once."""
+    import gc
+    import weakref
+
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="eagle", num_heads=2)
+    ids = encode(tokenizer, PROMPTS[0])
+    m.generate(input_ids=ids, max_new_tokens=8, engine="static", tree="calibrated")
+    dec = weakref.ref(m._decoder)
+    steps = [weakref.ref(s) for s in m._decoder._pool["static"]["steps"].values()]
+    assert steps
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del m
+        assert dec() is None and all(s() is None for s in steps)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def test_no_collection_holds_the_collector_off():
+    import gc
+
+    from graft.engine import no_collection
+
+    assert gc.isenabled()
+    with no_collection():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ValueError):
+        with no_collection():
+            raise ValueError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with no_collection():
+            pass
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()
+
+
 def test_engine_without_drafting_is_plain_greedy(tokenizer):
     bb = tiny_backbone("llama", tokenizer)
     m = add_heads(bb, heads="medusa", num_heads=2)
