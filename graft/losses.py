@@ -108,7 +108,7 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
     rows = [B * max(T - k - 1, 0) for k in range(K)]
     # target position j drafts token j+1: the counts take in the positions whose next token is counted
     # (the block's last drafts a token past it, counted as the last one is)
-    count = torch.ones(B, T, dtype=torch.bool) if count is None else count
+    count = torch.ones(B, T, dtype=torch.bool, device=dev) if count is None else count
     counted = torch.cat([count[:, 1:], count[:, -1:]], dim=1).to(dev)
     n_rows = rows if loss == "kl" else [int((nxt[:, k + 1:] != -100).sum()) for k in range(K)]
     loss_k = torch.zeros(K, device=dev)

@@ -164,6 +164,10 @@ class _Run:
     tps: list = dataclasses.field(default_factory=list)
     last: dict = dataclasses.field(default_factory=dict)
 
+    def minutes(self) -> float:
+        """Wall minutes of this run (this process's, since its loop started)."""
+        return (time.perf_counter() - self.started) / 60
+
 
 def train(graft_dir: str, data: str, values: dict, *, resume: bool = False, load_in_4bit: bool = False,
           device: str = "auto", progress: bool = True, verify_backbone: bool = True,
@@ -362,11 +366,9 @@ def _loop(run: _Run, config, progress: bool) -> None:
             if run.step % tc.eval_every == 0 and len(run.eval_blocks) and run.step < run.total:  # the last: below
                 ev = evaluate(run.model, run.eval_blocks, tc, run.autocast, run.dd, run.eval_answers)
                 if main:
-                    metrics.write(json.dumps({"step": run.step, "minutes": (time.perf_counter() - run.started) / 60,
-                                              "eval": ev}) + "\n")
+                    metrics.write(json.dumps({"step": run.step, "minutes": run.minutes(), "eval": ev}) + "\n")
                     metrics.flush()
-            out_of_time = torch.tensor(float(bool(tc.max_minutes) and (time.perf_counter() - run.started) / 60
-                                             >= tc.max_minutes))
+            out_of_time = torch.tensor(float(bool(tc.max_minutes) and run.minutes() >= tc.max_minutes))
             out_of_time = bool(run.dd.all_reduce_(out_of_time.to(run.model.backbone.device)).item())  # all stop at once
             if run.step % tc.save_every == 0 or run.step == run.total or out_of_time:
                 _save(run)
@@ -386,7 +388,7 @@ def _finish(run: _Run) -> dict:
                "top1": ev["top1"], "top5": ev["top5"], "rank_accuracy": ev["rank_accuracy"],
                "data": run.data, "seq_len": tc.seq_len, "batch_size": tc.batch_size * tc.grad_accum,
                "lr": tc.lr, "loss_kind": tc.loss, "head_decay": tc.head_decay, "align": tc.align,
-               "minutes_this_run": (time.perf_counter() - run.started) / 60,
+               "minutes_this_run": run.minutes(),
                "tokens_per_s": sum(run.tps) / max(len(run.tps), 1),
                "device": str(bb.device), "load_in_4bit": bb.identity.load_in_4bit, "processes": run.dd.world,
                "sharded_backbone": bb.sharded}

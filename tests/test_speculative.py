@@ -94,8 +94,9 @@ def test_a_dropped_model_frees_its_decoder_without_the_cycle_collector(tokenizer
     hold it in a reference cycle: what sits in a dead cycle is freed by Python's cycle collector,
     whenever it runs, and a captured graph freed while another is being captured fails that
     capture. Dropped, a model takes its decoder and steps with it at once."""
-    import gc
     import weakref
+
+    from graft.engine import no_collection
 
     bb = tiny_backbone("llama", tokenizer)
     m = add_heads(bb, heads="eagle", num_heads=2)
@@ -104,14 +105,9 @@ def test_a_dropped_model_frees_its_decoder_without_the_cycle_collector(tokenizer
     dec = weakref.ref(m._decoder)
     steps = [weakref.ref(s) for s in m._decoder._pool["static"]["steps"].values()]
     assert steps
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with no_collection():
         del m
         assert dec() is None and all(s() is None for s in steps)
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def test_no_collection_holds_the_collector_off():
