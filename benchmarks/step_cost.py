@@ -259,6 +259,9 @@ def main(argv=None):
     p.add_argument("--matmuls", metavar="ROWS",
                    help="instead of decoding, time the forward's matmuls alone at these row counts (e.g. "
                         "1,17,33,65), with cuBLAS and with cuBLASLt (CUDA)")
+    p.add_argument("--whole-cache", action="store_true",
+                   help="the fixed-shape steps' attention reads the whole preallocated cache, as before it read "
+                        "the narrowest bucket of cache lengths that holds the live prefix (graft.engine.span_buckets)")
     p.add_argument("--json", help="append one JSON line per figure")
     p.add_argument("--ops", action="store_true",
                    help="count the operations dispatched per step and phase (one-token step and each family's "
@@ -284,6 +287,10 @@ def main(argv=None):
         graft.engine.attention_backends = lambda device, static: sdpa_kernel([backend])  # only static steps ask
     if a.blas != "default":
         torch.backends.cuda.preferred_blas_library(a.blas)
+    if a.whole_cache:
+        import graft.engine
+
+        graft.engine.SPAN_UNIT = 1 << 62  # one bucket: the whole cache
     torch.manual_seed(0)  # the same random weights every run
     bb = random_llama(a.random_llama, dt) if a.random_llama else load_backbone(a.model, dtype=a.dtype)
     name = f"random-llama-{a.random_llama}" if a.random_llama else a.model
@@ -291,7 +298,8 @@ def main(argv=None):
     prompt = torch.randint(10, bb.vocab_size - 10, (a.context,), generator=g).tolist()
     weights = sum(p.numel() * p.element_size() for p in bb.hf.parameters())
     roof = weights / a.bandwidth * 1e3
-    print(f"{name} on {device_name(bb.device)} ({a.dtype}), engine {a.engine}, context {a.context}: "
+    print(f"{name} on {device_name(bb.device)} ({a.dtype}), engine {a.engine}, context {a.context}, {a.new} new, "
+          f"attention reads {'the whole cache' if a.whole_cache else 'the live prefix'}: "
           f"weights {weights / 2**30:.2f} GiB, one-token roofline {roof:.2f} ms", flush=True)
     if a.matmuls:
         for rec in matmul_cost(bb, [int(r) for r in a.matmuls.split(",")], roof):
@@ -333,7 +341,8 @@ def main(argv=None):
             if size == 0:
                 base = ms
             rec = {"model": name, "device": device_name(bb.device), "dtype": a.dtype, "engine": a.engine,
-                   "draft_vocab": a.draft_vocab, "sdpa": a.sdpa, "blas": a.blas, "tree": tree if size else "none",
+                   "draft_vocab": a.draft_vocab, "sdpa": a.sdpa, "context": a.context, "new": a.new,
+                   "cache_read": "whole" if a.whole_cache else "live prefix", "blas": a.blas, "tree": tree if size else "none",
                    "family": "none" if size == 0 else fam, "nodes": size + 1, "ms_per_step": ms,
                    "x_nodraft": ms / base, "roofline_ms": roof}
             label = rec["family"] + (" dyn" if size and tree == "dynamic" else "")

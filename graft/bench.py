@@ -109,8 +109,8 @@ def bench(graft_dir: str, prompts: str, *, limit=None, per_category=None, turns=
     dev = bb.device
     eos = tok.eos_token_id if tok is not None else 0
     dec = SpeculativeDecoder(model)
-    # the loop without drafts keeps a decoder of its own: the fixed-shape steps attend over their
-    # whole cache, and one sized for the draft tree's room would slow it where no drafting would
+    # the loop without drafts keeps a decoder of its own: the fixed-shape steps read their cache in
+    # buckets of an eighth of it, and one sized for the draft tree's room would slow it
     plain = SpeculativeDecoder(model)
     cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=0, engine=engine, tree=tree,
                        tree_size=tree_size)

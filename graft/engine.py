@@ -54,6 +54,17 @@ def room(heads, tree) -> int:
     return tree.n if heads is None else heads.scratch(tree)
 
 
+SPAN_UNIT = 256  # the narrowest bucket of cache slots a fixed-shape step's attention reads
+
+
+def span_buckets(max_len: int) -> list[int]:
+    """The cache lengths a fixed-shape step's attention may read, ascending: multiples of a unit
+    (at least SPAN_UNIT, at most 8 buckets), the whole cache last. A step reads the narrowest that
+    holds every slot it touches, so that attention reads the live prefix, not the whole cache."""
+    unit = max(SPAN_UNIT, max_len // 8)
+    return list(range(unit, max_len, unit)) + [max_len]
+
+
 def greedy_choose(depth: int, logits: torch.Tensor, width: int) -> torch.Tensor:
     """Greedy drafting: each parent's children are its top candidates. (B, V) -> (B, R)."""
     return logits.topk(width, dim=-1).indices
@@ -126,10 +137,27 @@ class Step:
             raise StepBoundsError(f"internal error: a decoding step was about to index {bad}; it was stopped "
                                   "before running. Please report it with the command that led here.")
 
+    @contextmanager
+    def _spanned(self, span: int):
+        """Attention over the first `span` cache slots alone, in the backbone's cache and the
+        heads' (they are as long), while the step runs; the whole cache again afterwards."""
+        caches = [self.cache] + [v for v in (self.state or {}).values() if isinstance(v, KVCache)]
+        for c in caches:
+            c.span = span
+        try:
+            yield
+        finally:
+            for c in caches:
+                c.span = c.max_len
+
     def _check_tokens(self, tokens: list) -> None:
         if len(tokens) != self.N or any(not 0 <= t < self.vocab for t in tokens):
             raise StepBoundsError(f"internal error: a decoding step was given {len(tokens)} node tokens for "
                                   f"{self.N} nodes, or one outside the vocabulary; it was stopped before running")
+
+    def prepare(self, lo: int, hi: int) -> None:
+        """Get ready for steps at cache lengths lo..hi, before a generation's prefill (GraphStep
+        captures its buckets here); the eager step needs nothing."""
 
     # -- the phases ----------------------------------------------------------------------------
     def commit(self) -> None:
@@ -199,8 +227,11 @@ class StaticStep(Step):
     """Every shape fixed: the path and the new tokens are padded to A and travel with the
     positions in one small host-to-device copy (`load`); the heads draft inside the step, so one
     device-to-host copy per step carries the tree's tokens and the argmax. New keys and values go
-    to cache slots given as a tensor, attention reads the whole preallocated cache, and the mask
-    (built on the device from the cache length `n`) hides what is not yet valid."""
+    to cache slots given as a tensor; attention reads the narrowest bucket of cache lengths
+    (`span_buckets`) that holds the step's slots, and the mask (built on the device from the
+    cache length `n`) hides what is not yet valid."""
+
+    bucketed = True  # False: attention always reads the whole cache (one shape to compile)
 
     def __init__(self, bb, cache, tree, **kw):
         super().__init__(bb, cache, tree, **kw)
@@ -210,9 +241,16 @@ class StaticStep(Step):
         self.host = torch.zeros(self.io.shape, dtype=torch.long, pin_memory=dev.type == "cuda")
         self.slot_offsets = torch.arange(N, device=dev)
         self.cols = torch.arange(cache.max_len, device=dev)
+        self.spans = span_buckets(cache.max_len) if self.bucketed else [cache.max_len]
+        self.live = cache.max_len  # the span of the loaded step
+
+    def span(self, n: int) -> int:
+        """The bucket a step at cache length n reads: its slots end before n + room."""
+        return next(s for s in self.spans if s >= n + self.room)
 
     def load(self, n_prev, path, new, n, tokens=None):
         self.check(n_prev, path, new, n, tokens)
+        self.live = self.span(n)
         A, N = self.A, self.N
         vals = (path + path[-1:] * (A - len(path)) + new + [0] * (A - len(new)) + [n_prev, len(path), n]
                 + (list(tokens) + [0] * (N - len(tokens)) if tokens is not None else [0] * N))
@@ -221,11 +259,12 @@ class StaticStep(Step):
 
     def commit(self):
         if self.heads is not None:
-            self._commit_static()
+            with self._spanned(self.live):
+                self._commit_static()
 
     def verify(self, tokens=None):
         self._load_tokens(tokens)
-        with attention_backends(self.cache.k.device, static=True):
+        with attention_backends(self.cache.k.device, static=True), self._spanned(self.live):
             out = self._verify_static()
         self.last = out[:2]
         return out
@@ -245,24 +284,35 @@ class StaticStep(Step):
         return self._verify(io[2 * A + 2], root, None if self.drafts else io[-self.N:])
 
     def _mask_and_slots(self, n):
-        rel = (self.cols - (n - 1)).clamp(0, self.N + 1)  # slot -> column of `sees`
+        rel = (self.cols[:self.cache.span] - (n - 1)).clamp(0, self.N + 1)  # slot -> column of `sees`
         return additive_mask(self.sees[:, rel], self.bb.dtype), n + self.slot_offsets
 
 
 class GraphStep(StaticStep):
-    """StaticStep captured once as CUDA graphs (verify, commit) and replayed. A small model at
-    batch 1 is bound by kernel launches (hundreds per forward); a replay issues them all at once."""
+    """StaticStep captured as CUDA graphs (verify, commit), one pair per bucket of cache lengths,
+    and replayed. A small model at batch 1 is bound by kernel launches (hundreds per forward); a
+    replay issues them all at once. `prepare` captures the buckets a generation will use before
+    its prefill: a capture's warm-up runs the step, which would overwrite a generation's state."""
 
     compiled = False
 
     def __init__(self, bb, cache, tree, **kw):
         super().__init__(bb, cache, tree, **kw)
-        self._capture()
+        self.graphs = {}  # span -> {"verify": graph, "commit": graph}
+        self.outs = {}  # span -> the verify graph's output
+        self.feats = None  # (trunk, final) of the last verification, whichever bucket ran it
+        self.commit_state = {}
+
+    def prepare(self, lo: int, hi: int) -> None:
+        """Capture the buckets that steps at cache lengths lo..hi read (those not captured yet)."""
+        for span in self.spans:
+            if self.span(lo) <= span <= self.span(min(hi, self.cache.max_len - self.room)) and span not in self.graphs:
+                self._capture(span)
 
     def commit(self):
         if self.heads is None:
             return
-        self.graphs["commit"].replay()
+        self._graphs()["commit"].replay()
         # what the captured commit set in Python (deepseek-mtp's owed commits, which refer to
         # this step's inputs), restored: a replay runs no Python, and sampling drafts outside
         # the graph, after the prefill's exact commit reset it
@@ -270,48 +320,72 @@ class GraphStep(StaticStep):
 
     def verify(self, tokens=None):
         self._load_tokens(tokens)
-        self.graphs["verify"].replay()
-        return self.out
+        self._graphs()["verify"].replay()
+        return self.outs[self.live]
 
-    def _capture(self):
-        verify, commit = self._verify_static, self._commit_static
-        if self.compiled:
-            verify, commit = (torch.compile(f, dynamic=False) for f in (verify, commit))
-        self.graphs = {}
+    def _graphs(self) -> dict:
+        graphs = self.graphs.get(self.live)
+        if graphs is None:
+            raise StepBoundsError(f"internal error: no captured step reads {self.live} cache slots (captured: "
+                                  f"{sorted(self.graphs)}); it was stopped before running. Please report it.")
+        return graphs
+
+    def _verify_shared(self, verify):
+        """The verification, its trunk and final states copied to buffers that every bucket's
+        graph shares: the next step's commit may run in another bucket than this verification."""
+        out = verify()
+        if self.heads is None:
+            return out
+        if self.feats is None:
+            self.feats = (out[0].clone(), out[1].clone())
+        self.feats[0].copy_(out[0])
+        self.feats[1].copy_(out[1])
+        return self.feats + (out[2],)
+
+    def _capture(self, span: int):
         # Warm-up and capture write at slots near the end of the cache. That is harmless: no slot
         # at or past the cache length is read before the step that owns it has written it.
         safe = self.cache.max_len - self.room - 1
         StaticStep.load(self, safe - 1, [0], [0], safe, [0] * self.N)
+        self.live = span
+        graphs = {}
+        # Locals, not attributes: a step that held its own bound methods would be a reference
+        # cycle, freed (with its graphs) only by Python's cycle collector.
+        verify, commit = self._verify_static, self._commit_static
+        if self.compiled:
+            verify, commit = (torch.compile(f, dynamic=False) for f in (verify, commit))
         # Warm-up and capture on one side stream: libraries that keep per-stream state (cuBLAS's
         # and cuDNN's workspaces, cuDNN's attention plans) then set it up before the capture, not
         # in it. "thread_local": another thread's CUDA calls (the caller's own work) cannot
         # invalidate the capture.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with attention_backends(self.cache.k.device, static=True), no_collection():
+        with attention_backends(self.cache.k.device, static=True), self._spanned(span), no_collection():
             with torch.cuda.stream(stream):
                 for _ in range(3):
-                    self.last = verify()[:2]
+                    self.last = self._verify_shared(verify)[:2]
                     if self.heads is not None:
                         commit()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, stream=stream, capture_error_mode="thread_local"):
-                self.out = verify()
-            self.graphs["verify"] = g
-            self.last = self.out[:2]
+                self.outs[span] = self._verify_shared(verify)
+            graphs["verify"] = g
+            self.last = self.outs[span][:2]
             if self.heads is not None:
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, stream=stream, capture_error_mode="thread_local"):
                     commit()
-                self.graphs["commit"] = g
+                graphs["commit"] = g
                 self.commit_state = {k: v for k, v in self.state.items() if not torch.is_tensor(v)
                                      and not isinstance(v, KVCache)}
         torch.cuda.current_stream().wait_stream(stream)
+        self.graphs[span] = graphs
 
 
 class CompiledStep(GraphStep):
     """GraphStep with the step first compiled by torch.compile, which fuses the many small
     elementwise kernels (norms, rotary embedding, masks) before capture. Compiling takes a minute
-    or more per tree shape; opt-in."""
+    or more per tree shape; opt-in. Its attention reads the whole cache: one shape to compile."""
 
     compiled = True
+    bucketed = False

@@ -29,25 +29,28 @@ class KVCache:
     """Preallocated keys and values for `n_layers` attention layers.
 
     Tensors are (L, B, H_kv, S, D). The caller tracks how many positions are valid.
+    `span`: the slots that attention reads where keys are written at slots given as a tensor
+    (fixed shapes): the whole cache, unless a fixed-shape step narrows it to the bucket of cache
+    lengths it runs in (`graft.engine.spans`), so that attention reads the live prefix.
     """
 
     def __init__(self, n_layers, batch, n_kv_heads, head_dim, max_len, dtype, device):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
+        self.max_len = self.span = max_len
 
     def update(self, layer: int, start, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, H_kv, T, D) and return the keys and values attention should read.
 
         `start` an int: write at start..start+T-1 and return the entries before start+T.
-        `start` a (T,) tensor of slots: write there and return the whole cache, so that every
-        shape is fixed (CUDA graphs); the caller's mask then hides the slots not yet valid.
+        `start` a (T,) tensor of slots: write there and return the first `span` slots, so that
+        every shape is fixed (CUDA graphs); the caller's mask (as wide) hides those not yet valid.
         """
         if torch.is_tensor(start):
             self.k[layer].index_copy_(2, start, k)
             self.v[layer].index_copy_(2, start, v)
-            return self.k[layer], self.v[layer]
+            return self.k[layer, :, :, :self.span], self.v[layer, :, :, :self.span]
         end = start + k.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} > {self.max_len}")

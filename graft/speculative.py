@@ -229,8 +229,8 @@ class SpeculativeDecoder:
         kept = self._pool.pop(engine, None)  # the decoder's own cache and captured steps, back afterwards
         try:
             for tree in trees:
-                # each tree with a cache of the size it decodes with: attention reads the whole cache,
-                # so a cache grown for the largest tree would slow every later step, drafted or not
+                # each tree with a cache of the size it decodes with: attention reads the cache in
+                # buckets of an eighth of it, so one grown for the largest tree would slow later steps
                 self._pool.pop(engine, None)
                 self._generate(ids, cfg, tree=tree)  # warm-up: cache, captured step, first-call costs
                 gen = self._generate(ids, cfg, tree=tree)
@@ -249,7 +249,7 @@ class SpeculativeDecoder:
         pool = self._pool.get(engine)
         max_len = max(256, 1 << (need - 1).bit_length())
         # A cache too small is grown; one four times too large (left by a long prompt) is shrunk:
-        # the fixed-shape steps attend over the whole cache, so its size is paid at every step.
+        # the fixed-shape steps read it in buckets of an eighth of it, so its size is paid at every step.
         if pool is None or not max_len <= pool["max_len"] < 4 * max_len:
             self._pool.pop(engine, None)  # free the old cache and graphs first
             pool = {"max_len": max_len, "cache": bb.new_cache(max_len), "state": None, "steps": {}}
@@ -312,6 +312,7 @@ class SpeculativeDecoder:
         need = P + max_new + room(drafter, shape) + 1  # the step's scratch past the last new token
         cache, state, steps = self._buffers(engine, need, tree is not None)
         step = self._step(steps, engine, cache, shape, drafter, state, greedy)
+        step.prepare(P, P + max_new)
         if watched and tree is not None:  # the drafts must pay for their step (not if the prompt was too short)
             window, pays = deque(maxlen=WINDOW), break_even(self, engine, tree)
             expect = expected_tokens(self.accuracies(), tree.paths) - 1
@@ -362,6 +363,7 @@ class SpeculativeDecoder:
                                       f"{sum(window) / WINDOW:.2f} tokens a step, and {pays:.2f} pay for its cost")
                     tree, shape, window, path, new = None, Tree([]), None, [0], new[-1:]
                     step = self._step(steps, engine, cache, shape, None, None, greedy)
+                    step.prepare(n, P + max_new)  # the plain step touches no state of the generation's
         if dev.type == "cuda":
             torch.cuda.synchronize()
         out.decode_s = time.perf_counter() - t0

@@ -212,7 +212,7 @@ def test_bench_report_and_bad_prompts(tiny_dirs, tmp_path):
 
 def test_bench_times_the_loop_without_drafts_with_a_cache_of_its_own(tiny_dirs, tmp_path, monkeypatch):
     """The no-draft baseline decodes with the cache it would have alone: the fixed-shape steps
-    attend over their whole cache, so one grown for a large draft tree would slow the baseline
+    read their cache in buckets of an eighth of it, so one grown for a large draft tree would slow the baseline
     and flatter graft's speedup."""
     from graft.speculative import SpeculativeDecoder
 

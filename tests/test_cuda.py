@@ -28,6 +28,19 @@ def greedy_past_eos(bb, ids, n):
     return x[0, len(ids):].tolist()
 
 
+def cuda_model(family, tokenizer, noise):
+    """A tiny Llama on the GPU with heads of `family` x3, perturbed by `noise` (drafts sometimes
+    right at 0.05-0.1, noise at 3)."""
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    bb.hf.to("cuda")
+    m = add_heads(bb, heads=family, num_heads=3)
+    with torch.no_grad():
+        for p in m.heads.parameters():
+            p.add_(torch.randn_like(p) * noise)
+    return bb, m
+
+
 @pytest.fixture(autouse=True)
 def fresh_cache(tmp_path, monkeypatch):
     """Every case fits its tree from scratch (measuring and capturing trees of 4-128 nodes), so
@@ -70,13 +83,7 @@ def test_graph_engine_stops_drafting_where_it_does_not_pay(family, tokenizer, mo
 
     monkeypatch.setattr(SpeculativeDecoder, "step_costs",  # a tree's step costs 1.3 plain ones
                         lambda dec, engine, trees, *a: [10.0 if t is None else 13.0 for t in trees])
-    torch.manual_seed(0)
-    bb = tiny_backbone("llama", tokenizer)
-    bb.hf.to("cuda")
-    m = add_heads(bb, heads=family, num_heads=3)
-    with torch.no_grad():  # drafts that are noise
-        for p in m.heads.parameters():
-            p.add_(torch.randn_like(p) * 3.0)
+    bb, m = cuda_model(family, tokenizer, 3.0)  # drafts that are noise
     m.config.training = {"rank_accuracy": [[0.9] * 4] * 3}
     for p in PROMPTS:
         ids = tokenizer(p)["input_ids"]
@@ -84,6 +91,26 @@ def test_graph_engine_stops_drafting_where_it_does_not_pay(family, tokenizer, mo
         g = m.generate(input_ids=ids, max_new_tokens=40, engine="graph", eos=False)
         assert g.ids == greedy_past_eos(bb, ids, 40), (family, p, g.tree_note)
         assert g.drafted_steps == speculative.WINDOW and "drafting stopped" in g.tree_note, (family, p, g.tree_note)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_graph_engine_reads_the_live_prefix(family, tokenizer, monkeypatch):
+    """One captured pair of graphs per bucket of cache slots (buckets of 32 here, so that one
+    generation crosses several; every bucket captured before the prefill), the output of plain
+    greedy decoding and the same steps as the eager engine."""
+    from graft import engine
+
+    monkeypatch.setattr(engine, "SPAN_UNIT", 16)
+    bb, m = cuda_model(family, tokenizer, 0.05)
+    ids = tokenizer(PROMPTS[1])["input_ids"]
+    ref = greedy_past_eos(bb, ids, 90)
+    for kw in ({"tree": "calibrated"}, {"tree": "chain"}, {"draft": False}):
+        g = m.generate(input_ids=ids, max_new_tokens=90, engine="graph", eos=False, **kw)
+        assert g.ids == ref, (family, kw)
+        eager = m.generate(input_ids=ids, max_new_tokens=90, engine="eager", eos=False, **kw)
+        assert g.step_lengths == eager.step_lengths, (family, kw)
+        steps = m._decoder._pool["graph"]["steps"].values()
+        assert max(len(s.graphs) for s in steps) >= 3, (family, kw)
 
 
 @pytest.mark.parametrize("family", ["medusa", "eagle"])
@@ -103,13 +130,7 @@ def test_graph_engine_samples_as_static(family, tokenizer):
     """Sampling drafts outside the captured step: the Python state a captured commit sets
     (deepseek-mtp's owed commits) must be there after each replay, or the drafts (not the
     output's law) change. Seeded, float32: the same tokens as the static engine."""
-    torch.manual_seed(0)
-    bb = tiny_backbone("llama", tokenizer)
-    bb.hf.to("cuda")
-    m = add_heads(bb, heads=family, num_heads=3)
-    with torch.no_grad():
-        for p in m.heads.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    bb, m = cuda_model(family, tokenizer, 0.05)
     for seed, p in enumerate(PROMPTS):
         ids = tokenizer(p)["input_ids"]
         runs = [m.generate(input_ids=ids, max_new_tokens=30, temperature=0.8, seed=seed, engine=e, tree="chain")
@@ -136,10 +157,7 @@ def test_no_collection_while_capturing(tokenizer, monkeypatch):
             gc.collect()
 
     monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", begin)
-    torch.manual_seed(0)
-    bb = tiny_backbone("llama", tokenizer)
-    bb.hf.to("cuda")
-    m = add_heads(bb, heads="medusa", num_heads=3)
+    bb, m = cuda_model("medusa", tokenizer, 0.05)
     ids = tokenizer(PROMPTS[0])["input_ids"]
     ref = greedy_past_eos(bb, ids, 12)
     threshold = gc.get_threshold()

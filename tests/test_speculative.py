@@ -43,6 +43,15 @@ def plain_greedy(bb, ids, n):
     return out[0, len(ids):].tolist()
 
 
+def greedy_past_eos(bb, ids, n):
+    """Plain greedy decoding that goes on past the end-of-text token (as `eos=False` does)."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            x = torch.cat([x, bb.hf(x).logits[:, -1:].argmax(-1)], dim=1)
+    return x[0, len(ids):].tolist()
+
+
 def encode(tok, p):
     return tok(p)["input_ids"]
 
@@ -267,6 +276,44 @@ def test_graph_engine_needs_cuda(tokenizer):
         DecodeConfig(engine="fast")
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_static_engine_reads_the_live_prefix(family, tokenizer, monkeypatch):
+    """Attention in a fixed-shape step reads the narrowest bucket of cache slots that holds the
+    step's (here buckets of 32 slots, so that one generation crosses several), with the output of
+    plain greedy decoding, drafted steps and plain ones alike."""
+    from graft import engine
+
+    monkeypatch.setattr(engine, "SPAN_UNIT", 16)
+    spans = []
+    real = engine.Step._spanned
+    monkeypatch.setattr(engine.Step, "_spanned", lambda step, span: (spans.append(span), real(step, span))[1])
+    torch.manual_seed(0)
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads=family, num_heads=3)
+    perturb(m, 0.05)
+    ids = encode(tokenizer, PROMPTS[1])
+    ref = greedy_past_eos(bb, ids, 90)
+    for kw in ({"tree": "calibrated"}, {"tree": "chain"}, {"draft": False}):
+        spans.clear()
+        g = m.generate(input_ids=ids, max_new_tokens=90, engine="static", eos=False, **kw)
+        assert g.ids == ref, (family, kw)
+        # the same steps as the eager engine's (which reads the valid entries alone): every
+        # node's verification, drafts that land or not, read what it should
+        eager = m.generate(input_ids=ids, max_new_tokens=90, engine="eager", eos=False, **kw)
+        assert g.step_lengths == eager.step_lengths, (family, kw)
+        assert m._decoder._pool["static"]["max_len"] == 256
+        assert len(set(spans)) >= 3 and min(spans) < 256, (family, kw, sorted(set(spans)))
+        assert all(c.span == c.max_len for c in [m._decoder._pool["static"]["cache"]])  # restored after each step
+
+
+def test_span_buckets():
+    from graft.engine import span_buckets
+
+    assert span_buckets(256) == [256]
+    assert span_buckets(1024) == [256, 512, 768, 1024]
+    assert span_buckets(8192) == [1024 * i for i in range(1, 9)]
+
+
 def test_static_engine_grows_its_cache(tokenizer):
     """A longer generation than the pooled cache holds reallocates it (and its steps) correctly."""
     bb = tiny_backbone("llama", tokenizer)
@@ -283,7 +330,7 @@ def test_static_engine_grows_its_cache(tokenizer):
 
 
 def test_static_engine_shrinks_a_cache_a_long_prompt_left(tokenizer):
-    """The fixed-shape steps attend over the whole cache: after a long prompt, a short one gets
+    """The fixed-shape steps read the cache in buckets of an eighth of it: after a long prompt, a short one gets
     a cache of its own size again (four times too large is too large), and the same output."""
     bb = tiny_backbone("llama", tokenizer)
     bb.max_positions = 2048

@@ -132,8 +132,8 @@ class Heads(nn.Module):
     def scratch(self, tree) -> int:
         """Cache slots past the committed length that one step over `tree` may write, in the
         backbone's cache and the heads' own: the verified nodes and the accepted path. The KV
-        cache is sized by it, and attention in the fixed-shape steps reads the whole cache, so
-        it is kept tight."""
+        cache is sized by it, and attention in the fixed-shape steps reads the cache in buckets of
+        an eighth of it, so it is kept tight."""
         return tree.n + tree.max_depth + 1
 
     def commit(self, bb, state, trunk, final, next_tokens, start, count) -> None:

@@ -121,7 +121,7 @@ class DeepSeekMTPHeads(ChainedHeads):
                 continue
             p = torch.arange(lo, hi, device=dev)
             h = module(bb, H[k - 1, p][None], self._emb(bb, tokens[p + k][None]), p[None], cache, (k - 1) * L, p,
-                       cache_mask(p, cache.max_len, self._dtype), kv_only=self._unread(k))
+                       cache_mask(p, cache.span, self._dtype), kv_only=self._unread(k))
             if h is not None:
                 H[k].index_copy_(0, p, h[0])
 
@@ -133,7 +133,7 @@ class DeepSeekMTPHeads(ChainedHeads):
         H, cache = state["H"], state["cache"]
         p = positions(start, A, H.device)
         h = self.modules_[0](bb, H[0].index_select(0, p)[None], self._emb(bb, next_tokens[None]), p[None], cache, 0,
-                             p, cache_mask(p, cache.max_len, self._dtype))
+                             p, cache_mask(p, cache.span, self._dtype))
         H[1].index_copy_(0, p, h[0])
         state["pending"] = (start, count, next_tokens)
 
@@ -169,7 +169,7 @@ class DeepSeekMTPHeads(ChainedHeads):
         commit rows' slots are hidden from every row."""
         cache = state["cache"]
         B, T = toks.shape
-        dev, S, d = cache.k.device, cache.max_len, hin.shape[-1]
+        dev, S, d = cache.k.device, cache.span, hin.shape[-1]
         if state["pending"] is None:  # nothing owed (the eager engine commits in full)
             s0, count, new = base, 0, toks.new_zeros(0)
         else:

@@ -151,7 +151,7 @@ class EagleHeads(ChainedHeads):
         cache = state["cache"]
         pos = positions(start, trunk.shape[1], trunk.device)
         g = self._step(bb, self.fc(trunk.to(self._dtype)), next_tokens[None], pos[None], cache, pos,
-                       cache_mask(pos, cache.max_len, self._dtype))
+                       cache_mask(pos, cache.span, self._dtype))
         state["g"].copy_(last_row(g, count)[0, 0])
 
     def draft_root(self, bb, state, tree, n):
@@ -173,7 +173,7 @@ class EagleHeads(ChainedHeads):
         g, seen = carry
         rows = constant(self, ("rows", dev, B), lambda: torch.arange(B, device=dev))
         zeros = constant(self, ("zeros", dev, B), lambda: torch.zeros(B, dtype=torch.long, device=dev))
-        cols = constant(self, ("cols", dev, cache.max_len), lambda: torch.arange(cache.max_len, device=dev))
+        cols = constant(self, ("cols", dev, cache.span), lambda: torch.arange(cache.span, device=dev))
         own = constant(self, ("own", dev, R, at, B), lambda: _marks(B, R + 2, 1 + at, dev))
         seen = seen | own
         mask = additive_mask(seen[:, (cols - n + 1).clamp(0, R + 1)], self._dtype)

@@ -52,7 +52,7 @@ class MetaMTPHeads(ParallelHeads):
         # accepted positions (slot = position); padded rows write slots that later commits overwrite
         cache = state["cache"]
         pos = positions(start, trunk.shape[1], trunk.device)
-        mask = cache_mask(pos, cache.max_len, self._dtype)
+        mask = cache_mask(pos, cache.span, self._dtype)
         x = trunk.to(self._dtype)
         outs = [last_row(self._run(bb, k, x, pos[None], cache, pos, mask), count)[0, 0] for k in range(self.num_heads)]
         state["out"].copy_(torch.stack(outs))
