@@ -189,7 +189,9 @@ def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, lm_head
 @click.option("--answers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Answers per prompt, each a record of its own: more on-policy text from the same prompts "
                    "(needs --temperature > 0; greedy answers would repeat).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Prompts answered together; a batch that runs out of memory is halved and tried again. "
+              "[default: on CUDA as many as 60% of the free memory holds, at most 512; 16 on CPU]")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Start --out over when it holds something else than this run's "
               "records (without it such a file is never touched).")

@@ -246,7 +246,7 @@ def _done_records(out: str, convs: list, force: bool) -> int:
 
 
 def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperature=0.0, num_samples=None,
-            answers=1, batch_size=16, seed=0, dtype="auto", device="auto", load_in_4bit=False,
+            answers=1, batch_size=None, seed=0, dtype="auto", device="auto", load_in_4bit=False,
             trust_remote_code=False, force=False) -> int:
     """Let the backbone answer every prompt (`answers` times, sampled, each a record); append chat
     records to `out`. A re-run with the same prompts continues where a stopped one left off;
@@ -258,7 +258,7 @@ def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperatu
     from .backbone import load_backbone
     from .checkpoint import is_graft_dir, load_config
 
-    if max_new_tokens < 1 or batch_size < 1:
+    if max_new_tokens < 1 or batch_size is not None and batch_size < 1:
         raise GraftError("--max-new-tokens and --batch-size must be at least 1")
     if not 0 <= temperature < float("inf"):
         raise GraftError(f"--temperature must be a finite number >= 0, got {temperature}")
@@ -317,15 +317,50 @@ def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperatu
     return len(convs)
 
 
+DISTILL_BATCH = {"cuda": 512, "cpu": 16}  # prompts answered together at most, by default (--batch-size)
+
+
+def prompt_bytes(bb, width: int, new: int) -> int:
+    """A generous estimate of the device memory one prompt of `width` tokens takes while
+    transformers' `generate` answers it with up to `new` tokens: its KV cache, doubled (the
+    dynamic cache grows by a copy each step and the allocator cannot always reuse the old
+    blocks), one layer's activations over the prompt, the attention mask and the last logits."""
+    cfg = bb.config
+    item = torch.finfo(bb.dtype).bits // 8
+    inter = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
+    kv = 2 * len(bb.layers) * bb.n_kv_heads * bb.head_dim * item * (width + new)
+    return 2 * kv + width * (4 * cfg.hidden_size + 3 * inter) * item + width * width + 8 * bb.vocab_size
+
+
+def first_batch(widths: list[int], rows) -> int:
+    """How many of the prompts sorted by length (`widths`, ascending) the next batch takes: as
+    many as `rows(width)` allows for the widest of them, at least one."""
+    n = 1
+    while n < len(widths) and n + 1 <= rows(widths[n]):
+        n += 1
+    return n
+
+
 def _answer(bb, convs, done, f, max_new_tokens, temperature, batch_size, progress=True) -> None:
-    """The backbone's answers to convs[done:], appended to the open file `f` as chat records."""
+    """The backbone's answers to convs[done:], appended to the open file `f` as chat records.
+
+    `batch_size` None: on CUDA as many prompts at once as the free memory holds (prompt_bytes),
+    at most DISTILL_BATCH; on CPU DISTILL_BATCH's. A batch that runs out of device memory is
+    halved and tried again, and no later batch is larger."""
     from tqdm.auto import tqdm
 
     tok, hf = bb.tokenizer, bb.hf
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     kw = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    cuda = bb.device.type == "cuda"
+    cap = batch_size or DISTILL_BATCH["cuda" if cuda else "cpu"]
+    budget = 0.6 * torch.cuda.mem_get_info(bb.device)[0] if cuda and batch_size is None else None
+    window = 4 * cap
+
+    def rows(width: int) -> float:
+        return min(cap, budget / prompt_bytes(bb, width, max_new_tokens)) if budget else cap
+
     bar = tqdm(total=len(convs), initial=done, desc="distill", unit="prompt", disable=not progress)
-    window = 4 * batch_size
     # Within a window of prompts, batches take them in order of length, so they pad little;
     # the window is written in the prompts' order, so a resumed run skips whole records.
     for w0 in range(done, len(convs), window):
@@ -333,20 +368,35 @@ def _answer(bb, convs, done, f, max_new_tokens, temperature, batch_size, progres
         enc = {i: encode_chat(tok, convs[i]) for i in idx}
         idx.sort(key=lambda i: len(enc[i]))
         answers = {}
-        for b0 in range(0, len(idx), batch_size):
-            batch = idx[b0:b0 + batch_size]
-            width = max(len(enc[i]) for i in batch)
+        while len(answers) < len(idx):
+            rest = idx[len(answers):]
+            batch = rest[:first_batch([len(enc[i]) for i in rest], rows)]
+            width = len(enc[batch[-1]])
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             attn = torch.zeros_like(ids)
             for r, i in enumerate(batch):  # left padding
                 ids[r, width - len(enc[i]):] = torch.tensor(enc[i])
                 attn[r, width - len(enc[i]):] = 1
-            with torch.inference_mode(), attention_backends(bb.device, static=False):
-                gen = hf.generate(input_ids=ids.to(bb.device), attention_mask=attn.to(bb.device),
-                                  max_new_tokens=max_new_tokens, pad_token_id=pad, **kw)
+            try:
+                with torch.inference_mode(), attention_backends(bb.device, static=False):
+                    gen = hf.generate(input_ids=ids.to(bb.device), attention_mask=attn.to(bb.device),
+                                      max_new_tokens=max_new_tokens, pad_token_id=pad, **kw)
+            except torch.OutOfMemoryError:
+                gen = None
+            if gen is None:
+                if len(batch) == 1:
+                    raise GraftError(f"out of device memory answering one prompt of {width} tokens with "
+                                     f"--max-new-tokens {max_new_tokens}: lower it, or use --load-in-4bit")
+                cap = len(batch) // 2
+                if cuda:
+                    torch.cuda.empty_cache()
+                bar.write(f"distill: out of device memory at {len(batch)} prompts a batch; going on with "
+                          f"at most {cap}")
+                continue
             for r, i in enumerate(batch):
                 answers[i] = tok.decode(gen[r, width:], skip_special_tokens=True)
             bar.update(len(batch))
+            bar.set_postfix(batch=len(batch))
         lines = [json.dumps({"messages": convs[i] + [{"role": "assistant", "content": answers[i]}]})
                  for i in sorted(answers)]
         f.write("\n".join(lines) + "\n")

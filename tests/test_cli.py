@@ -278,6 +278,46 @@ def test_4bit_options_on_a_dense_backbone_are_one_line(tiny_dirs, tmp_path):
                    "several processes")
 
 
+def test_distill_batches_fit_their_widest_prompt():
+    from graft.data import first_batch
+
+    room = lambda width: 20 / width  # noqa: E731  (rows a width allows)
+    assert first_batch([1, 2, 3, 10, 10], room) == 3  # a fourth prompt of 10 tokens would allow 2 rows
+    assert first_batch([30, 40], room) == 1  # one prompt even where none fits: its own error follows
+    assert first_batch([1, 1, 1], lambda width: 8) == 3
+
+
+def test_distill_halves_a_batch_that_runs_out_of_memory(tiny_dirs, monkeypatch, capsys):
+    import io
+
+    from graft.backbone import load_backbone
+    from graft.config import GraftError
+    from graft.data import _answer
+
+    bb = load_backbone(tiny_dirs["llama"], device="cpu")
+    convs = [[{"role": "user", "content": f"say {i}" + " again" * (i % 3)}] for i in range(7)]
+    one = io.StringIO()
+    _answer(bb, convs, 0, one, 5, 0.0, 1, progress=False)
+    generate = bb.hf.generate
+    sizes = []
+
+    def small_memory(input_ids, **kw):
+        sizes.append(len(input_ids))
+        if len(input_ids) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+        return generate(input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(bb.hf, "generate", small_memory)
+    halved = io.StringIO()
+    _answer(bb, convs, 0, halved, 5, 0.0, 8, progress=False)
+    assert halved.getvalue() == one.getvalue()  # every answer, in the prompts' order, once
+    assert sizes[:3] == [7, 3, 1] and max(sizes[3:]) == 1  # halved until it fits, and never larger again
+    assert "out of device memory at 7 prompts a batch" in capsys.readouterr().out
+    monkeypatch.setattr(bb.hf, "generate", lambda **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    with pytest.raises(GraftError, match="one prompt of .* tokens .*--max-new-tokens 5: lower it"):
+        _answer(bb, convs[:1], 0, io.StringIO(), 5, 0.0, 4, progress=False)
+
+
 def test_distill_data_never_overwrites_what_it_did_not_write(tiny_dirs, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(3)))
