@@ -238,6 +238,11 @@ def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_sampl
               help="GRIFFIN's token-alignment mask: depth k learns only where depths 1..k-1 drafted the "
                    "backbone's token, the contexts drafting reaches (its effect on acceptance is not "
                    "measured yet). [default: off]")
+@click.option("--topk", type=click.IntRange(min=0),
+              help="HASS's harmonized objective: add the cross-entropy over the backbone's K likeliest tokens "
+                   "to the KL, so the heads rank the few tokens a draft tree holds (10 in HASS; its effect on "
+                   "acceptance is not measured yet). [default: 0, off]")
+@click.option("--topk-weight", type=click.FloatRange(min=0), help="Weight of the --topk term. [default: 1.0]")
 @click.option("--eval-every", type=click.IntRange(min=1),
               help="Evaluate on the held-out slice every N steps. [default: 100]")
 @click.option("--save-every", type=click.IntRange(min=1), help="Checkpoint every N steps. [default: 200]")

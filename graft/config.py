@@ -158,6 +158,8 @@ class TrainConfig:
     loss: str = "kl"
     head_decay: float = 0.8
     align: bool = False  # GRIFFIN's token-alignment mask (graft.losses.distill_step)
+    topk: int = 0  # HASS's top-K cross-entropy added to the KL over this many tokens; 0: off
+    topk_weight: float = 1.0
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 200
@@ -193,6 +195,10 @@ class TrainConfig:
             raise GraftError("--head-decay must be in (0, 1]")
         if self.lora_r < 0:
             raise GraftError("--lora-r must be 0 (off) or positive")
+        if self.topk < 0 or self.topk_weight < 0:
+            raise GraftError("--topk and --topk-weight must be 0 (off) or positive")
+        if self.topk and self.loss != "kl":
+            raise GraftError("--topk adds to the KL loss: use it with --loss kl")
 
 
 @dataclass

@@ -39,28 +39,35 @@ class _SoftKL(torch.autograd.Function):
     KL = sum_v p log p - sum_v p q + logsumexp(q) (as sum_v p = 1), and d/dq = softmax(q) - p:
     a few passes over the (rows, V) logits instead of the dozen that log_softmax, exp, the
     difference and their autograd graph take; on a GPU that memory traffic is the loss's cost.
+
+    With `mass` (rows,) p may hold more than one: a cross-entropy term over chosen tokens added
+    to the KL (HASS's top-K term, `distill_step`), sum_v p log p - sum_v p q + mass logsumexp(q),
+    and d/dq = mass softmax(q) - p.
     """
 
     @staticmethod
-    def forward(ctx, q, p, plogp, w=None):
+    def forward(ctx, q, p, plogp, w=None, mass=None):
         qf = q.float()
         lse = torch.logsumexp(qf, dim=-1)
-        ctx.save_for_backward(q, p, lse, w)
-        kl = plogp - torch.linalg.vecdot(p, qf) + lse
+        ctx.save_for_backward(q, p, lse, w, mass)
+        kl = plogp - torch.linalg.vecdot(p, qf) + (lse if mass is None else lse * mass)
         return (kl if w is None else kl * w).sum()
 
     @staticmethod
     def backward(ctx, g):
-        q, p, lse, w = ctx.saved_tensors
-        grad = (q.float() - lse.unsqueeze(-1)).exp_().sub_(p).mul_(g)
+        q, p, lse, w, mass = ctx.saved_tensors
+        grad = (q.float() - lse.unsqueeze(-1)).exp_()
+        if mass is not None:
+            grad.mul_(mass.unsqueeze(-1))
+        grad = grad.sub_(p).mul_(g)
         if w is not None:
             grad.mul_(w.unsqueeze(-1))
-        return grad.to(q.dtype), None, None, None
+        return grad.to(q.dtype), None, None, None, None
 
 
 def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 0.8, chunk: int = 1024,
                  backward: bool = True, autocast=None, ranks: bool = False, align: bool = False,
-                 count: torch.Tensor | None = None) -> dict:
+                 topk: int = 0, topk_weight: float = 1.0, count: torch.Tensor | None = None) -> dict:
     """Loss over all heads; backpropagates into the heads (and anything upstream of `hs`).
 
     The work is chunked over target positions: per chunk the backbone's log-distribution is
@@ -77,6 +84,9 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
             1..k-1 of the same row drafted the backbone's token (the contexts drafting reaches;
             elsewhere the depth's draft is never verified). Losses are still divided by all of a
             depth's rows, so a depth's weight shrinks with its reach.
+        topk: HASS's harmonized objective (loss="kl"): add `topk_weight` times the cross-entropy
+            over the backbone's `topk` likeliest tokens, -sum over them of p log q, to each row's
+            KL, so that the heads rank the few tokens a draft tree holds. 0: off.
         count: (B, T) bool, the tokens whose drafts the counts (`n`, `top1`, `top5`, `rank`) take in;
             None: every one. The loss is over every row either way.
 
@@ -125,10 +135,15 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
                 p_logits = p_logits.index_select(-1, sub)
             logp = F.log_softmax(p_logits, dim=-1)
             del p_logits
+            mass = None
             if loss == "kl":
                 p = logp.exp()
                 plogp = torch.linalg.vecdot(p, logp)  # (B, c): sum_v p log p, shared by all heads
                 del logp
+                if topk:  # the top-K cross-entropy folded into the target: p + w p_topK, of mass 1 + w P_topK
+                    top = p.topk(min(topk, p.shape[-1]), dim=-1)
+                    mass = 1 + topk_weight * top.values.sum(-1)
+                    p.scatter_add_(-1, top.indices, topk_weight * top.values)
         for k in range(K):
             s = k + 1
             j0 = max(c0, s)
@@ -141,7 +156,8 @@ def distill_step(bb, heads, hs, final, ids, *, loss: str = "kl", decay: float = 
             keep = right[:k, :, j0 - s:c1 - s].all(0) if align and k else None
             if loss == "kl":
                 l_sum = _SoftKL.apply(q_logits, p[:, j0 - c0:], plogp[:, j0 - c0:],
-                                      None if keep is None else keep.to(p.dtype))
+                                      None if keep is None else keep.to(p.dtype),
+                                      None if mass is None else mass[:, j0 - c0:])
             else:
                 logq = F.log_softmax(q_logits.float(), dim=-1)
                 tk = nxt[:, j0:c1] if keep is None else nxt[:, j0:c1].masked_fill(~keep, -100)

@@ -96,6 +96,7 @@ def evaluate(model, blocks: torch.Tensor, tc: TrainConfig, autocast, dd: Dist | 
     dd = dd or Dist()
     bb, heads = model.backbone, model.heads
     K = heads.num_heads
+    held_out = dataclasses.replace(tc, topk=0)  # the held-out loss is the KL alone, comparable across runs
     # every process runs as many batches (a sharded backbone gathers its layers collectively);
     # one whose share has run out repeats a block and leaves it uncounted
     share = math.ceil(len(blocks) / dd.world)
@@ -107,7 +108,7 @@ def evaluate(model, blocks: torch.Tensor, tc: TrainConfig, autocast, dd: Dist | 
     for start in range(0, min(share, tc.eval_batches * tc.batch_size), tc.batch_size):
         ids = blocks[start:start + tc.batch_size]
         count = None if answers is None or not len(ids) else answers[start:start + tc.batch_size].to(bb.device)
-        st = micro_step(bb, heads, (ids if len(ids) else spare).to(bb.device), tc, autocast, backward=False,
+        st = micro_step(bb, heads, (ids if len(ids) else spare).to(bb.device), held_out, autocast, backward=False,
                         ranks=True, count=count)
         if not len(ids):
             continue
@@ -135,7 +136,8 @@ def micro_step(bb, heads, ids, tc: TrainConfig, autocast, backbone_grad: bool = 
         hs = heads.hidden(bb, trunk, final, ids)
     return distill_step(bb, heads, hs, final.detach(), ids, loss=tc.loss, decay=tc.head_decay,
                         chunk=chunk_rows(tc.vocab_chunk, bb.vocab_size),
-                        backward=backward, autocast=autocast, ranks=ranks, align=tc.align, count=count)
+                        backward=backward, autocast=autocast, ranks=ranks, align=tc.align, topk=tc.topk,
+                        topk_weight=tc.topk_weight, count=count)
 
 
 @dataclasses.dataclass
@@ -387,7 +389,7 @@ def _finish(run: _Run) -> dict:
     summary = {"steps": run.step, "loss": run.last["loss"], "train_top1": run.last["top1"], "eval_loss": ev["loss"],
                "top1": ev["top1"], "top5": ev["top5"], "rank_accuracy": ev["rank_accuracy"],
                "data": run.data, "seq_len": tc.seq_len, "batch_size": tc.batch_size * tc.grad_accum,
-               "lr": tc.lr, "loss_kind": tc.loss, "head_decay": tc.head_decay, "align": tc.align,
+               "lr": tc.lr, "loss_kind": tc.loss, "head_decay": tc.head_decay, "align": tc.align, "topk": tc.topk,
                "minutes_this_run": run.minutes(),
                "tokens_per_s": sum(run.tps) / max(len(run.tps), 1),
                "device": str(bb.device), "load_in_4bit": bb.identity.load_in_4bit, "processes": run.dd.world,

@@ -262,6 +262,49 @@ def test_alignment_mask_matches_its_definition(kind, draft_vocab, tokenizer):
             torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("draft_vocab", [None, 12])
+@pytest.mark.parametrize("align", [False, True])
+def test_topk_term_matches_its_definition(draft_vocab, align, tokenizer):
+    """topk (HASS): each row's KL plus topk_weight x the cross-entropy over the backbone's top-K
+    tokens, -sum over them of p log q; loss and gradients against a full-logits reference."""
+    torch.manual_seed(2)
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="blockwise", num_heads=3, draft_vocab=draft_vocab)
+    if draft_vocab:
+        m.heads.set_draft_vocab(torch.rand(bb.vocab_size))
+    sub = m.heads.draft_ids if draft_vocab else torch.arange(bb.vocab_size)
+    ids = torch.randint(0, len(tokenizer), (2, 11))
+    trunk, final = bb.forward(ids, torch.arange(11).expand(2, 11))
+    hs = m.heads.hidden(bb, trunk, final, ids)
+    stats = distill_step(bb, m.heads, hs, final, ids, decay=0.5, chunk=4, topk=3, topk_weight=0.7, align=align)
+    got = {n: p.grad.clone() for n, p in m.heads.named_parameters()}
+    m.heads.zero_grad()
+
+    out = m(ids)
+    target = out.logits.argmax(-1)
+    logp = torch.log_softmax(out.logits[..., sub], -1)
+    w = torch.tensor([1.0, 0.5, 0.25]) / 1.75
+    ref, keep = 0.0, torch.ones(2, 11, dtype=torch.bool)
+    for k, hl in enumerate(out.head_logits):
+        s = k + 1
+        logq = torch.log_softmax(hl[:, :11 - s][..., sub], -1)
+        p = logp[:, s:].exp()
+        top = p.topk(3, dim=-1)
+        row = (p * (logp[:, s:] - logq)).sum(-1) - 0.7 * (top.values * logq.gather(-1, top.indices)).sum(-1)
+        kk = keep[:, :11 - s] if align else torch.ones_like(row, dtype=torch.bool)
+        ref = ref + w[k] * (row * kk).sum() / row.numel()
+        keep = keep.clone()
+        keep[:, :11 - s] &= sub[logq.argmax(-1)] == target[:, s:]
+        keep[:, 11 - s:] = False
+    ref.backward()
+    assert stats["loss"] == pytest.approx(ref.item(), rel=1e-4)
+    for n, p in m.heads.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-4)
+    with pytest.raises(GraftError, match="--loss kl"):
+        TrainConfig(topk=10, loss="ce")
+
+
 @pytest.mark.parametrize("family", ["blockwise", "medusa", "meta-mtp", "deepseek-mtp"])
 def test_training_lowers_the_loss_and_logs(family, tiny_dirs, tiny_data, tmp_path):
     g = str(tmp_path / "g")
