@@ -167,25 +167,31 @@ def test_evaluation_counts_the_held_out_answers(tiny_dirs, tiny_data, tmp_path, 
     assert ev["rank_accuracy"] != everything["rank_accuracy"]
 
 
+def _loss_case(tokenizer, family, draft_vocab, T, seed, jitter=False):
+    """A tiny backbone with 3 heads (and a draft vocabulary of that size), two random rows of T
+    tokens through it: (bb, model, the draft vocabulary's ids, ids, final, the heads' states)."""
+    torch.manual_seed(seed)
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads=family, num_heads=3, draft_vocab=draft_vocab)
+    if draft_vocab:
+        m.heads.set_draft_vocab(torch.rand(bb.vocab_size))
+    sub = m.heads.draft_ids if draft_vocab else torch.arange(bb.vocab_size)
+    if jitter:
+        with torch.no_grad():
+            for p in m.heads.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    ids = torch.randint(0, len(tokenizer), (2, T))
+    trunk, final = bb.forward(ids, torch.arange(T).expand(2, T))
+    return bb, m, sub, ids, final, m.heads.hidden(bb, trunk, final, ids)
+
+
 @pytest.mark.parametrize("family", ["medusa", "deepseek-mtp"])
 @pytest.mark.parametrize("kind", ["kl", "ce"])
 @pytest.mark.parametrize("draft_vocab", [None, 12])
 def test_chunked_loss_matches_direct_reference(family, kind, draft_vocab, tokenizer):
     """distill_step (chunked, per-chunk backward) against a plain full-logits computation; with
     a draft vocabulary, against the same computation over its tokens alone (renormalised)."""
-    torch.manual_seed(0)
-    bb = tiny_backbone("llama", tokenizer)
-    m = add_heads(bb, heads=family, num_heads=3, draft_vocab=draft_vocab)
-    if draft_vocab:
-        m.heads.set_draft_vocab(torch.rand(bb.vocab_size))
-    sub = m.heads.draft_ids if draft_vocab else torch.arange(bb.vocab_size)
-    with torch.no_grad():
-        for p in m.heads.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    ids = torch.randint(0, len(tokenizer), (2, 10))
-    pos = torch.arange(10).expand(2, 10)
-    trunk, final = bb.forward(ids, pos)
-    hs = m.heads.hidden(bb, trunk, final, ids)
+    bb, m, sub, ids, final, hs = _loss_case(tokenizer, family, draft_vocab, 10, seed=0, jitter=True)
     stats = distill_step(bb, m.heads, hs, final, ids, loss=kind, decay=0.5, chunk=3)
     got = {n: p.grad.clone() for n, p in m.heads.named_parameters()}
     m.heads.zero_grad()
@@ -219,15 +225,7 @@ def test_chunked_loss_matches_direct_reference(family, kind, draft_vocab, tokeni
 def test_alignment_mask_matches_its_definition(kind, draft_vocab, tokenizer):
     """align=True (GRIFFIN): depth k's loss over the rows where depths 1..k-1 drafted the
     backbone's argmax, divided by all of the depth's rows; against a full-logits reference."""
-    torch.manual_seed(1)
-    bb = tiny_backbone("llama", tokenizer)
-    m = add_heads(bb, heads="blockwise", num_heads=3, draft_vocab=draft_vocab)
-    if draft_vocab:
-        m.heads.set_draft_vocab(torch.rand(bb.vocab_size))
-    sub = m.heads.draft_ids if draft_vocab else torch.arange(bb.vocab_size)
-    ids = torch.randint(0, len(tokenizer), (2, 12))
-    trunk, final = bb.forward(ids, torch.arange(12).expand(2, 12))
-    hs = m.heads.hidden(bb, trunk, final, ids)
+    bb, m, sub, ids, final, hs = _loss_case(tokenizer, "blockwise", draft_vocab, 12, seed=1)
     stats = distill_step(bb, m.heads, hs, final, ids, loss=kind, decay=0.5, chunk=4, align=True)
     got = {n: p.grad.clone() for n, p in m.heads.named_parameters()}
     m.heads.zero_grad()
@@ -267,15 +265,7 @@ def test_alignment_mask_matches_its_definition(kind, draft_vocab, tokenizer):
 def test_topk_term_matches_its_definition(draft_vocab, align, tokenizer):
     """topk (HASS): each row's KL plus topk_weight x the cross-entropy over the backbone's top-K
     tokens, -sum over them of p log q; loss and gradients against a full-logits reference."""
-    torch.manual_seed(2)
-    bb = tiny_backbone("llama", tokenizer)
-    m = add_heads(bb, heads="blockwise", num_heads=3, draft_vocab=draft_vocab)
-    if draft_vocab:
-        m.heads.set_draft_vocab(torch.rand(bb.vocab_size))
-    sub = m.heads.draft_ids if draft_vocab else torch.arange(bb.vocab_size)
-    ids = torch.randint(0, len(tokenizer), (2, 11))
-    trunk, final = bb.forward(ids, torch.arange(11).expand(2, 11))
-    hs = m.heads.hidden(bb, trunk, final, ids)
+    bb, m, sub, ids, final, hs = _loss_case(tokenizer, "blockwise", draft_vocab, 11, seed=2)
     stats = distill_step(bb, m.heads, hs, final, ids, decay=0.5, chunk=4, topk=3, topk_weight=0.7, align=align)
     got = {n: p.grad.clone() for n, p in m.heads.named_parameters()}
     m.heads.zero_grad()
