@@ -250,7 +250,8 @@ def test_every_heads_tensor_tampered_gives_a_load_or_one_line(made, tmp_path):
     ("distill-data", "--num-samples", "-1"), ("distill-data", "--batch-size", "0"), ("train", "--max-minutes", "-5"),
     ("train", "--max-steps", "0"), ("train", "--lr", "0"), ("train", "--head-decay", "1.5"),
     ("generate", "--max-new-tokens", "0"), ("generate", "--top-p", "0"), ("bench", "--per-category", "-2"),
-    ("export", "--tree-size", "-1"), ("generate", "--tree-size", "100000"), ("add-heads", "--draft-vocab", "0")])
+    ("export", "--tree-size", "-1"), ("generate", "--tree-size", "100000"), ("add-heads", "--draft-vocab", "0"),
+    ("train", "--topk", "-1"), ("train", "--topk-weight", "-0.5")])
 def test_numeric_options_are_bounded_where_they_are_parsed(cmd, option, value, tmp_path):
     """A count or a bound out of range is click's usage error (exit 2) naming the range, before
     anything loads; the range is in --help."""
