@@ -8,6 +8,7 @@ is graft's loop without drafting. The ratio column divides by that.
 
   python benchmarks/step_cost.py smollm2-135m --dtype bfloat16 --engine graph
   python benchmarks/step_cost.py --random-llama 8b --engine graph     # random weights, no download
+  python benchmarks/step_cost.py --random-llama smollm2 --engine fused --profile   # fused pieces: time, kernels
   python benchmarks/step_cost.py smollm2-135m --draft-vocab 8192     # drafts over 8192 tokens (FR-Spec)
   python benchmarks/step_cost.py --random-llama smollm2 --dtype float32 --ops --tree dynamic   # CPU: op counts
   python benchmarks/step_cost.py --random-llama 8b --matmuls 1,17,33,65     # the matmuls alone, per row count
@@ -108,28 +109,33 @@ def by_phase(prof, steps: int) -> dict:
     return {k: (n / steps, us / steps / 1e3) for k, (n, us) in out.items()}
 
 
-def profile(dec, prompt, roof, size: int = 0, steps: int = 32, tree: str = "auto"):
+def profile(dec, prompt, roof, size: int = 0, steps: int = 32, tree: str = "auto", pieces: bool = False):
     """Kernel time of a step (one token, or a tree of `size` nodes besides the root) against
     its wall time: what the card computes, and what is gaps and overhead; per phase (draft,
     verify, logits, commit, compact; prefill included once in 'verify'), then the kernels that
-    take most of it."""
+    take most of it. `pieces`: the layers' elementwise runs fused, as the fused engine runs them
+    (its prefill too, which the count per step leaves out)."""
+    from contextlib import nullcontext
+
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
+    from graft.modeling import fused_pieces
     from graft.speculative import DecodeConfig
 
     if dec.bb.device.type != "cuda":
         print("--profile needs a CUDA device")
         return
     cfg = DecodeConfig(max_new_tokens=steps, engine="static", draft=size > 0, tree_size=size, eos=False, tree=tree)
-    dec.generate(prompt, cfg)
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        out = dec.generate(prompt, cfg)
+    with fused_pieces() if pieces else nullcontext():
+        dec.generate(prompt, cfg)
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            out = dec.generate(prompt, cfg)
     # kernels only: the phases' ranges also show up as device events (GPU user annotations)
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.key not in PHASES]
     total_us = sum(e.self_device_time_total for e in events) / out.steps
     count = sum(e.count for e in events) / out.steps
     what = f"{dec.heads.family} {size + 1}-node step" if size else "one-token step"
-    print(f"{what}, static engine: {count:.0f} kernels, {total_us / 1e3:.2f} ms of kernels per step "
+    print(f"{what}, static engine{' with fused pieces' if pieces else ''}: {count:.0f} kernels, {total_us / 1e3:.2f} ms of kernels per step "
           f"({roof / (total_us / 1e3):.2f} of it is the weights' roofline); by phase:")
     for name, (n, ms) in sorted(by_phase(prof, out.steps).items(), key=lambda kv: -kv[1][1]):
         print(f"  {name:<8}{n:6.0f} kernels {ms:7.3f} ms")
@@ -328,8 +334,8 @@ def main(argv=None):
         if a.profile:
             label_phases(dec)
             if base is None:
-                profile(dec, prompt, roof)
-            profile(dec, prompt, roof, size=largest, tree=tree)
+                profile(dec, prompt, roof, pieces=a.engine == "fused")
+            profile(dec, prompt, roof, size=largest, tree=tree, pieces=a.engine == "fused")
         for size in sizes:
             if size == 0 and base is not None:
                 continue  # the loop without drafting does not depend on the family

@@ -29,9 +29,9 @@ VERIFY_OPTION = click.option(
 ENGINE_OPTION = click.option(
     "--engine", type=click.Choice(ENGINES), default="auto",
     show_default=True,
-    help="How the verification step runs: graph replays a captured CUDA graph (auto on CUDA); compiled also "
-         "fuses kernels with torch.compile first (a minute or more of warm-up); static "
-         "fixes shapes without a graph; eager (auto on CPU).")
+    help="How the verification step runs: graph replays a captured CUDA graph (auto on CUDA); fused also runs "
+         "the layers' elementwise operations as kernels fused by torch.compile (seconds of warm-up); compiled "
+         "compiles the whole step first (minutes); static fixes shapes without a graph; eager (auto on CPU).")
 
 
 DECODE_DTYPE_OPTION = click.option(

@@ -10,7 +10,7 @@ projections are ordinary callables here, so they work unchanged.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -127,6 +127,73 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
 def _swap_halves(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x2, x1), dim=-1)
+
+
+def _rotary(q, k, cos, sin):
+    """Queries and keys (B, H, T, D) rotated in one pass: (B, H + H_kv, T, D)."""
+    qk = torch.cat([q, k], dim=1)
+    return qk * cos + _swap_halves(qk) * sin
+
+
+def _add_norm(h, a, weight, eps: float):
+    """The residual sum h + a, and its RMS norm (the next sublayer's input)."""
+    h = h + a
+    return h, F.rms_norm(h, weight.shape, weight, eps)
+
+
+def _silu_gate(gate, up):
+    return F.silu(gate) * up
+
+
+class _Pieces:
+    """The elementwise runs of a decoder layer, each compiled by torch.compile into a kernel or
+    two (`fused_pieces`): the rotary embedding of queries and keys (five kernels), the residual
+    sum with the next norm (two), the gated activation (two). A small model's step under CUDA
+    graphs is bound by its kernel count, and these are a third of a Llama layer's."""
+
+    def __init__(self, backend: str):
+        opts = dict(dynamic=False, fullgraph=True, backend=backend)
+        self.rotary, self.add_norm, self.silu_gate = (torch.compile(f, **opts)
+                                                      for f in (_rotary, _add_norm, _silu_gate))
+
+
+_PIECES = {}  # backend -> _Pieces, made once
+_PIECE_USE = [None]  # the _Pieces in use while `fused_pieces` is on; None: plain operations
+
+
+@contextmanager
+def fused_pieces(backend: str = "inductor"):
+    """Decoder layers run their elementwise runs compiled (`_Pieces`) while this is on: around a
+    CUDA graph's warm-up and capture (the `fused` engine), where a replay runs no Python. Each
+    piece compiles once per input shape (a step's row count): a second or two, not a whole step's
+    minutes. Outside it, plain operations (prefills' shapes change from prompt to prompt)."""
+    import torch._dynamo
+
+    if backend not in _PIECES:
+        _PIECES[backend] = _Pieces(backend)
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    limit, before = getattr(cfg, name), _PIECE_USE[0]
+    setattr(cfg, name, max(limit, 64))  # a shape per tree size and draft depth, 30 layers sharing each
+    _PIECE_USE[0] = _PIECES[backend]
+    try:
+        yield
+    finally:
+        _PIECE_USE[0] = before
+        setattr(cfg, name, limit)
+
+
+def rotary(q, k, cos, sin):
+    return (_PIECE_USE[0].rotary if _PIECE_USE[0] else _rotary)(q, k, cos, sin)
+
+
+def add_norm(module, h, a):
+    """h + a and the norm `module` of it: one fused piece where the norm is a plain RMSNorm."""
+    w = getattr(module, "weight", None)
+    if _PIECE_USE[0] and type(module).__name__ in _PLAIN_RMS and w is not None and w.dtype == h.dtype == a.dtype:
+        return _PIECE_USE[0].add_norm(h, a, w, float(module.variance_epsilon))
+    h = h + a
+    return h, norm(module, h)
 
 
 _DYNAMIC = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
@@ -276,8 +343,7 @@ def _attend(attn, x, rope, cache, cache_layer, start, mask, kv_only):
     # one rotary pass over queries and keys together: the same arithmetic per element, four
     # kernels fewer per layer (a small model's step is bound by its number of kernels)
     H = q.shape[1]
-    qk = torch.cat([q, k], dim=1)
-    qk = qk * cos + _swap_halves(qk) * sin
+    qk = rotary(q, k, cos, sin)
     q, k = qk[:, :H], qk[:, H:]
     if cache is not None:
         k, v = cache.update(cache_layer, start, k, v)
@@ -289,7 +355,12 @@ def _attend(attn, x, rope, cache, cache_layer, start, mask, kv_only):
 def _mlp(mlp, x):
     """A gated MLP, its gate and up projections in one matmul where they are fused."""
     gate_up = _fused(mlp, x)
-    return mlp(x) if gate_up is None else project(mlp.down_proj, mlp.act_fn(gate_up[0]) * gate_up[1])
+    if gate_up is None:
+        return mlp(x)
+    gate, up = gate_up
+    silu = _PIECE_USE[0] and type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
+    act = _PIECE_USE[0].silu_gate(gate, up) if silu else mlp.act_fn(gate) * up
+    return project(mlp.down_proj, act)
 
 
 def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None, kv_only=False):
@@ -302,8 +373,8 @@ def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x
     a = _attend(layer.self_attn, x, rope, cache, cache_layer, start, mask, kv_only)
     if a is None:
         return None
-    h = h + a
-    return h + _mlp(layer.mlp, norm(layer.post_attention_layernorm, h))
+    h, x = add_norm(layer.post_attention_layernorm, h, a)
+    return h + _mlp(layer.mlp, x)
 
 
 def gpt2_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None, kv_only=False):

@@ -28,7 +28,7 @@ FORMATS = {
 }
 
 # decoding engines (graft.engine: one step, run eagerly, with fixed shapes, captured or compiled)
-ENGINES = ("auto", "eager", "static", "graph", "compiled")
+ENGINES = ("auto", "eager", "static", "graph", "fused", "compiled")
 
 # draft trees at temperature 0 (graft.speculative.DecodeConfig.tree)
 TREES = ("auto", "calibrated", "chain", "dynamic")

@@ -125,6 +125,29 @@ def test_compiled_engine_is_lossless(family, tokenizer):
         assert g.ids == plain_greedy(bb, ids, 30), (family, p)
 
 
+@pytest.mark.parametrize("mt", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fused_engine_is_lossless(family, mt, tokenizer):
+    """The layers' elementwise runs compiled into fused kernels, then captured: plain greedy
+    decoding's output (float32), and the graph engine's steps."""
+    torch.manual_seed(0)
+    bb = tiny_backbone(mt, tokenizer)
+    bb.hf.to("cuda")
+    m = add_heads(bb, heads=family, num_heads=3)
+    with torch.no_grad():
+        for p in m.heads.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    m.config.training = {"rank_accuracy": [[0.9 * 0.5 ** r for r in range(4)] for _ in range(3)]}
+    for p in PROMPTS[:2]:
+        ids = tokenizer(p)["input_ids"]
+        ref = greedy_past_eos(bb, ids, 40)
+        for kw in ({"tree": "calibrated"}, {"tree": "chain"}, {"draft": False}):
+            g = m.generate(input_ids=ids, max_new_tokens=40, engine="fused", eos=False, **kw)
+            assert g.ids == ref, (family, mt, p, kw)
+            graph = m.generate(input_ids=ids, max_new_tokens=40, engine="graph", eos=False, **kw)
+            assert g.step_lengths == graph.step_lengths, (family, mt, p, kw)
+
+
 @pytest.mark.parametrize("family", ["deepseek-mtp", "eagle"])
 def test_graph_engine_samples_as_static(family, tokenizer):
     """Sampling drafts outside the captured step: the Python state a captured commit sets

@@ -306,6 +306,46 @@ def test_static_engine_reads_the_live_prefix(family, tokenizer, monkeypatch):
         assert all(c.span == c.max_len for c in [m._decoder._pool["static"]["cache"]])  # restored after each step
 
 
+@pytest.mark.parametrize("mt,family", [("llama", "eagle"), ("llama", "deepseek-mtp"), ("qwen3", "blockwise"),
+                                       ("gemma3", "meta-mtp"), ("gpt2", "medusa")])
+def test_fused_pieces_decode_as_plain_operations(mt, family, tokenizer):
+    """The layers' elementwise runs compiled (`fused_pieces`, the fused engine's capture; here
+    through torch.compile's aot_eager backend, which traces as the GPU's does without generating
+    kernels): the output of plain greedy decoding and the eager engine's step lengths, drafted
+    steps and plain ones; each piece ran where its layer has it."""
+    from graft import modeling
+
+    torch.manual_seed(0)
+    bb = tiny_backbone(mt, tokenizer)
+    m = add_heads(bb, heads=family, num_heads=3)
+    perturb(m, 0.05)
+    ids = encode(tokenizer, PROMPTS[1])
+    ref = greedy_past_eos(bb, ids, 40)
+    x = torch.tensor([ids])
+    pos = torch.arange(len(ids))[None]
+    bb.fuse_projections()  # as decoding does: the gate and up projections in one matmul, which the pieces need
+    with torch.no_grad():
+        plain = bb.forward(x, pos)[1]
+        with modeling.fused_pieces("aot_eager"):
+            # the final states themselves (a tiny model's greedy text hardly depends on its MLP)
+            torch.testing.assert_close(bb.forward(x, pos)[1], plain)
+    with modeling.fused_pieces("aot_eager"):
+        pieces = modeling._PIECE_USE[0]
+        calls, real = {}, dict(vars(pieces))
+        for name, f in real.items():
+            setattr(pieces, name, lambda *a, _f=f, _n=name: (calls.__setitem__(_n, calls.get(_n, 0) + 1), _f(*a))[1])
+        for kw in ({"tree": "calibrated"}, {"draft": False}):
+            g = m.generate(input_ids=ids, max_new_tokens=40, engine="static", eos=False, **kw)
+            assert g.ids == ref, (mt, family, kw)
+            eager = m.generate(input_ids=ids, max_new_tokens=40, engine="eager", eos=False, **kw)
+            assert g.step_lengths == eager.step_lengths, (mt, family, kw)
+        vars(pieces).update(real)
+    expected = {"llama": {"rotary", "add_norm", "silu_gate"}, "qwen3": {"rotary", "add_norm", "silu_gate"},
+                "gemma3": {"rotary"}, "gpt2": set()}[mt]
+    assert set(calls) == expected, calls
+    assert modeling._PIECE_USE[0] is None  # off again
+
+
 def test_span_buckets():
     from graft.engine import span_buckets
 
