@@ -387,9 +387,10 @@ class GraphStep(StaticStep):
 
 
 class FusedStep(GraphStep):
-    """GraphStep whose decoder layers run their elementwise runs (rotary embedding, residual sum
-    with norm, gated activation) as kernels fused by torch.compile (`graft.modeling.fused_pieces`),
-    compiled once per row count in seconds: about a third fewer kernels per Llama layer."""
+    """GraphStep whose decoder layers run their elementwise runs (rotary embedding with the cache
+    writes, residual sum with norm, gated activation) as kernels fused by torch.compile
+    (`graft.modeling.fused_pieces`), compiled once per row count in seconds: a Llama layer's 19
+    operations become 10 pieces and operations."""
 
     pieces = True
 

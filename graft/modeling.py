@@ -50,13 +50,17 @@ class KVCache:
         if torch.is_tensor(start):
             self.k[layer].index_copy_(2, start, k)
             self.v[layer].index_copy_(2, start, v)
-            return self.k[layer, :, :, :self.span], self.v[layer, :, :, :self.span]
+            return self.read(layer)
         end = start + k.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} > {self.max_len}")
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def read(self, layer: int):
+        """The keys and values that a fixed-shape step's attention reads: the first `span` slots."""
+        return self.k[layer, :, :, :self.span], self.v[layer, :, :, :self.span]
 
     def keep(self, start, offsets: torch.Tensor) -> None:
         """Move entries at `start + offsets` to `start, start+1, ...` (accepted tree path).
@@ -135,6 +139,16 @@ def _rotary(q, k, cos, sin):
     return qk * cos + _swap_halves(qk) * sin
 
 
+def _rotary_cache(q, k, v, cos, sin, k_cache, v_cache, slots):
+    """_rotary, the rotated keys and the values written to a cache layer's `slots` (B, H_kv, S, D
+    each) in the same piece, as KVCache.update does with slots; returns the rotated queries."""
+    qk = _rotary(q, k, cos, sin)
+    H = q.shape[1]
+    k_cache.index_copy_(2, slots, qk[:, H:])
+    v_cache.index_copy_(2, slots, v)
+    return qk[:, :H]
+
+
 def _add_norm(h, a, weight, eps: float):
     """The residual sum h + a, and its RMS norm (the next sublayer's input)."""
     h = h + a
@@ -147,14 +161,15 @@ def _silu_gate(gate, up):
 
 class _Pieces:
     """The elementwise runs of a decoder layer, each compiled by torch.compile into a kernel or
-    two (`fused_pieces`): the rotary embedding of queries and keys (five kernels), the residual
-    sum with the next norm (two), the gated activation (two). A small model's step under CUDA
-    graphs is bound by its kernel count, and these are a third of a Llama layer's."""
+    two (`fused_pieces`): the rotary embedding of queries and keys (five kernels), with the
+    writes of keys and values to the cache where a step gives slots (two more), the residual sum
+    with the next norm (two), the gated activation (two). A small model's step under CUDA graphs
+    is bound by its kernel count, and these are nearly half of a Llama layer's."""
 
     def __init__(self, backend: str):
         opts = dict(dynamic=False, fullgraph=True, backend=backend)
-        self.rotary, self.add_norm, self.silu_gate = (torch.compile(f, **opts)
-                                                      for f in (_rotary, _add_norm, _silu_gate))
+        self.rotary, self.rotary_cache, self.add_norm, self.silu_gate = (
+            torch.compile(f, **opts) for f in (_rotary, _rotary_cache, _add_norm, _silu_gate))
 
 
 _PIECES = {}  # backend -> _Pieces, made once
@@ -343,12 +358,18 @@ def _attend(attn, x, rope, cache, cache_layer, start, mask, kv_only):
     # one rotary pass over queries and keys together: the same arithmetic per element, four
     # kernels fewer per layer (a small model's step is bound by its number of kernels)
     H = q.shape[1]
-    qk = rotary(q, k, cos, sin)
-    q, k = qk[:, :H], qk[:, H:]
-    if cache is not None:
-        k, v = cache.update(cache_layer, start, k, v)
+    if _PIECE_USE[0] and isinstance(cache, KVCache) and torch.is_tensor(start):  # one piece: rotate, write the cache
+        q = _PIECE_USE[0].rotary_cache(q, k, v, cos, sin, cache.k[cache_layer], cache.v[cache_layer], start)
         if kv_only:
             return None
+        k, v = cache.read(cache_layer)
+    else:
+        qk = rotary(q, k, cos, sin)
+        q, k = qk[:, :H], qk[:, H:]
+        if cache is not None:
+            k, v = cache.update(cache_layer, start, k, v)
+            if kv_only:
+                return None
     return project(attn.o_proj, _sdpa(q, k, v, mask, attn.scaling, causal=mask is None and cache is None))
 
 

@@ -324,11 +324,17 @@ def test_fused_pieces_decode_as_plain_operations(mt, family, tokenizer):
     x = torch.tensor([ids])
     pos = torch.arange(len(ids))[None]
     bb.fuse_projections()  # as decoding does: the gate and up projections in one matmul, which the pieces need
+    slots, caches = pos[0], (bb.new_cache(64), bb.new_cache(64))  # keys written at slots, as a fixed-shape step does
+    mask = modeling.cache_mask(slots, 64, bb.dtype)
     with torch.no_grad():
-        plain = bb.forward(x, pos)[1]
+        plain = bb.forward(x, pos)[1], bb.forward(x, pos, caches[0], slots, mask)[1]
         with modeling.fused_pieces("aot_eager"):
-            # the final states themselves (a tiny model's greedy text hardly depends on its MLP)
-            torch.testing.assert_close(bb.forward(x, pos)[1], plain)
+            # the final states themselves (a tiny model's greedy text hardly depends on its MLP),
+            # and the cache's keys and values
+            torch.testing.assert_close(bb.forward(x, pos)[1], plain[0])
+            torch.testing.assert_close(bb.forward(x, pos, caches[1], slots, mask)[1], plain[1])
+    torch.testing.assert_close(caches[1].k, caches[0].k)
+    torch.testing.assert_close(caches[1].v, caches[0].v)
     with modeling.fused_pieces("aot_eager"):
         pieces = modeling._PIECE_USE[0]
         calls, real = {}, dict(vars(pieces))
@@ -340,8 +346,9 @@ def test_fused_pieces_decode_as_plain_operations(mt, family, tokenizer):
             eager = m.generate(input_ids=ids, max_new_tokens=40, engine="eager", eos=False, **kw)
             assert g.step_lengths == eager.step_lengths, (mt, family, kw)
         vars(pieces).update(real)
-    expected = {"llama": {"rotary", "add_norm", "silu_gate"}, "qwen3": {"rotary", "add_norm", "silu_gate"},
-                "gemma3": {"rotary"}, "gpt2": set()}[mt]
+    expected = {"llama": {"rotary", "rotary_cache", "add_norm", "silu_gate"},
+                "qwen3": {"rotary", "rotary_cache", "add_norm", "silu_gate"},
+                "gemma3": {"rotary", "rotary_cache"}, "gpt2": set()}[mt]
     assert set(calls) == expected, calls
     assert modeling._PIECE_USE[0] is None  # off again
 
