@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 
 from .config import HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE, BackboneIdentity, GraftError
-from .modeling import (GEMMA3_LIKE, GLOBAL, LAYER_FNS, LOCAL, SUPPORTED, KVCache, fuse_projections, group_rows, norm,
-                       project, signed_sin, window_mask)
+from .modeling import (GEMMA3_LIKE, GLOBAL, LAYER_FNS, LOCAL, SUPPORTED, KVCache, add_norm, fuse_projections,
+                       group_rows, norm, project, signed_sin, split_residuals, window_mask)
 
 # Built-in aliases: name -> (python package that ships the file, file name inside it). A package
 # whose file comes in chunk packages has an `assemble(path)` that joins them (into graft's cache).
@@ -496,15 +496,22 @@ class Backbone:
             grouped = lambda m: group_rows(m, rep) if m is not None and m.shape[-2] > 1 else m  # noqa: E731
             mask = {k: grouped(m) for k, m in mask.items()} if isinstance(mask, dict) else grouped(mask)
         trunk, taken = h, {}
+        # with fused pieces, each layer's last residual sum is made in the next layer's norm piece
+        split, x = split_residuals(self.layer_fn) and not self.sharded, None
         for i, layer in enumerate(self.layers):
+            if split and i:
+                h, x = add_norm(layer.input_layernorm, *h)
             trunk = h
             if features is not None and i in features:
                 taken[i] = h
             if self.sharded:  # FSDP2: gather this layer's weights for its call, then free them
                 layer.unshard()
-            h = self.layer_fn(layer, h, rope, cache=cache, cache_layer=i, start=start, mask=mask)
+            kw = {"x": x, "split": True} if split else {}
+            h = self.layer_fn(layer, h, rope, cache=cache, cache_layer=i, start=start, mask=mask, **kw)
             if self.sharded:
                 layer.reshard()
+        if split:
+            h = h[0] + h[1]
         if features is not None:
             taken[len(self.layers)] = h
             trunk = torch.cat([taken[i] for i in features], dim=-1)

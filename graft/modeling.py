@@ -163,8 +163,9 @@ class _Pieces:
     """The elementwise runs of a decoder layer, each compiled by torch.compile into a kernel or
     two (`fused_pieces`): the rotary embedding of queries and keys (five kernels), with the
     writes of keys and values to the cache where a step gives slots (two more), the residual sum
-    with the next norm (two), the gated activation (two). A small model's step under CUDA graphs
-    is bound by its kernel count, and these are nearly half of a Llama layer's."""
+    with the next norm (two; across layers too: `split_residuals`), the gated activation (two). A
+    small model's step under CUDA graphs is bound by its kernel count, and these are over half of a
+    Llama layer's."""
 
     def __init__(self, backend: str):
         opts = dict(dynamic=False, fullgraph=True, backend=backend)
@@ -384,18 +385,26 @@ def _mlp(mlp, x):
     return project(mlp.down_proj, act)
 
 
-def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None, kv_only=False):
+def llama_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None, kv_only=False,
+                split=False):
     """One Llama-family decoder layer (Llama, Mistral, Qwen2, Qwen3). h: (B, T, d), the residual
     stream; x: the attention's input if not the normalised h (EAGLE-3's wider draft layer).
     kv_only: write the keys and values to the cache and stop there (returns None), for a layer
-    whose output nothing reads."""
+    whose output nothing reads. split: return the residual stream and the MLP's output unsummed,
+    for the next layer to add in its norm's piece (`Backbone.forward` with fused pieces)."""
     if x is None:
         x = norm(layer.input_layernorm, h)
     a = _attend(layer.self_attn, x, rope, cache, cache_layer, start, mask, kv_only)
     if a is None:
         return None
     h, x = add_norm(layer.post_attention_layernorm, h, a)
-    return h + _mlp(layer.mlp, x)
+    return (h, _mlp(layer.mlp, x)) if split else h + _mlp(layer.mlp, x)
+
+
+def split_residuals(layer_fn) -> bool:
+    """Whether a forward should hand each layer's last residual sum to the next layer's norm
+    piece: while fused pieces are on, for Llama-family layers."""
+    return _PIECE_USE[0] is not None and layer_fn is llama_layer
 
 
 def gpt2_layer(layer, h, rope, cache=None, cache_layer=0, start=0, mask=None, x=None, kv_only=False):
