@@ -135,7 +135,8 @@ def profile(dec, prompt, roof, size: int = 0, steps: int = 32, tree: str = "auto
     total_us = sum(e.self_device_time_total for e in events) / out.steps
     count = sum(e.count for e in events) / out.steps
     what = f"{dec.heads.family} {size + 1}-node step" if size else "one-token step"
-    print(f"{what}, static engine{' with fused pieces' if pieces else ''}: {count:.0f} kernels, {total_us / 1e3:.2f} ms of kernels per step "
+    engine = "static engine" + (" with fused pieces" if pieces else "")
+    print(f"{what}, {engine}: {count:.0f} kernels, {total_us / 1e3:.2f} ms of kernels per step "
           f"({roof / (total_us / 1e3):.2f} of it is the weights' roofline); by phase:")
     for name, (n, ms) in sorted(by_phase(prof, out.steps).items(), key=lambda kv: -kv[1][1]):
         print(f"  {name:<8}{n:6.0f} kernels {ms:7.3f} ms")

@@ -359,7 +359,7 @@ def _attend(attn, x, rope, cache, cache_layer, start, mask, kv_only):
     # one rotary pass over queries and keys together: the same arithmetic per element, four
     # kernels fewer per layer (a small model's step is bound by its number of kernels)
     H = q.shape[1]
-    if _PIECE_USE[0] and isinstance(cache, KVCache) and torch.is_tensor(start):  # one piece: rotate, write the cache
+    if _PIECE_USE[0] and isinstance(cache, KVCache) and torch.is_tensor(start):  # one piece: rotate, write
         q = _PIECE_USE[0].rotary_cache(q, k, v, cos, sin, cache.k[cache_layer], cache.v[cache_layer], start)
         if kv_only:
             return None
