@@ -389,7 +389,7 @@ class GraphStep(StaticStep):
 class FusedStep(GraphStep):
     """GraphStep whose decoder layers run their elementwise runs (rotary embedding with the cache
     writes, residual sum with norm, gated activation) as kernels fused by torch.compile
-    (`graft.modeling.fused_pieces`), compiled once per row count in seconds: a Llama layer's 19
+    (`graft.modeling.fused_pieces`), compiled in seconds for every tree size: a Llama layer's 19
     operations become 9 pieces and operations."""
 
     pieces = True

@@ -168,7 +168,7 @@ class _Pieces:
     Llama layer's."""
 
     def __init__(self, backend: str):
-        opts = dict(dynamic=False, fullgraph=True, backend=backend)
+        opts = dict(dynamic=None, fullgraph=True, backend=backend)
         self.rotary, self.rotary_cache, self.add_norm, self.silu_gate = (
             torch.compile(f, **opts) for f in (_rotary, _rotary_cache, _add_norm, _silu_gate))
 
@@ -180,9 +180,11 @@ _PIECE_USE = [None]  # the _Pieces in use while `fused_pieces` is on; None: plai
 @contextmanager
 def fused_pieces(backend: str = "inductor"):
     """Decoder layers run their elementwise runs compiled (`_Pieces`) while this is on: around a
-    CUDA graph's warm-up and capture (the `fused` engine), where a replay runs no Python. Each
-    piece compiles once per input shape (a step's row count): a second or two, not a whole step's
-    minutes. Outside it, plain operations (prefills' shapes change from prompt to prompt)."""
+    CUDA graph's warm-up and capture (the `fused` engine), where a replay runs no Python. A piece
+    compiles for the first shape it meets, then once more with the shapes that changed made
+    symbolic (torch.compile's automatic dynamic shapes), which serves every later row count: a
+    few seconds, not a whole step's minutes, and not one compile per tree size (deepseek-mtp's
+    drafting alone meets more than 64 shapes). Outside it, plain operations."""
     import torch._dynamo
 
     if backend not in _PIECES:
@@ -190,7 +192,7 @@ def fused_pieces(backend: str = "inductor"):
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     limit, before = getattr(cfg, name), _PIECE_USE[0]
-    setattr(cfg, name, max(limit, 64))  # a shape per tree size and draft depth, 30 layers sharing each
+    setattr(cfg, name, max(limit, 64))  # room for the variants a piece's guards may still tell apart
     _PIECE_USE[0] = _PIECES[backend]
     try:
         yield

@@ -353,6 +353,29 @@ def test_fused_pieces_decode_as_plain_operations(mt, family, tokenizer):
     assert modeling._PIECE_USE[0] is None  # off again
 
 
+def test_fused_pieces_compile_a_few_graphs_for_every_tree_size(tokenizer):
+    """A piece compiles for its first shapes, then with the changing sizes symbolic: five tree
+    sizes of deepseek-mtp (whose drafting meets the most shapes) take a dozen graphs, where one
+    per shape took 46 (and a fit over 4-128 nodes on SmolLM2 passed dynamo's limit of 64 for one
+    piece, which fails the capture)."""
+    from torch._dynamo.utils import counters
+
+    from graft import modeling
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    counters.clear()
+    bb = tiny_backbone("llama", tokenizer)
+    m = add_heads(bb, heads="deepseek-mtp", num_heads=3)
+    perturb(m, 0.05)
+    ids = encode(tokenizer, PROMPTS[1])
+    with modeling.fused_pieces("aot_eager"):
+        for size in (4, 8, 16, 32, 64):
+            g = m.generate(input_ids=ids, max_new_tokens=20, engine="static", eos=False, tree_size=size)
+            assert g.ids == greedy_past_eos(bb, ids, 20), size
+    assert counters["stats"]["unique_graphs"] <= 16, dict(counters["stats"])
+
+
 def test_span_buckets():
     from graft.engine import span_buckets
 
