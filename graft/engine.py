@@ -390,7 +390,7 @@ class FusedStep(GraphStep):
     """GraphStep whose decoder layers run their elementwise runs (rotary embedding with the cache
     writes, residual sum with norm, gated activation) as kernels fused by torch.compile
     (`graft.modeling.fused_pieces`), compiled in seconds for every tree size: a Llama layer's 19
-    operations become 9 pieces and operations."""
+    operations become 10 pieces and operations."""
 
     pieces = True
 
