@@ -367,11 +367,12 @@ def _answer(bb, convs, done, f, max_new_tokens, temperature, batch_size, progres
         idx = list(range(w0, min(w0 + window, len(convs))))
         enc = {i: encode_chat(tok, convs[i]) for i in idx}
         idx.sort(key=lambda i: len(enc[i]))
+        widths = [len(enc[i]) for i in idx]
         answers = {}
         while len(answers) < len(idx):
-            rest = idx[len(answers):]
-            batch = rest[:first_batch([len(enc[i]) for i in rest], rows)]
-            width = len(enc[batch[-1]])
+            at = len(answers)
+            batch = idx[at:at + first_batch(widths[at:], rows)]
+            width = widths[at + len(batch) - 1]
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             attn = torch.zeros_like(ids)
             for r, i in enumerate(batch):  # left padding
@@ -383,7 +384,7 @@ def _answer(bb, convs, done, f, max_new_tokens, temperature, batch_size, progres
                                       max_new_tokens=max_new_tokens, pad_token_id=pad, **kw)
             except torch.OutOfMemoryError:
                 gen = None
-            if gen is None:
+            if gen is None:  # outside the handler: its traceback holds the failed batch's tensors
                 if len(batch) == 1:
                     raise GraftError(f"out of device memory answering one prompt of {width} tokens with "
                                      f"--max-new-tokens {max_new_tokens}: lower it, or use --load-in-4bit")

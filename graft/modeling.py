@@ -114,10 +114,15 @@ def norm(module, x: torch.Tensor) -> torch.Tensor:
     add, rsqrt, two products), and a small model's decoding step is bound by its kernel count.
     The same arithmetic in float32 (identical there); in bf16 it rounds once instead of twice.
     Other norms, and mixed dtypes, run as the module says."""
+    w = _rms_weight(module, x.dtype)
+    return module(x) if w is None else F.rms_norm(x, w.shape, w, module.variance_epsilon)
+
+
+def _rms_weight(module, dtype):
+    """The weight of a Llama-family RMSNorm in `dtype`, which torch's rms_norm computes exactly;
+    None for any other norm (or dtype), which runs as its module says."""
     w = getattr(module, "weight", None)
-    if type(module).__name__ not in _PLAIN_RMS or w is None or w.dtype != x.dtype:
-        return module(x)
-    return F.rms_norm(x, w.shape, w, module.variance_epsilon)
+    return w if type(module).__name__ in _PLAIN_RMS and w is not None and w.dtype == dtype else None
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
@@ -207,8 +212,8 @@ def rotary(q, k, cos, sin):
 
 def add_norm(module, h, a):
     """h + a and the norm `module` of it: one fused piece where the norm is a plain RMSNorm."""
-    w = getattr(module, "weight", None)
-    if _PIECE_USE[0] and type(module).__name__ in _PLAIN_RMS and w is not None and w.dtype == h.dtype == a.dtype:
+    w = _rms_weight(module, h.dtype) if _PIECE_USE[0] and a.dtype == h.dtype else None
+    if w is not None:
         return _PIECE_USE[0].add_norm(h, a, w, float(module.variance_epsilon))
     h = h + a
     return h, norm(module, h)
