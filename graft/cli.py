@@ -29,8 +29,8 @@ VERIFY_OPTION = click.option(
 ENGINE_OPTION = click.option(
     "--engine", type=click.Choice(ENGINES), default="auto",
     show_default=True,
-    help="How the verification step runs: graph replays a captured CUDA graph (auto on CUDA); fused also runs "
-         "the layers' elementwise operations as kernels fused by torch.compile (seconds of warm-up); compiled "
+    help="How the verification step runs: graph replays a captured CUDA graph; fused also runs the layers' "
+         "elementwise operations as kernels fused by torch.compile (auto on CUDA; seconds of warm-up); compiled "
          "compiles the whole step first (minutes); static fixes shapes without a graph; eager (auto on CPU).")
 
 

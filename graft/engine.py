@@ -46,7 +46,11 @@ def resolve_engine(engine: str, bb) -> str:
         if engine in ("graph", "fused", "compiled") and bb.device.type != "cuda":
             raise GraftError(f"--engine {engine} needs a CUDA device: use eager or static on CPU")
         return engine
-    return "graph" if bb.device.type == "cuda" else "eager"  # bitsandbytes' 4-bit matmuls capture too
+    if bb.device.type != "cuda":
+        return "eager"
+    from torch.utils._triton import has_triton  # Inductor's kernels for the fused pieces
+
+    return "fused" if has_triton() else "graph"  # bitsandbytes' 4-bit matmuls capture too
 
 
 def room(heads, tree) -> int:

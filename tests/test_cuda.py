@@ -1,4 +1,4 @@
-"""The CUDA engines (graph, compiled) against plain greedy decoding, float32, on the device.
+"""The CUDA engines (graph, fused, compiled) against plain greedy decoding, float32, on the device.
 Skipped without a CUDA device (CI has none); run on a GPU machine with `pytest -m cuda`."""
 import pytest
 import torch

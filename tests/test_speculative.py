@@ -276,6 +276,20 @@ def test_graph_engine_needs_cuda(tokenizer):
         DecodeConfig(engine="fast")
 
 
+def test_auto_engine_fuses_on_cuda_where_triton_is(monkeypatch):
+    import torch.utils._triton as triton_probe
+    from types import SimpleNamespace
+
+    from graft.engine import resolve_engine
+
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda", 0)), SimpleNamespace(device=torch.device("cpu"))
+    assert resolve_engine("auto", cpu) == "eager"
+    for has, engine in ((True, "fused"), (False, "graph")):
+        monkeypatch.setattr(triton_probe, "has_triton", lambda: has)
+        assert resolve_engine("auto", cuda) == engine
+    assert resolve_engine("graph", cuda) == "graph"
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_static_engine_reads_the_live_prefix(family, tokenizer, monkeypatch):
     """Attention in a fixed-shape step reads the narrowest bucket of cache slots that holds the
