@@ -193,11 +193,14 @@ def add_heads_cmd(model, family, num_heads, head_layers, shared_lm_head, lm_head
               help="Prompts answered together; a batch that runs out of memory is halved and tried again. "
               "[default: on CUDA as many as 60% of the free memory holds, at most 512; 16 on CPU]")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True),
+              help="Start no batch after this many minutes; the answers so far are kept, and the same command "
+                   "continues later (a time budget, e.g. for a 25-minute distill-and-train recipe).")
 @click.option("--force", is_flag=True, help="Start --out over when it holds something else than this run's "
               "records (without it such a file is never touched).")
 @backbone_options
-def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_samples, answers, batch_size, seed, force,
-                     dtype, load_in_4bit, device, trust_remote_code):
+def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_samples, answers, batch_size, seed,
+                     max_minutes, force, dtype, load_in_4bit, device, trust_remote_code):
     """Let MODEL answer each prompt itself and write the answers as chat records (resumable).
 
     Heads trained on text the backbone would write accept more tokens (Medusa-2, EAGLE-3).
@@ -206,13 +209,17 @@ def distill_data_cmd(model, prompts, out, max_new_tokens, temperature, num_sampl
     """
     from .data import distill
 
-    n = distill(model, prompts, out, max_new_tokens=max_new_tokens, temperature=temperature,
-                num_samples=num_samples, answers=answers, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
-                load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, force=force)
+    n, total = distill(model, prompts, out, max_new_tokens=max_new_tokens, temperature=temperature,
+                       num_samples=num_samples, answers=answers, batch_size=batch_size, seed=seed, dtype=dtype,
+                       device=device, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, force=force,
+                       max_minutes=max_minutes)
     from .distributed import finish
 
     finish()
-    click.echo(f"wrote {n} records to {out}")
+    if n < total:
+        click.echo(f"stopped after --max-minutes: {out} holds {n} of {total} records; the same command continues")
+    else:
+        click.echo(f"wrote {n} records to {out}")
 
 
 @main.command("train")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import torch
 
@@ -247,10 +248,12 @@ def _done_records(out: str, convs: list, force: bool) -> int:
 
 def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperature=0.0, num_samples=None,
             answers=1, batch_size=None, seed=0, dtype="auto", device="auto", load_in_4bit=False,
-            trust_remote_code=False, force=False) -> int:
+            trust_remote_code=False, force=False, max_minutes=None) -> tuple[int, int]:
     """Let the backbone answer every prompt (`answers` times, sampled, each a record); append chat
     records to `out`. A re-run with the same prompts continues where a stopped one left off;
-    `force` starts `out` over.
+    `force` starts `out` over. `max_minutes`: start no batch after that long (the answers so far
+    are kept, in the prompts' order, for a re-run to continue). Returns the records in `out` and
+    the records the prompts ask for.
 
     Raises:
         GraftError: bad options or prompts, or an `out` that holds something else.
@@ -280,7 +283,8 @@ def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperatu
     dd = dist_setup()
     done = dd.gather_objects(_done_records(out, convs, force) if dd.main else None)[0]
     if done >= len(convs):
-        return done
+        return done, len(convs)
+    deadline = time.monotonic() + 60 * max_minutes if max_minutes else None
     if is_graft_dir(model):
         ident = load_config(model).backbone
         model = os.path.join(model, "") if ident.source == "." else ident.source
@@ -302,19 +306,26 @@ def distill(model: str, prompts: str, out: str, *, max_new_tokens=256, temperatu
     except OSError as e:
         raise GraftError(f"cannot write --out {out} ({e.strerror}): choose a writable path")
     with f:
-        _answer(bb, sub_convs, sub_done, f, max_new_tokens, temperature, batch_size, progress=dd.main)
-    if dd.world > 1:
-        dd.barrier()
-        if dd.main:
-            parts = [f"{out}.part-{done}-{r}of{dd.world}" for r in range(dd.world)]
-            lines = [open(p).read().splitlines() for p in parts]
-            merged = [lines[(i - done) % dd.world][(i - done) // dd.world] for i in range(done, len(convs))]
-            old = open(out).read() if os.path.exists(out) else ""
-            atomic_write_bytes(out, (old + "".join(line + "\n" for line in merged)).encode())
-            for p in parts:
-                os.unlink(p)
-        dd.barrier()
-    return len(convs)
+        written = _answer(bb, sub_convs, sub_done, f, max_new_tokens, temperature, batch_size, progress=dd.main,
+                          deadline=deadline)
+    if dd.world == 1:
+        return written, len(convs)
+    dd.barrier()
+    merged = []
+    if dd.main:
+        parts = [f"{out}.part-{done}-{r}of{dd.world}" for r in range(dd.world)]
+        lines = [open(p).read().splitlines() for p in parts]
+        for i in range(done, len(convs)):  # in the prompts' order, up to the first one unanswered
+            part, row = lines[(i - done) % dd.world], (i - done) // dd.world
+            if row >= len(part):
+                break
+            merged.append(part[row])
+        old = open(out).read() if os.path.exists(out) else ""
+        atomic_write_bytes(out, (old + "".join(line + "\n" for line in merged)).encode())
+        for p in parts:
+            os.unlink(p)
+    dd.barrier()
+    return dd.gather_objects(done + len(merged) if dd.main else None)[0], len(convs)
 
 
 DISTILL_BATCH = {"cuda": 512, "cpu": 16}  # prompts answered together at most, by default (--batch-size)
@@ -341,8 +352,10 @@ def first_batch(widths: list[int], rows) -> int:
     return n
 
 
-def _answer(bb, convs, done, f, max_new_tokens, temperature, batch_size, progress=True) -> None:
-    """The backbone's answers to convs[done:], appended to the open file `f` as chat records.
+def _answer(bb, convs, done, f, max_new_tokens, temperature, batch_size, progress=True, deadline=None) -> int:
+    """The backbone's answers to convs[done:], appended to the open file `f` as chat records;
+    returns how many records `f` holds. Past `deadline` (time.monotonic()) no batch starts: the
+    window's answers that follow the records in order are written, the rest dropped.
 
     `batch_size` None: on CUDA as many prompts at once as the free memory holds (prompt_bytes),
     at most DISTILL_BATCH; on CPU DISTILL_BATCH's. A batch that runs out of device memory is
@@ -369,7 +382,7 @@ def _answer(bb, convs, done, f, max_new_tokens, temperature, batch_size, progres
         idx.sort(key=lambda i: len(enc[i]))
         widths = [len(enc[i]) for i in idx]
         answers = {}
-        while len(answers) < len(idx):
+        while len(answers) < len(idx) and not (deadline and time.monotonic() >= deadline):
             at = len(answers)
             batch = idx[at:at + first_batch(widths[at:], rows)]
             width = widths[at + len(batch) - 1]
@@ -398,11 +411,16 @@ def _answer(bb, convs, done, f, max_new_tokens, temperature, batch_size, progres
                 answers[i] = tok.decode(gen[r, width:], skip_special_tokens=True)
             bar.update(len(batch))
             bar.set_postfix(batch=len(batch))
-        lines = [json.dumps({"messages": convs[i] + [{"role": "assistant", "content": answers[i]}]})
-                 for i in sorted(answers)]
-        f.write("\n".join(lines) + "\n")
-        f.flush()
+        n = next((j for j, i in enumerate(range(w0, w0 + len(idx))) if i not in answers), len(idx))
+        if n:
+            f.write("".join(json.dumps({"messages": convs[i] + [{"role": "assistant", "content": answers[i]}]})
+                            + "\n" for i in range(w0, w0 + n)))
+            f.flush()
+        if n < len(idx):  # out of time
+            bar.close()
+            return w0 + n
     bar.close()
+    return len(convs)
 
 
 def _file_above(path: str) -> bool:

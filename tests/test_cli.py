@@ -318,6 +318,45 @@ def test_distill_halves_a_batch_that_runs_out_of_memory(tiny_dirs, monkeypatch, 
         _answer(bb, convs[:1], 0, io.StringIO(), 5, 0.0, 4, progress=False)
 
 
+def test_distill_stops_at_its_time_budget_and_continues(tiny_dirs, tmp_path, monkeypatch):
+    import io
+    from types import SimpleNamespace
+
+    import graft.data
+    from graft.backbone import load_backbone
+    from graft.data import _answer
+
+    bb = load_backbone(tiny_dirs["llama"], device="cpu")
+    # prompt 1 is the shortest, so the first batch answers prompts 1 and 3, not 0 and 1
+    convs = [[{"role": "user", "content": "say" + " again" * n}] for n in (3, 0, 4, 1, 2, 5, 6)]
+    whole = io.StringIO()
+    assert _answer(bb, convs, 0, whole, 5, 0.0, 2, progress=False) == 7
+    clock = [0.0]
+    generate = bb.hf.generate
+
+    def slow(**kw):  # each batch takes a minute
+        clock[0] += 60
+        return generate(**kw)
+
+    monkeypatch.setattr(bb.hf, "generate", slow)
+    monkeypatch.setattr(graft.data, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    part = io.StringIO()
+    # two batches start before the deadline (prompts 1 and 3, then 4 and 0); prompt 2 is unanswered, so
+    # prompts 0 and 1 are written and 3 and 4 dropped
+    assert _answer(bb, convs, 0, part, 5, 0.0, 2, progress=False, deadline=90) == 2
+    assert part.getvalue().splitlines() == whole.getvalue().splitlines()[:2]
+    assert _answer(bb, convs, 2, part, 5, 0.0, 2, progress=False) == 7
+    assert part.getvalue() == whole.getvalue()
+    monkeypatch.undo()
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "d.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(3)))
+    args = ["distill-data", tiny_dirs["llama"], "--prompts", prompts, "--out", out, "--max-new-tokens", "4",
+            "--device", "cpu"]
+    r = run(*args, "--max-minutes", "1e-9")
+    assert "holds 0 of 3 records; the same command continues" in r.output and not out.read_text()
+    assert "wrote 3 records" in run(*args).output and len(out.read_text().splitlines()) == 3
+
+
 def test_distill_data_never_overwrites_what_it_did_not_write(tiny_dirs, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(3)))
