@@ -323,7 +323,7 @@ def main(argv=None):
     for fam in families:
         torch.manual_seed(0)
         m = add_heads(bb, heads=fam, num_heads=a.num_heads, draft_vocab=a.draft_vocab)
-        m.heads.to(bb.dtype)
+        m.heads.to(bb.dtype).requires_grad_(False)  # frozen, as heads loaded to decode are (projections fuse)
         dec = SpeculativeDecoder(m)
         tree = a.tree if isinstance(m.heads, ChainedHeads) else "auto"  # dynamic trees are the chained families'
         if a.ops:
