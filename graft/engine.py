@@ -11,6 +11,8 @@ CUDA graphs, and one copy to the host per step carries the tree's tokens and the
 from __future__ import annotations
 
 import gc
+import os
+import shutil
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -48,9 +50,16 @@ def resolve_engine(engine: str, bb) -> str:
         return engine
     if bb.device.type != "cuda":
         return "eager"
-    from torch.utils._triton import has_triton  # Inductor's kernels for the fused pieces
+    return "fused" if can_fuse() else "graph"  # bitsandbytes' 4-bit matmuls capture too
 
-    return "fused" if has_triton() else "graph"  # bitsandbytes' 4-bit matmuls capture too
+
+def can_fuse() -> bool:
+    """Whether torch.compile can make the fused engine's kernels here: Triton, and a C compiler
+    for the launchers Triton builds (it looks for $CC, then cc, gcc and clang)."""
+    from torch.utils._triton import has_triton
+
+    cc = os.environ.get("CC")
+    return has_triton() and bool(shutil.which(cc) if cc else any(map(shutil.which, ("cc", "gcc", "clang"))))
 
 
 def room(heads, tree) -> int:

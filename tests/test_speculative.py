@@ -276,7 +276,7 @@ def test_graph_engine_needs_cuda(tokenizer):
         DecodeConfig(engine="fast")
 
 
-def test_auto_engine_fuses_on_cuda_where_triton_is(monkeypatch):
+def test_auto_engine_fuses_on_cuda_where_triton_and_a_compiler_are(monkeypatch):
     import torch.utils._triton as triton_probe
     from types import SimpleNamespace
 
@@ -284,8 +284,9 @@ def test_auto_engine_fuses_on_cuda_where_triton_is(monkeypatch):
 
     cuda, cpu = SimpleNamespace(device=torch.device("cuda", 0)), SimpleNamespace(device=torch.device("cpu"))
     assert resolve_engine("auto", cpu) == "eager"
-    for has, engine in ((True, "fused"), (False, "graph")):
-        monkeypatch.setattr(triton_probe, "has_triton", lambda: has)
+    for triton, compiler, engine in ((True, True, "fused"), (False, True, "graph"), (True, False, "graph")):
+        monkeypatch.setattr(triton_probe, "has_triton", lambda: triton)
+        monkeypatch.setattr("shutil.which", lambda c: "/usr/bin/" + c if compiler else None)
         assert resolve_engine("auto", cuda) == engine
     assert resolve_engine("graph", cuda) == "graph"
 
