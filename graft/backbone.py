@@ -214,10 +214,15 @@ def load_backbone(model: str = DEFAULT_MODEL, *, dtype: str | None = "auto", dev
     kind, loc, gguf_file = resolve_source(model)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    config = _load_config(kind, loc, gguf_file, trust_remote_code)
+    digest = sha256_file(loc) if kind == "gguf" else None
+    dense = _dense_folder(digest, torch_dtype) if digest else None
+    if dense and os.path.exists(os.path.join(dense, DENSE_DONE)):  # read the GGUF once, not at every load
+        config = _load_config("dir", dense, None, trust_remote_code)
+    else:
+        config = _load_config(kind, loc, gguf_file, trust_remote_code)
     check_causal_lm(config)
     where = os.path.dirname(loc) if kind == "gguf" else loc
-    kw = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}  # never unpickle
+    kw = {"use_safetensors": True}  # never unpickle
     if kind == "dir" and not _weight_files(loc):
         raise GraftError(f"{loc} holds no safetensors weights (graft never loads pickled .bin/.pt files): convert "
                          "them to safetensors first")
@@ -232,14 +237,12 @@ def load_backbone(model: str = DEFAULT_MODEL, *, dtype: str | None = "auto", dev
         kw["quantization_config"] = bnb_config(torch_dtype)
     if load_in_4bit:
         kw["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else dev.type}
-    weights, wkw = where, kw
-    if gguf_file and load_in_4bit:  # transformers quantizes no GGUF load: quantize a dense copy of it
-        weights = _dense_copy(where, gguf_file, sha256_file(loc), torch_dtype)
-        wkw = {k: v for k, v in kw.items() if k != "gguf_file"}
     try:
-        hf = AutoModelForCausalLM.from_pretrained(weights, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                  **wkw)
-        tkw = {k: v for k, v in kw.items() if k in ("gguf_file", "revision")}
+        if gguf_file:
+            where = _dense_copy(where, gguf_file, digest, torch_dtype)
+        hf = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                  **kw)
+        tkw = {k: v for k, v in kw.items() if k == "revision"}
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **tkw) \
             if with_tokenizer else None
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a corrupt, truncated or foreign weight file
@@ -256,7 +259,7 @@ def load_backbone(model: str = DEFAULT_MODEL, *, dtype: str | None = "auto", dev
         vocab_size=hf.get_output_embeddings().weight.shape[0],
         num_layers=config.num_hidden_layers,
         revision=revision or getattr(config, "_commit_hash", None),
-        sha256=sha256_file(loc) if kind == "gguf" else (_folder_fingerprint(loc) if kind == "dir" else None),
+        sha256=digest or (_folder_fingerprint(loc) if kind == "dir" else None),
         gguf_file=gguf_file,
         dtype=str(torch_dtype).removeprefix("torch."),
         load_in_4bit=load_in_4bit,
@@ -274,27 +277,39 @@ def drop_gguf_tag(hf) -> None:
             del hf.config.quantization_config
 
 
+DENSE_DONE = "tokenizer_config.json"  # a dense copy with its tokenizer (it is renamed into place whole)
+
+
+def _dense_folder(digest: str, dtype: torch.dtype) -> str:
+    from .config import cache_dir
+
+    return os.path.join(cache_dir(), "gguf-dense", f"{digest[:16]}-{str(dtype).removeprefix('torch.')}-tok")
+
+
 def _dense_copy(where: str, gguf_file: str, digest: str, dtype: torch.dtype) -> str:
-    """A GGUF file's weights, dequantized, as a safetensors folder in graft's cache (made once per
-    file and dtype), for loaders that take no GGUF (bitsandbytes' 4-bit quantization)."""
-    from transformers import AutoModelForCausalLM
+    """A GGUF file's model, dequantized, as a safetensors folder with its config and tokenizer in
+    graft's cache (made once per file and dtype). transformers reads a GGUF file's metadata
+    through the gguf package four times a load (49 s of SmolLM2's 50 on a 2-core CPU, 3 s of them
+    dequantizing); the copy loads in seconds, and bitsandbytes can quantize it (no GGUF load is)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import cache_dir
 
-    name = f"{digest[:16]}-{str(dtype).removeprefix('torch.')}"
-    folder = os.path.join(cache_dir(), "gguf-dense", name)
-    if os.path.exists(os.path.join(folder, "config.json")):
+    folder = _dense_folder(digest, dtype)
+    if os.path.exists(os.path.join(folder, DENSE_DONE)):
         return folder
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     hf = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf_file, dtype=dtype)
     drop_gguf_tag(hf)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=f".{name}-")
+    tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=f".{os.path.basename(folder)}-")
     try:
         hf.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
         os.replace(tmp, folder)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.exists(os.path.join(folder, "config.json")):  # not a concurrent load that won the race
+        if not os.path.exists(os.path.join(folder, DENSE_DONE)):  # not a concurrent load that won the race
             raise GraftError(f"could not write a dense copy of {gguf_file} under {cache_dir()} ({e.strerror}): "
                              "set GRAFT_CACHE to a writable folder with room for it")
     return folder

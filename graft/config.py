@@ -308,7 +308,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 def cache_dir() -> str:
     """graft's cache (`$GRAFT_CACHE`, default ~/.cache/graft): file hashes, measured step costs,
-    dense copies of GGUF files for 4-bit loading."""
+    dense copies of GGUF files (`graft.backbone._dense_copy`)."""
     return os.environ.get("GRAFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "graft")
 
 
