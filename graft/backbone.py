@@ -247,6 +247,9 @@ def load_backbone(model: str = DEFAULT_MODEL, *, dtype: str | None = "auto", dev
             if with_tokenizer else None
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a corrupt, truncated or foreign weight file
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        if gguf_file and where != os.path.dirname(loc):  # the copy failed to load, not the GGUF
+            raise GraftError(f"could not load {loc} from its dense copy {where}: {first}; delete that folder and "
+                             "graft makes it again") from None
         raise GraftError(f"could not load the model at {loc}: {first}; restore or re-create its weight files") \
             from None
     if not load_in_4bit:

@@ -6,6 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from graft.backbone import load_backbone
+from graft.config import GraftError
 from graft.cli import main
 from graft.registry import FAMILIES
 from graft.model import add_heads, encode_prompt
@@ -92,3 +93,8 @@ def test_4bit_from_gguf_goes_through_a_cached_dense_copy(smol, tmp_path, monkeyp
     assert len(copies) == 1 and (copies[0] / "model.safetensors").exists()
     ids = torch.tensor([encode_prompt(smol.tokenizer, PROMPTS[0], True)])
     assert (q.hf(ids).logits[0, -1].argmax() == smol.hf(ids).logits[0, -1].argmax()).item()
+    # a damaged copy is named, with the way out (the GGUF itself is fine)
+    weights = copies[0] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(GraftError, match=f"from its dense copy {copies[0]}: .*delete that folder"):
+        load_backbone("smollm2-135m", device="cpu", dtype="float32")
