@@ -216,7 +216,7 @@ def load_backbone(model: str = DEFAULT_MODEL, *, dtype: str | None = "auto", dev
     torch_dtype = resolve_dtype(dtype, dev)
     digest = sha256_file(loc) if kind == "gguf" else None
     dense = _dense_folder(digest, torch_dtype) if digest else None
-    if dense and os.path.exists(os.path.join(dense, DENSE_DONE)):  # read the GGUF once, not at every load
+    if dense and _whole(dense):  # read the GGUF once, not at every load
         config = _load_config("dir", dense, None, trust_remote_code)
     else:
         config = _load_config(kind, loc, gguf_file, trust_remote_code)
@@ -238,8 +238,8 @@ def load_backbone(model: str = DEFAULT_MODEL, *, dtype: str | None = "auto", dev
     if load_in_4bit:
         kw["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else dev.type}
     try:
-        if gguf_file:
-            where = _dense_copy(where, gguf_file, digest, torch_dtype)
+        if dense:
+            where = _dense_copy(where, gguf_file, dense, torch_dtype)
         hf = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                                   **kw)
         tkw = {k: v for k, v in kw.items() if k == "revision"}
@@ -247,7 +247,7 @@ def load_backbone(model: str = DEFAULT_MODEL, *, dtype: str | None = "auto", dev
             if with_tokenizer else None
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a corrupt, truncated or foreign weight file
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        if gguf_file and where != os.path.dirname(loc):  # the copy failed to load, not the GGUF
+        if dense and where == dense:  # the copy failed to load, not the GGUF
             raise GraftError(f"could not load {loc} from its dense copy {where}: {first}; delete that folder and "
                              "graft makes it again") from None
         raise GraftError(f"could not load the model at {loc}: {first}; restore or re-create its weight files") \
@@ -280,26 +280,29 @@ def drop_gguf_tag(hf) -> None:
             del hf.config.quantization_config
 
 
-DENSE_DONE = "tokenizer_config.json"  # a dense copy with its tokenizer (it is renamed into place whole)
-
-
 def _dense_folder(digest: str, dtype: torch.dtype) -> str:
+    """Where the dense copy of the GGUF file with sha256 `digest` goes, in `dtype` (`_dense_copy`)."""
     from .config import cache_dir
 
     return os.path.join(cache_dir(), "gguf-dense", f"{digest[:16]}-{str(dtype).removeprefix('torch.')}-tok")
 
 
-def _dense_copy(where: str, gguf_file: str, digest: str, dtype: torch.dtype) -> str:
+def _whole(folder: str) -> bool:
+    """Whether a dense copy is there with its tokenizer (it is renamed into place whole)."""
+    return os.path.exists(os.path.join(folder, "tokenizer_config.json"))
+
+
+def _dense_copy(where: str, gguf_file: str, folder: str, dtype: torch.dtype) -> str:
     """A GGUF file's model, dequantized, as a safetensors folder with its config and tokenizer in
     graft's cache (made once per file and dtype). transformers reads a GGUF file's metadata
     through the gguf package four times a load (49 s of SmolLM2's 50 on a 2-core CPU, 3 s of them
-    dequantizing); the copy loads in seconds, and bitsandbytes can quantize it (no GGUF load is)."""
+    dequantizing); the copy loads in seconds, and bitsandbytes can quantize it (no GGUF load is).
+    `folder`: `_dense_folder` of the file and dtype; returned once the copy is there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import cache_dir
 
-    folder = _dense_folder(digest, dtype)
-    if os.path.exists(os.path.join(folder, DENSE_DONE)):
+    if _whole(folder):
         return folder
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     hf = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf_file, dtype=dtype)
@@ -312,7 +315,7 @@ def _dense_copy(where: str, gguf_file: str, digest: str, dtype: torch.dtype) -> 
         os.replace(tmp, folder)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.exists(os.path.join(folder, DENSE_DONE)):  # not a concurrent load that won the race
+        if not _whole(folder):  # not a concurrent load that won the race
             raise GraftError(f"could not write a dense copy of {gguf_file} under {cache_dir()} ({e.strerror}): "
                              "set GRAFT_CACHE to a writable folder with room for it")
     return folder

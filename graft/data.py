@@ -374,6 +374,7 @@ def _answer(bb, convs, done, f, max_new_tokens, temperature, batch_size, progres
         return min(cap, budget / prompt_bytes(bb, width, max_new_tokens)) if budget else cap
 
     bar = tqdm(total=len(convs), initial=done, desc="distill", unit="prompt", disable=not progress)
+    held = done  # records in `f`
     # Within a window of prompts, batches take them in order of length, so they pad little;
     # the window is written in the prompts' order, so a resumed run skips whole records.
     for w0 in range(done, len(convs), window):
@@ -411,16 +412,18 @@ def _answer(bb, convs, done, f, max_new_tokens, temperature, batch_size, progres
                 answers[i] = tok.decode(gen[r, width:], skip_special_tokens=True)
             bar.update(len(batch))
             bar.set_postfix(batch=len(batch))
-        n = next((j for j, i in enumerate(range(w0, w0 + len(idx))) if i not in answers), len(idx))
+        n = 0  # the window's answers that follow the records in order
+        while n < len(idx) and w0 + n in answers:
+            n += 1
         if n:
             f.write("".join(json.dumps({"messages": convs[i] + [{"role": "assistant", "content": answers[i]}]})
                             + "\n" for i in range(w0, w0 + n)))
             f.flush()
+        held = w0 + n
         if n < len(idx):  # out of time
-            bar.close()
-            return w0 + n
+            break
     bar.close()
-    return len(convs)
+    return held
 
 
 def _file_above(path: str) -> bool:
