@@ -2,8 +2,8 @@
 # The GPU check: run it on a GPU before a change to the engine lands. One command, phases in order:
 #   1. tests/test_cuda.py: float32 identity of the graph and compiled engines, every family
 #   2. per family (eagle x6, deepseek-mtp x4, blockwise/medusa/meta-mtp x4): heads grafted and
-#      trained $MIN minutes on $DATA, then a bf16 soak over the whole $BENCH (graph engine,
-#      --tree auto; chained families --tree dynamic too) and over prompts long enough to reach
+#      trained $MIN minutes on $DATA, then a bf16 soak over the whole $BENCH (the default engine,
+#      fused where Triton runs; --tree auto; chained families --tree dynamic too) and over prompts long enough to reach
 #      the context window's last position: no fault may happen
 #   3. per family, float32, the first $F32_PER prompts of each category: graft's output must be
 #      identical to transformers' greedy `generate` (`identical` in the bench report)
@@ -79,8 +79,8 @@ for fam in "${FAMILIES[@]}"; do
   same=$(python3 -c "import json; p=json.load(open('$W/$fam-f32.json'))['per_prompt']; \
 print(f\"{sum(x['identical'] for x in p)}/{len(p)} identical to transformers' generate\")" 2>/dev/null)
   row "float32 identity" "$fam" "${same:-$(verdict $W/logs/$fam-f32.log $rc)}"
-  for engine in static graph; do
-    compute-sanitizer --tool memcheck --print-limit 10 python3 -m graft generate $R --prompt "Write a short email." \
+  for engine in static graph fused; do
+    timeout 600 compute-sanitizer --tool memcheck --print-limit 10 python3 -m graft generate $R --prompt "Write a short email." \
       --max-new-tokens 16 --engine $engine ${trees[0]} > $W/logs/$fam-memcheck-$engine.log 2>&1
     row "memcheck, $engine engine" "$fam" "$(verdict $W/logs/$fam-memcheck-$engine.log $?)"
   done
