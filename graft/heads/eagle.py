@@ -155,30 +155,36 @@ class EagleHeads(ChainedHeads):
         state["g"].copy_(last_row(g, count)[0, 0])
 
     def draft_root(self, bb, state, tree, n):
-        """The root's output at position n-1, and which of the tail's slots its line holds: none.
-        The tail: the slots from n on where the expanding nodes' keys go (`Tree.tail_offsets`);
-        column 0 of `seen` stands for the committed slots, 1.. for the tail's, the last for those
-        past it."""
+        """The root's output at position n-1, and what its line sees of the tail: nothing.
+        The tail: the slots from n on where the expanding nodes' keys go (`Tree.tail_offsets`).
+        `seen` is an additive mask over columns: 0 stands for the committed slots, 1.. for the
+        tail's, the last for those past it. Built here once per step for every depth (a depth
+        then costs two small kernels besides its layer): `columns`, which column each cache
+        slot reads, and `steps`, n + 0, 1, ...: the tail's slots and the depths' positions."""
         g = state["g"][None]
-        R = tree.tail_size
-        seen = constant(self, ("root", g.device, R), lambda: torch.arange(R + 2, device=g.device)[None] == 0)
+        cache, dev, dt, R = state["cache"], g.device, self._dtype, tree.tail_size
+        seen = constant(self, ("root", dev, dt, R),
+                        lambda: additive_mask(torch.arange(R + 2, device=dev)[None] == 0, dt)[0, 0])
+        cols = constant(self, ("cols", dev, cache.span), lambda: torch.arange(cache.span, device=dev))
+        count = constant(self, ("count", dev, R + tree.max_depth),
+                         lambda: torch.arange(R + tree.max_depth, device=dev))
+        state["columns"] = (cols - (n - 1)).clamp(0, R + 1)
+        state["steps"] = count + n
         return self.draft_logits(bb, 0, g), (g, seen)
 
     def draft_expand(self, bb, state, tree, n, d, carry, paths):
         """Expanding node j runs the draft layer at position n+d-2, with its parent's output and
         its own token, writing its keys at tail slot tail_offsets[d] + j and seeing the committed
         slots and its ancestors' (EAGLE-2's tree attention)."""
-        cache = state["cache"]
-        dev, B, R, at = cache.k.device, paths.shape[0], tree.tail_size, tree.tail_offsets[d]
+        B, R, at, dt = paths.shape[0], tree.tail_size, tree.tail_offsets[d], self._dtype
         g, seen = carry
-        rows = constant(self, ("rows", dev, B), lambda: torch.arange(B, device=dev))
-        zeros = constant(self, ("zeros", dev, B), lambda: torch.zeros(B, dtype=torch.long, device=dev))
-        cols = constant(self, ("cols", dev, cache.span), lambda: torch.arange(cache.span, device=dev))
-        own = constant(self, ("own", dev, R, at, B), lambda: _marks(B, R + 2, 1 + at, dev))
-        seen = seen | own
-        mask = additive_mask(seen[:, (cols - n + 1).clamp(0, R + 1)], self._dtype)
-        pos = zeros + (n + d - 2)
-        g = self._step(bb, g[None], paths[:, -1:].t(), pos[None], cache, rows + (n + at), mask)[0]
+        own = constant(self, ("own", g.device, dt, R, at, B),
+                       lambda: additive_mask(_marks(B, R + 2, 1 + at, g.device), dt)[0, 0])
+        seen = torch.maximum(seen, own)  # its ancestors' columns, and its own
+        steps = state["steps"]
+        pos = steps[d - 2].expand(1, B)
+        g = self._step(bb, g[None], paths[:, -1:].t(), pos, state["cache"], steps[at:at + B],
+                       seen[:, state["columns"]][None, None])[0]
         return self.draft_logits(bb, d - 1, g), (g, seen)
 
 
