@@ -15,7 +15,7 @@ import tempfile
 import torch
 from safetensors import SafetensorError
 
-from .config import HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE, BackboneIdentity, GraftError
+from .config import HEADS_FILE, LORA_FILE, TRAIN_STATE_FILE, BackboneIdentity, GraftError, cache_dir
 from .modeling import (GEMMA3_LIKE, GLOBAL, LAYER_FNS, LOCAL, SUPPORTED, KVCache, add_norm, fuse_projections,
                        group_rows, norm, project, signed_sin, split_residuals, window_mask)
 
@@ -51,8 +51,6 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def _hash_cache_file() -> str:
-    from .config import cache_dir
-
     return os.path.join(cache_dir(), "file-hashes.json")
 
 
@@ -106,8 +104,6 @@ def _assembled(package: str, fname: str) -> str:
     """A packaged file shipped in chunk packages, joined once into graft's cache by the package's
     own `assemble` (which checks the joined file's sha256)."""
     import importlib
-
-    from .config import cache_dir
 
     name = package.replace("_", "-")
     mod = importlib.import_module(package)
@@ -282,8 +278,6 @@ def drop_gguf_tag(hf) -> None:
 
 def _dense_folder(digest: str, dtype: torch.dtype) -> str:
     """Where the dense copy of the GGUF file with sha256 `digest` goes, in `dtype` (`_dense_copy`)."""
-    from .config import cache_dir
-
     return os.path.join(cache_dir(), "gguf-dense", f"{digest[:16]}-{str(dtype).removeprefix('torch.')}-tok")
 
 
@@ -299,8 +293,6 @@ def _dense_copy(where: str, gguf_file: str, folder: str, dtype: torch.dtype) -> 
     dequantizing); the copy loads in seconds, and bitsandbytes can quantize it (no GGUF load is).
     `folder`: `_dense_folder` of the file and dtype; returned once the copy is there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .config import cache_dir
 
     if _whole(folder):
         return folder
