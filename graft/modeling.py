@@ -166,11 +166,11 @@ def _silu_gate(gate, up):
 
 class _Pieces:
     """The elementwise runs of a decoder layer, each compiled by torch.compile into a kernel or
-    two (`fused_pieces`): the rotary embedding of queries and keys (five kernels), with the
+    a few (`fused_pieces`): the rotary embedding of queries and keys (five operations), with the
     writes of keys and values to the cache where a step gives slots (two more), the residual sum
     with the next norm (two; across layers too: `split_residuals`), the gated activation (two). A
-    small model's step under CUDA graphs is bound by its kernel count, and these are over half of a
-    Llama layer's."""
+    small model's step under CUDA graphs is bound by its kernel count: on an H100 these pieces took
+    a SmolLM2-shaped layer from about 20 kernels to 12.6."""
 
     def __init__(self, backend: str):
         opts = dict(dynamic=None, fullgraph=True, backend=backend)
