@@ -18,7 +18,8 @@
 # DISTILL_ARGS (more distill-data options). A CPU dry run, about 5 minutes:
 #   DISTILL=0.5 TRAIN=0.5 PER=1 NEW=8 DISTILL_ARGS="--max-new-tokens 16 --num-samples 8" \
 #   TRAIN_ARGS="--seq-len 64 --batch-size 2" VARIANTS="kl:;topk:--topk 10" \
-#   bash benchmarks/recipe.sh smollm2-135m scripts/data/bench_prompts.jsonl scripts/data/bench_prompts.jsonl The table goes to stdout and $W/recipe.md; logs under $W/logs.
+#   bash benchmarks/recipe.sh smollm2-135m scripts/data/bench_prompts.jsonl scripts/data/bench_prompts.jsonl
+# The table goes to stdout and $W/recipe.md; logs under $W/logs.
 set -uo pipefail  # no -e: a failed phase is a row of the table
 MODEL=$1; PROMPTS=$2; BENCH=$3; W=${4:-/tmp/graft-recipe}
 FAMILY=${FAMILY:-eagle}; DISTILL=${DISTILL:-8}; TRAIN=${TRAIN:-15}; PER=${PER:-8}; NEW=${NEW:-256}
