@@ -28,7 +28,8 @@ LOCAL, GLOBAL = "sliding_attention", "full_attention"  # Gemma 3's layer types
 class KVCache:
     """Preallocated keys and values for `n_layers` attention layers.
 
-    Tensors are (L, B, H_kv, S, D). The caller tracks how many positions are valid.
+    Tensors are (L, B, H_kv, S, D), `k` and `v` views of one (2, L, B, H_kv, S, D) tensor `kv`, so
+    that one operation writes or moves both. The caller tracks how many positions are valid.
     `span`: the slots that attention reads where keys are written at slots given as a tensor
     (fixed shapes): the whole cache, unless a fixed-shape step narrows it to the bucket of cache
     lengths it runs in (`graft.engine.spans`), so that attention reads the live prefix.
@@ -36,8 +37,8 @@ class KVCache:
 
     def __init__(self, n_layers, batch, n_kv_heads, head_dim, max_len, dtype, device):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv = torch.zeros((2, *shape), dtype=dtype, device=device)
+        self.k, self.v = self.kv[0], self.kv[1]  # indexing, not unpacking: views an in-place write may take
         self.max_len = self.span = max_len
 
     def update(self, layer: int, start, k: torch.Tensor, v: torch.Tensor):
@@ -67,13 +68,10 @@ class KVCache:
         `start` an int or a 0-d tensor (fixed shapes: padded offsets move junk past the path)."""
         src = start + offsets
         if isinstance(start, int):
-            n = offsets.numel()
-            self.k[:, :, :, start:start + n] = self.k[:, :, :, src]
-            self.v[:, :, :, start:start + n] = self.v[:, :, :, src]
+            self.kv[:, :, :, :, start:start + offsets.numel()] = self.kv[:, :, :, :, src]
             return
         dst = start + torch.arange(offsets.numel(), device=offsets.device)
-        self.k.index_copy_(3, dst, self.k.index_select(3, src))
-        self.v.index_copy_(3, dst, self.v.index_select(3, src))
+        self.kv.index_copy_(4, dst, self.kv.index_select(4, src))
 
 
 def device_ids(values, device) -> torch.Tensor:
@@ -144,13 +142,13 @@ def _rotary(q, k, cos, sin):
     return qk * cos + _swap_halves(qk) * sin
 
 
-def _rotary_cache(q, k, v, cos, sin, k_cache, v_cache, slots):
-    """_rotary, the rotated keys and the values written to a cache layer's `slots` (B, H_kv, S, D
-    each) in the same piece, as KVCache.update does with slots; returns the rotated queries."""
+def _rotary_cache(q, k, v, cos, sin, kv, slots):
+    """_rotary, the rotated keys and the values written to a cache layer's `slots` (kv: its keys
+    and values, (2, B, H_kv, S, D)) in the same piece, as KVCache.update does with slots, one
+    write for both; returns the rotated queries."""
     qk = _rotary(q, k, cos, sin)
     H = q.shape[1]
-    k_cache.index_copy_(2, slots, qk[:, H:])
-    v_cache.index_copy_(2, slots, v)
+    kv.index_copy_(3, slots, torch.stack([qk[:, H:], v]))
     return qk[:, :H]
 
 
@@ -167,10 +165,11 @@ def _silu_gate(gate, up):
 class _Pieces:
     """The elementwise runs of a decoder layer, each compiled by torch.compile into a kernel or
     a few (`fused_pieces`): the rotary embedding of queries and keys (five operations), with the
-    writes of keys and values to the cache where a step gives slots (two more), the residual sum
-    with the next norm (two; across layers too: `split_residuals`), the gated activation (two). A
-    small model's step under CUDA graphs is bound by its kernel count: on an H100 these pieces took
-    a SmolLM2-shaped layer from about 20 kernels to 12.6."""
+    write of keys and values to the cache where a step gives slots (one more: they share a tensor),
+    the residual sum with the next norm (two; across layers too: `split_residuals`), the gated
+    activation (two). A small model's step under CUDA graphs is bound by its kernel count: on an
+    H100 these pieces took a SmolLM2-shaped layer from about 20 kernels to 12.6, and one write for
+    keys and values to 11.6."""
 
     def __init__(self, backend: str):
         opts = dict(dynamic=None, fullgraph=True, backend=backend)
@@ -367,7 +366,7 @@ def _attend(attn, x, rope, cache, cache_layer, start, mask, kv_only):
     # kernels fewer per layer (a small model's step is bound by its number of kernels)
     H = q.shape[1]
     if _PIECE_USE[0] and isinstance(cache, KVCache) and torch.is_tensor(start):  # one piece: rotate, write
-        q = _PIECE_USE[0].rotary_cache(q, k, v, cos, sin, cache.k[cache_layer], cache.v[cache_layer], start)
+        q = _PIECE_USE[0].rotary_cache(q, k, v, cos, sin, cache.kv[:, cache_layer], start)
         if kv_only:
             return None
         k, v = cache.read(cache_layer)
