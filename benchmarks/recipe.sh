@@ -10,12 +10,15 @@
 # `graft train` options, for figures with and without an option: "name:options;name:options", e.g.
 #   VARIANTS="kl:;topk:--topk 10;align:--align" bash benchmarks/recipe.sh ...
 # Side by side they share the GPU, so each trains fewer steps than it would alone: compare the
-# variants of one run with each other, and time the recipe itself with one variant.
+# variants of one run with each other, and time the recipe itself with one variant. `--tree auto`
+# fits each variant's tree to its own accuracy and to step times taken while others may share the
+# card, so variants can end up with trees of different sizes: for a with/without figure, bench them
+# on one tree (BENCH_ARGS="--tree-size 64"); benchmarks/curve.py's held-out figures are printed too.
 #
 # Settings by environment: FAMILY (eagle), HEADS (draft depth; 6 for eagle, else 4), DISTILL (8),
 # TRAIN (15), PER (8), NEW (new tokens per benched prompt, 256), DATA (an answers file to train on
 # instead of distilling; DISTILL is then unused), TRAIN_ARGS (more options for every variant),
-# DISTILL_ARGS (more distill-data options). A CPU dry run, about 5 minutes:
+# DISTILL_ARGS (more distill-data options), BENCH_ARGS (more bench options). A CPU dry run, about 5 minutes:
 #   DISTILL=0.5 TRAIN=0.5 PER=1 NEW=8 DISTILL_ARGS="--max-new-tokens 16 --num-samples 8" \
 #   TRAIN_ARGS="--seq-len 64 --batch-size 2" VARIANTS="kl:;topk:--topk 10" \
 #   bash benchmarks/recipe.sh smollm2-135m scripts/data/bench_prompts.jsonl scripts/data/bench_prompts.jsonl
@@ -23,7 +26,7 @@
 set -uo pipefail  # no -e: a failed phase is a row of the table
 MODEL=$1; PROMPTS=$2; BENCH=$3; W=${4:-/tmp/graft-recipe}
 FAMILY=${FAMILY:-eagle}; DISTILL=${DISTILL:-8}; TRAIN=${TRAIN:-15}; PER=${PER:-8}; NEW=${NEW:-256}
-TRAIN_ARGS=${TRAIN_ARGS:-}; DISTILL_ARGS=${DISTILL_ARGS:-}; VARIANTS=${VARIANTS:-"kl:"}; DATA=${DATA:-}
+TRAIN_ARGS=${TRAIN_ARGS:-}; DISTILL_ARGS=${DISTILL_ARGS:-}; BENCH_ARGS=${BENCH_ARGS:-}; VARIANTS=${VARIANTS:-"kl:"}; DATA=${DATA:-}
 [ "$FAMILY" = eagle ] && HEADS=${HEADS:-6} || HEADS=${HEADS:-4}
 export PYTHONUNBUFFERED=1
 mkdir -p $W/logs
@@ -55,7 +58,7 @@ TRAINED=$(minutes $t0 $(now))
 
 for v in "${VS[@]}"; do
   name=${v%%:*}
-  g bench $W/$name --prompts $BENCH --per-category $PER --max-new-tokens $NEW --baselines nodraft \
+  g bench $W/$name --prompts $BENCH --per-category $PER --max-new-tokens $NEW --baselines nodraft $BENCH_ARGS \
     --json $W/$name-bench.json > $W/logs/$name-bench.log 2>&1
 done
 
@@ -82,3 +85,4 @@ for v in variants:
 if r:
     print(f"{r['device']}, {r['dtype']}, {r['n_prompts']} prompts ({per} per category), {r['max_new_tokens']} new tokens")
 EOF
+python3 benchmarks/curve.py $(for v in "${VS[@]}"; do echo $W/${v%%:*}; done) 2>&1 | tee -a $W/recipe.md
