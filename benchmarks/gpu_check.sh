@@ -7,7 +7,8 @@
 #      the context window's last position: no fault may happen
 #   3. per family, float32, the first $F32_PER prompts of each category: graft's output must be
 #      identical to transformers' greedy `generate` (`identical` in the bench report)
-#   4. compute-sanitizer memcheck of a short generation, every family x {static, graph}: 0 errors
+#   4. compute-sanitizer memcheck of a short generation, every family x {fused, graph, static}, the
+#      families of an engine side by side: 0 errors
 # A table goes to stdout and $W/check.md (for docs/benchmarks.md); logs and reports under $W.
 #
 #   bash benchmarks/gpu_check.sh MODEL DATA BENCH [WORKDIR]
@@ -16,9 +17,10 @@
 # model's config and tokenizer: `python benchmarks/random_backbone.py shape smollm2-135m DIR` on any
 # machine, 3.4 MB); a backbone of that shape with random weights is built on the GPU, every family
 # grafted untrained and forced to $QUICK_TREE-node trees (chained families also a 64-node dynamic
-# tree) over BENCH and over the long prompts; float32 identity and memcheck as below. DATA is unused
-# (give -). Random weights say nothing about acceptance, only whether the steps index where they
-# should. The CUDA tests run beside it; about 10 minutes for the five families (FAMILIES picks fewer):
+# tree). The memchecks come first (about 2 minutes on an H100, the CUDA tests beside them), then
+# phases 2 and 3 over BENCH and the long prompts. DATA is unused (give -). Random weights say
+# nothing about acceptance, only whether the steps index where they should. About 15 minutes for
+# the five families on a card of its own (FAMILIES picks fewer):
 #   QUICK=1 bash benchmarks/gpu_check.sh DIR - scripts/data/bench_prompts.jsonl
 #
 # Settings by environment: MIN (training minutes), FAMILIES, F32_PER, LONG_NEW (new tokens after the
@@ -54,12 +56,36 @@ else
   row "tests/test_cuda.py" "all" "$(verdict $W/logs/cuda-tests.log $?)"
 fi
 python3 benchmarks/long_prompts.py "$MODEL" "$BENCH" $W/long.jsonl > $W/logs/long-prompts.log 2>&1
+memchecks() {  # $1: the tree option; every family of an engine at once (memcheck is slow on the host)
+  local engine fam pids
+  for engine in fused graph static; do
+    pids=()
+    for fam in "${FAMILIES[@]}"; do
+      timeout 600 compute-sanitizer --tool memcheck --print-limit 10 python3 -m graft generate $W/$fam \
+        --prompt "Write a short email." --max-new-tokens 16 --engine $engine $1 > $W/logs/$fam-memcheck-$engine.log 2>&1 &
+      pids+=($!)
+    done
+    for i in "${!FAMILIES[@]}"; do
+      wait ${pids[$i]}
+      row "memcheck, $engine engine" "${FAMILIES[$i]}" "$(verdict $W/logs/${FAMILIES[$i]}-memcheck-$engine.log $?)"
+    done
+  done
+}
+if [ "$QUICK" = 1 ]; then
+  added=()
+  for fam in "${FAMILIES[@]}"; do
+    g add-heads $MODEL --heads $fam --num-heads ${K[$fam]:-4} --out $W/$fam --force > $W/logs/$fam-add.log 2>&1 &
+    added+=($!)
+  done
+  wait "${added[@]}"
+  memchecks "--tree-size $QUICK_TREE"
+fi
 for fam in "${FAMILIES[@]}"; do
   R=$W/$fam
-  g add-heads $MODEL --heads $fam --num-heads ${K[$fam]:-4} --out $R --force > $W/logs/$fam-add.log 2>&1
   if [ "$QUICK" = 1 ]; then  # untrained heads draft only where a tree is forced
     trees=("--tree-size $QUICK_TREE"); [[ $fam == eagle || $fam == deepseek-mtp ]] && trees+=("--tree dynamic --tree-size 64")
   else
+    g add-heads $MODEL --heads $fam --num-heads ${K[$fam]:-4} --out $R --force > $W/logs/$fam-add.log 2>&1
     g train $R --data $DATA --config recipes/$fam.yaml --max-minutes $MIN $TRAIN_ARGS > $W/logs/$fam-train.log 2>&1
     row "train $MIN min" "$fam" "$(tr '\r' '\n' < $W/logs/$fam-train.log | grep '^done' | cut -c1-120)"
     trees=("--tree auto"); [[ $fam == eagle || $fam == deepseek-mtp ]] && trees+=("--tree dynamic")
@@ -79,12 +105,8 @@ for fam in "${FAMILIES[@]}"; do
   same=$(python3 -c "import json; p=json.load(open('$W/$fam-f32.json'))['per_prompt']; \
 print(f\"{sum(x['identical'] for x in p)}/{len(p)} identical to transformers' generate\")" 2>/dev/null)
   row "float32 identity" "$fam" "${same:-$(verdict $W/logs/$fam-f32.log $rc)}"
-  for engine in static graph fused; do
-    timeout 600 compute-sanitizer --tool memcheck --print-limit 10 python3 -m graft generate $R --prompt "Write a short email." \
-      --max-new-tokens 16 --engine $engine ${trees[0]} > $W/logs/$fam-memcheck-$engine.log 2>&1
-    row "memcheck, $engine engine" "$fam" "$(verdict $W/logs/$fam-memcheck-$engine.log $?)"
-  done
 done
+[ "$QUICK" = 1 ] || memchecks "--tree auto"
 if [ "$QUICK" = 1 ]; then
   wait $TESTS
   row "tests/test_cuda.py" "all" "$(verdict $W/logs/cuda-tests.log $?)"
