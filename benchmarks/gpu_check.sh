@@ -71,21 +71,18 @@ memchecks() {  # $1: the tree option; every family of an engine at once (memchec
     done
   done
 }
-if [ "$QUICK" = 1 ]; then
-  added=()
-  for fam in "${FAMILIES[@]}"; do
-    g add-heads $MODEL --heads $fam --num-heads ${K[$fam]:-4} --out $W/$fam --force > $W/logs/$fam-add.log 2>&1 &
-    added+=($!)
-  done
-  wait "${added[@]}"
-  memchecks "--tree-size $QUICK_TREE"
-fi
+added=()  # every family's heads at once
+for fam in "${FAMILIES[@]}"; do
+  g add-heads $MODEL --heads $fam --num-heads ${K[$fam]:-4} --out $W/$fam --force > $W/logs/$fam-add.log 2>&1 &
+  added+=($!)
+done
+wait "${added[@]}"
+[ "$QUICK" = 1 ] && memchecks "--tree-size $QUICK_TREE"
 for fam in "${FAMILIES[@]}"; do
   R=$W/$fam
   if [ "$QUICK" = 1 ]; then  # untrained heads draft only where a tree is forced
     trees=("--tree-size $QUICK_TREE"); [[ $fam == eagle || $fam == deepseek-mtp ]] && trees+=("--tree dynamic --tree-size 64")
   else
-    g add-heads $MODEL --heads $fam --num-heads ${K[$fam]:-4} --out $R --force > $W/logs/$fam-add.log 2>&1
     g train $R --data $DATA --config recipes/$fam.yaml --max-minutes $MIN $TRAIN_ARGS > $W/logs/$fam-train.log 2>&1
     row "train $MIN min" "$fam" "$(tr '\r' '\n' < $W/logs/$fam-train.log | grep '^done' | cut -c1-120)"
     trees=("--tree auto"); [[ $fam == eagle || $fam == deepseek-mtp ]] && trees+=("--tree dynamic")
