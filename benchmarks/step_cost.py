@@ -93,16 +93,21 @@ def label_phases(dec):
         KVCache.keep = timed_keep
 
 
+def launches(prof):
+    """(op, its innermost enclosing phase range or None) for every CPU op that launched kernels."""
+    for e in prof.events():
+        if e.kernels:
+            p = e
+            while p is not None and p.name not in PHASES:
+                p = p.cpu_parent
+            yield e, p
+
+
 def by_phase(prof, steps: int) -> dict:
     """Kernel count and kernel time (ms) per step for each phase: every CPU op's kernels go to
     its innermost enclosing phase ("other" outside them)."""
     out = {}
-    for e in prof.events():
-        if not e.kernels:
-            continue
-        p = e
-        while p is not None and p.name not in PHASES:
-            p = p.cpu_parent
+    for e, p in launches(prof):
         name = p.name if p is not None else "other"
         n, us = out.get(name, (0, 0.0))
         out[name] = (n + len(e.kernels), us + sum(k.duration for k in e.kernels))
@@ -143,6 +148,25 @@ def profile(dec, prompt, roof, size: int = 0, steps: int = 32, tree: str = "auto
     print("  the kernels taking most of it:")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
         print(f"  {e.self_device_time_total / out.steps / 1e3:7.3f} ms  {e.count // out.steps:4d}x  {e.key[:90]}")
+    print("  the last step's verification, its first kernels in order (the op that launched each):")
+    for op, kernel in verify_sequence(prof)[:LAYER_KERNELS]:
+        print(f"    {op[:36]:<36} {kernel[:80]}")
+
+
+LAYER_KERNELS = 28  # kernels of the verification's sequence to print: the embedding, then two layers
+
+
+def verify_sequence(prof) -> list:
+    """(op, kernel) in launch order within the profile's last 'verify' range: where each of a
+    layer's kernels comes from (a memset, a copy) by the op that launched it."""
+    ranges = {}
+    for e, p in launches(prof):
+        if p is not None and p.name == "verify":
+            ranges.setdefault(p.time_range.start, []).extend(
+                (e.time_range.start, i, e.name, k.name) for i, k in enumerate(e.kernels))
+    if not ranges:
+        return []
+    return [(op, name) for _, _, op, name in sorted(ranges[max(ranges)])]
 
 
 def projections(bb):
@@ -276,7 +300,13 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="also profile the one-token step and each family's largest tree step (static engine, no "
                         "graph): GPU time per step summed over kernels, and the kernels that take most of it")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="the fused engine without graft's own Triton kernels (graft/kernels.py): torch.compile's "
+                        "pieces alone, for the figures against")
     a = p.parse_args(argv)
+    if a.no_kernels:
+        from graft import kernels
+        kernels.enabled = False
 
     from graft.backbone import load_backbone
     from graft.bench import device_name

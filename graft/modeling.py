@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import kernels
+
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 GPT2_LIKE = ("gpt2",)
 GEMMA3_LIKE = ("gemma3_text",)
@@ -366,7 +368,11 @@ def _attend(attn, x, rope, cache, cache_layer, start, mask, kv_only):
     # kernels fewer per layer (a small model's step is bound by its number of kernels)
     H = q.shape[1]
     if _PIECE_USE[0] and isinstance(cache, KVCache) and torch.is_tensor(start):  # one piece: rotate, write
-        q = _PIECE_USE[0].rotary_cache(q, k, v, cos, sin, cache.kv[:, cache_layer], start)
+        kv = cache.kv[:, cache_layer]
+        if q.is_cuda and kernels.fits(q, k, v, cos, sin, kv, start):  # the same, one kernel
+            q = kernels.rotary_cache(q, k, v, cos, sin, kv, start)
+        else:
+            q = _PIECE_USE[0].rotary_cache(q, k, v, cos, sin, kv, start)
         if kv_only:
             return None
         k, v = cache.read(cache_layer)

@@ -148,6 +148,48 @@ def test_fused_engine_is_lossless(family, mt, tokenizer):
             assert g.step_lengths == graph.step_lengths, (family, mt, p, kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_rotary_cache_kernel(dtype, rows):
+    """graft's Triton kernel rotates queries and keys and writes keys and values to their slots as
+    the compiled piece does: float32 to rounding, bf16 within one rounding of the float32 result;
+    nothing else of the cache is written."""
+    from graft import kernels
+    from graft.modeling import _rotary_cache, signed_sin
+
+    torch.manual_seed(0)
+    B, H, Hkv, D, S = 1, 9, 3, 64, 50
+    qkv = torch.randn(B, rows, (H + 2 * Hkv) * D, device="cuda")
+    q, k, v = (t.view(B, rows, -1, D).transpose(1, 2) for t in qkv.split([H * D, Hkv * D, Hkv * D], -1))
+    cos = torch.randn(B, rows, D, device="cuda").unsqueeze(1)
+    sin = signed_sin(torch.randn(B, rows, D, device="cuda")).unsqueeze(1)
+    slots = torch.arange(rows, device="cuda") * 3 + 5
+    ref_kv = torch.zeros(2, 2, B, Hkv, S, D, device="cuda")
+    ref_q = _rotary_cache(q, k, v, cos, sin, ref_kv[:, 1], slots)
+    kv = torch.zeros(2, 2, B, Hkv, S, D, dtype=dtype, device="cuda")
+    args = [t.to(dtype) for t in (q, k, v, cos, sin)]
+    assert kernels.fits(*args, kv[:, 1], slots)
+    out = kernels.rotary_cache(*args, kv[:, 1], slots)
+    tol = (1e-6 if dtype == torch.float32 else 2 ** -7) * (ref_q.abs().max().item() + 1)  # float32: an FMA
+    assert (out.float() - ref_q).abs().max().item() <= tol
+    assert (kv.float() - ref_kv).abs().max().item() <= tol
+    assert kv[:, 0].count_nonzero() == 0 and kv[:, 1].count_nonzero() == ref_kv[:, 1].count_nonzero()
+
+
+def test_fused_engine_runs_the_kernel(tokenizer, monkeypatch):
+    """The fused engine's layers write the cache through graft's kernel, and still decode as
+    plain greedy decoding does."""
+    from graft import kernels
+
+    calls = []
+    real = kernels.rotary_cache
+    monkeypatch.setattr(kernels, "rotary_cache", lambda *a: calls.append(1) or real(*a))
+    bb, m = cuda_model("eagle", tokenizer, 0.1)
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    g = m.generate(input_ids=ids, max_new_tokens=30, engine="fused", eos=False, tree="chain")
+    assert calls and g.ids == greedy_past_eos(bb, ids, 30)
+
+
 @pytest.mark.parametrize("family", ["deepseek-mtp", "eagle"])
 def test_graph_engine_samples_as_static(family, tokenizer):
     """Sampling drafts outside the captured step: the Python state a captured commit sets
