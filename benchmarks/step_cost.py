@@ -143,8 +143,13 @@ def profile(dec, prompt, roof, size: int = 0, steps: int = 32, tree: str = "auto
     engine = "static engine" + (" with fused pieces" if pieces else "")
     print(f"{what}, {engine}: {count:.0f} kernels, {total_us / 1e3:.2f} ms of kernels per step "
           f"({roof / (total_us / 1e3):.2f} of it is the weights' roofline); by phase:")
-    for name, (n, ms) in sorted(by_phase(prof, out.steps).items(), key=lambda kv: -kv[1][1]):
+    phases = by_phase(prof, out.steps)
+    for name, (n, ms) in sorted(phases.items(), key=lambda kv: -kv[1][1]):
         print(f"  {name:<8}{n:6.0f} kernels {ms:7.3f} ms")
+    unowned = count - sum(n for n, _ in phases.values())
+    if unowned >= 0.5:  # a Triton kernel launched from Python has no torch op to hang on
+        print(f"  {'no op':<8}{unowned:6.0f} kernels {total_us / 1e3 - sum(ms for _, ms in phases.values()):7.3f} ms"
+              " (graft's own Triton kernels, launched outside torch's ops)")
     print("  the kernels taking most of it:")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
         print(f"  {e.self_device_time_total / out.steps / 1e3:7.3f} ms  {e.count // out.steps:4d}x  {e.key[:90]}")
