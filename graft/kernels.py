@@ -58,10 +58,10 @@ def _triton():
 
 
 def fits(q: torch.Tensor, k, v, cos, sin, kv, slots) -> bool:
-    """Whether `rotary_cache` takes these: CUDA (or Triton's interpreter), rows contiguous, a
+    """Whether `rotary_cache` takes these: tensors on a CUDA device, rows contiguous, a
     power-of-two head size, one slot a row."""
     D = q.shape[-1]
-    return (enabled and _triton() is not None and q.dtype == k.dtype == kv.dtype and D & (D - 1) == 0
+    return (enabled and q.is_cuda and _triton() is not None and q.dtype == k.dtype == kv.dtype and D & (D - 1) == 0
             and all(t.stride(-1) == 1 for t in (q, k, v, cos, sin, kv)) and slots.dim() == 1
             and slots.numel() == q.shape[2] and cos.shape[-1] == sin.shape[-1] == D)
 

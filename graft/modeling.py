@@ -369,7 +369,7 @@ def _attend(attn, x, rope, cache, cache_layer, start, mask, kv_only):
     H = q.shape[1]
     if _PIECE_USE[0] and isinstance(cache, KVCache) and torch.is_tensor(start):  # one piece: rotate, write
         kv = cache.kv[:, cache_layer]
-        if q.is_cuda and kernels.fits(q, k, v, cos, sin, kv, start):  # the same, one kernel
+        if kernels.fits(q, k, v, cos, sin, kv, start):  # the same, one kernel
             q = kernels.rotary_cache(q, k, v, cos, sin, kv, start)
         else:
             q = _PIECE_USE[0].rotary_cache(q, k, v, cos, sin, kv, start)
